@@ -1,0 +1,3 @@
+from hybridfs.cli import main
+
+raise SystemExit(main())
