@@ -1,0 +1,91 @@
+"""Fixed facts about the local stack: pinned versions, loopback ports, credentials, directories, client env.
+
+Everything here is pure (no processes, no network), so tests and benchmarks can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "4.1.1"
+MINIO_MODULE = "github.com/minio/minio"
+MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+HOST = "127.0.0.1"  # the stack only ever listens on loopback
+KAFKA_PORT = 19092
+KAFKA_CONTROLLER_PORT = 19093
+S3_PORT = 19000
+S3_CONSOLE_PORT = 19001
+
+ACCESS_KEY = "hybridfs"
+SECRET_KEY = "hybridfs-secret"
+REGION = "us-east-1"
+BUCKET = "hybridfs"
+
+KAFKA_BOOTSTRAP = f"{HOST}:{KAFKA_PORT}"
+S3_ENDPOINT = f"http://{HOST}:{S3_PORT}"
+
+SERVICES = ("kafka", "s3")
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    """Where the stack keeps things: ``cache`` (jars, binaries; reusable) and ``state`` (data, logs, pids)."""
+
+    cache: Path
+    state: Path
+
+    @classmethod
+    def from_env(cls) -> StackPaths:
+        home = Path.home()
+        xdg_cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+        xdg_state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state")
+        cache = os.environ.get("HYBRIDFS_STACK_CACHE") or xdg_cache / "hybridfs"
+        state = os.environ.get("HYBRIDFS_STACK_STATE") or xdg_state / "hybridfs" / "stack"
+        return cls(cache=Path(cache).absolute(), state=Path(state).absolute())
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.cache / "bin"
+
+    @property
+    def kafka_cache(self) -> Path:
+        return self.cache / "kafka" / KAFKA_VERSION
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    def service_dir(self, service: str) -> Path:
+        return self.state / service
+
+    def pid_file(self, service: str) -> Path:
+        return self.state / f"{service}.pid"
+
+
+def kafka_env() -> dict[str, str]:
+    return {"HYBRIDFS_KAFKA_BOOTSTRAP": KAFKA_BOOTSTRAP}
+
+
+def s3_env() -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": S3_ENDPOINT,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "HYBRIDFS_BUCKET": BUCKET,
+    }
+
+
+def stack_env(service: str | None = None) -> dict[str, str]:
+    """Env that points boto3, the aws CLI, kcat and hybridfs at the stack (one service or both)."""
+    env: dict[str, str] = {}
+    if service in (None, "s3"):
+        env.update(s3_env())
+    if service in (None, "kafka"):
+        env.update(kafka_env())
+    if not env:
+        raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
+    return env
