@@ -1,0 +1,207 @@
+"""Mount configuration: one dataclass whose fields are at once the CLI flags and the TOML keys.
+
+Every option is declared once, in ``MountConfig``, with its help text; ``add_arguments`` derives the
+``hybridfs mount`` flags from it and ``from_mapping`` validates a TOML table against it, so the two can never
+drift apart. Errors name the key, the value and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the key, the value and what is wrong."""
+
+
+def parse_size(text: str | int, key: str = "size") -> int:
+    """``1G``, ``512M``, ``1.5GiB``, ``4096`` -> bytes (binary units, as rclone and JuiceFS read them)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{key} = {text!r}: must not be negative")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"{key} = {text!r}: not a size (examples: 4096, 512M, 10G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _opt(default: Any, help: str, *, kind: str = "", secret: bool = False) -> Any:
+    meta = {"help": help, "kind": kind, "secret": secret}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_state_dir(name: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or (
+        "/var/lib" if os.geteuid() == 0 and not os.environ.get("HOME") else os.path.expanduser("~/.local/state"))
+    return Path(base) / "hybridfs" / name
+
+
+@dataclass
+class MountConfig:
+    source: str = _opt("", "s3://BUCKET[/PREFIX] to mount")
+    mountpoint: str = _opt("", "directory to mount on")
+    cache_dir: str = _opt("", "local cache directory (required)")
+    cache_size: int = _opt(10 * 1024**3, "cache size limit, e.g. 10G", kind="size")
+    state_dir: str = _opt("", "state directory for the event outbox and spool files "
+                              "(default ~/.local/state/hybridfs/<cache-id>)")
+    cache_id: str = _opt("", "identity of this cache: one Kafka consumer group per cache (default: host + "
+                             "cache dir)")
+    # S3
+    endpoint_url: str = _opt("", "S3 endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    region: str = _opt("", "S3 region (default: the boto3 chain)")
+    s3_threads: int = _opt(16, "concurrent S3 requests")
+    s3_max_attempts: int = _opt(4, "attempts per S3 request before the error is returned (botocore retries)")
+    s3_connect_timeout: float = _opt(5.0, "seconds to connect to S3")
+    s3_read_timeout: float = _opt(30.0, "seconds to wait for S3 data")
+    part_size: int = _opt(8 * 1024**2, "multipart upload part size, e.g. 8M", kind="size")
+    max_inflight_parts: int = _opt(4, "parts of one file uploading at once (bounds memory per writer)")
+    write_timeout: float = _opt(60.0, "seconds after which close()/fsync() of an unfinished upload returns EIO")
+    read_chunk_size: int = _opt(4 * 1024**2, "ranged GET size for cache misses", kind="size")
+    readahead_chunks: int = _opt(8, "chunks fetched ahead of a sequential reader")
+    # Kafka
+    kafka: str = _opt("", "Kafka bootstrap servers (default HYBRIDFS_KAFKA_BOOTSTRAP)")
+    topic_prefix: str = _opt("hybridfs", "topic prefix: <prefix>.hydrate, <prefix>.evict, <prefix>.dead-letter")
+    kafka_options: dict[str, str] = _opt({}, "extra librdkafka settings (TLS, SASL), key=value",
+                                         kind="kv", secret=True)
+    no_events: bool = _opt(False, "run without Kafka: no hydration or eviction events")
+    # Metadata caching
+    attr_timeout: float = _opt(1.0, "seconds the kernel may cache attributes and entries")
+    dir_cache_time: float = _opt(5.0, "seconds listings and attributes are cached (rclone's --dir-cache-time)")
+    negative_cache_time: float = _opt(1.0, "seconds a missing path is remembered as missing")
+    # Eviction
+    high_watermark: float = _opt(0.90, "start evicting above this fraction of --cache-size")
+    low_watermark: float = _opt(0.75, "evict down to this fraction of --cache-size")
+    min_free: float = _opt(0.05, "also evict while the cache disk has less than this fraction free")
+    max_age: float = _opt(0.0, "evict files not read for this many seconds (0: never)")
+    evict_interval: float = _opt(2.0, "seconds between eviction checks")
+    # Ownership and mount options
+    uid: int = _opt(-1, "owner of objects without metadata (default: the mounting user)")
+    gid: int = _opt(-1, "group of objects without metadata (default: the mounting user's)")
+    file_mode: int = _opt(0o644, "permissions of files without metadata (octal)", kind="octal")
+    dir_mode: int = _opt(0o755, "permissions of directories without metadata (octal)", kind="octal")
+    allow_other: bool = _opt(False, "let other users access the mount (needs user_allow_other for non-root)")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def resolved(self) -> MountConfig:
+        """Fill the defaults that depend on the environment."""
+        cfg = dataclasses.replace(self)
+        if not cfg.kafka:
+            cfg.kafka = os.environ.get("HYBRIDFS_KAFKA_BOOTSTRAP", "")
+        if not cfg.endpoint_url:
+            cfg.endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "")
+        if cfg.cache_dir:
+            cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().absolute())
+        if not cfg.cache_id:
+            digest = hashlib.sha256(f"{socket.gethostname()}:{cfg.cache_dir}".encode()).hexdigest()[:12]
+            cfg.cache_id = f"{socket.gethostname()}-{digest}"
+        if not cfg.state_dir:
+            cfg.state_dir = str(default_state_dir(cfg.cache_id))
+        if cfg.uid < 0:
+            cfg.uid = os.getuid()
+        if cfg.gid < 0:
+            cfg.gid = os.getgid()
+        return cfg
+
+    def validate(self) -> None:
+        bucket_and_prefix(self.source)
+        if not self.mountpoint:
+            raise ConfigError("mountpoint: missing")
+        if not self.cache_dir:
+            raise ConfigError("cache_dir: missing (every mount needs a local cache directory)")
+        if not self.no_events and not self.kafka:
+            raise ConfigError("kafka: no bootstrap servers (pass --kafka, set HYBRIDFS_KAFKA_BOOTSTRAP, "
+                              "or --no-events)")
+        checks = [
+            ("cache_size", self.cache_size > 0, "must be positive"),
+            ("part_size", 5 * 1024**2 <= self.part_size <= 5 * 1024**3, "must be between 5M and 5G (S3 limits)"),
+            ("max_inflight_parts", self.max_inflight_parts >= 1, "must be at least 1"),
+            ("s3_threads", self.s3_threads >= 1, "must be at least 1"),
+            ("s3_max_attempts", self.s3_max_attempts >= 1, "must be at least 1"),
+            ("write_timeout", self.write_timeout > 0, "must be positive"),
+            ("read_chunk_size", 64 * 1024 <= self.read_chunk_size <= 256 * 1024**2, "must be 64K..256M"),
+            ("readahead_chunks", self.readahead_chunks >= 0, "must not be negative"),
+            ("low_watermark", 0 < self.low_watermark < self.high_watermark,
+             "must be above 0 and below high_watermark"),
+            ("high_watermark", 0 < self.high_watermark <= 1, "must be in (0, 1]"),
+            ("min_free", 0 <= self.min_free < 1, "must be in [0, 1)"),
+            ("max_age", self.max_age >= 0, "must not be negative"),
+            ("evict_interval", self.evict_interval > 0, "must be positive"),
+            ("topic_prefix", re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.topic_prefix) is not None,
+             "only letters, digits, '.', '_' and '-'"),
+            ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+             "must be DEBUG, INFO, WARNING or ERROR"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}")
+
+
+def bucket_and_prefix(source: str) -> tuple[str, str]:
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", source or "")
+    if not match:
+        raise ConfigError(f"source = {source!r}: expected s3://BUCKET[/PREFIX] with a valid bucket name")
+    return match.group(1), (match.group(2) or "").strip("/")
+
+
+def option_fields() -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(MountConfig) if f.name not in ("source", "mountpoint")]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert one raw value (CLI string or TOML value) to the field's type, or raise ConfigError."""
+    fld = {f.name: f for f in dataclasses.fields(MountConfig)}.get(name)
+    if fld is None:
+        raise ConfigError(f"{name}: unknown option")
+    kind = fld.metadata.get("kind", "")
+    try:
+        if kind == "size":
+            return parse_size(value, name)
+        if kind == "octal":
+            return int(value, 8) if isinstance(value, str) else int(value)
+        if kind == "kv":
+            if isinstance(value, dict):
+                return {str(k): str(v) for k, v in value.items()}
+            raise ConfigError(f"{name} = {value!r}: expected a table of key = value")
+        if fld.type in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name} = {value!r}: expected true or false")
+        if fld.type in ("int", int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if fld.type in ("float", float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r}: expected a string")
+        return value
+    except ValueError:
+        raise ConfigError(f"{name} = {value!r}: expected {fld.type}") from None
+
+
+def from_mapping(values: dict[str, Any], base: MountConfig | None = None) -> MountConfig:
+    """Apply a mapping (a TOML table, or CLI overrides) onto ``base``; keys may use - or _."""
+    cfg = dataclasses.replace(base) if base else MountConfig()
+    for raw_key, value in values.items():
+        name = raw_key.replace("-", "_")
+        setattr(cfg, name, coerce(name, value))
+    return cfg

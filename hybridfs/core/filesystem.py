@@ -1,0 +1,726 @@
+"""The filesystem in its own terms: POSIX operations over the namespace, the writers and the readers.
+
+Nothing here knows about pyfuse3: operations take inode numbers and names, return ``Stat`` and handle numbers,
+and raise ``FsError``. ``hybridfs.fuse_ops`` is the thin layer that speaks FUSE.
+
+Concurrency contract (trio): code between two ``await``s runs atomically. After an ``await`` that may have let
+another request run, re-read what you depend on (the node's path, the open file's writer) instead of trusting a
+local copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat as stat_mod
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from hybridfs.core.attrs import Defaults, Stat, metadata_for, now_ns
+from hybridfs.core.inodes import InodeTable, Node
+from hybridfs.core.namespace import Namespace
+from hybridfs.core.paths import KeyMapper, child_path
+from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
+from hybridfs.core.writer import (
+    NeedsSpool,
+    SpoolWriter,
+    Spawner,
+    StreamWriter,
+    Uploaded,
+    WriteSettings,
+)
+from hybridfs.errors import FsError, not_found
+from hybridfs.tiers.cache import LocalCache
+from hybridfs.tiers.s3 import CloudStore
+
+log = logging.getLogger("hybridfs.fs")
+
+XATTR_STATE = "user.hybridfs.state"
+XATTR_KEY = "user.hybridfs.key"
+XATTR_ETAG = "user.hybridfs.etag"
+XATTR_STATUS = "user.hybridfs.status"  # on the root: the mount's status as JSON (hybridfs status)
+FILE_XATTRS = (XATTR_STATE, XATTR_KEY, XATTR_ETAG)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class HydrationSink(Protocol):
+    """Where the core reports that an object should be copied into the cache (a Kafka producer in the mount)."""
+
+    def request_hydration(self, key: str, etag: str, size: int, reason: str) -> None: ...
+
+
+class KernelNotifier(Protocol):
+    """Tells the kernel to drop what it caches of an inode (pyfuse3.invalidate_inode in the mount)."""
+
+    async def invalidate(self, ino: int) -> None: ...
+
+
+class NoKernel:
+    async def invalidate(self, ino: int) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class AttrChanges:
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass
+class OpenFile:
+    """State shared by every handle open on one inode."""
+
+    node: Node
+    stat: Stat
+    writer: StreamWriter | SpoolWriter | None = None
+    handles: int = 0
+    created: bool = False  # created by us and not uploaded yet: the first flush must upload even if empty
+
+    @property
+    def dirty(self) -> bool:
+        if isinstance(self.writer, SpoolWriter):
+            return self.writer.dirty
+        return self.writer is not None or self.created
+
+    @property
+    def size(self) -> int:
+        return self.writer.size if self.writer is not None else self.stat.size
+
+
+@dataclass
+class Handle:
+    fh: int
+    file: OpenFile
+    writable: bool
+    reader: CacheReader | CloudReader | None = None
+
+
+@dataclass
+class DirHandle:
+    fh: int
+    path: str
+    entries: list[tuple[str, str, Stat]] = field(default_factory=list)  # (name, path, stat)
+
+
+@dataclass(frozen=True)
+class FsSettings:
+    defaults: Defaults
+    write: WriteSettings
+    read: ReadSettings
+    attr_timeout: float = 1.0
+    hydrate_dedupe_seconds: float = 300.0
+
+
+class Filesystem:
+    def __init__(self, store: CloudStore, cache: LocalCache, keys: KeyMapper, namespace: Namespace,
+                 settings: FsSettings, spawner: Spawner, hydration: HydrationSink,
+                 kernel: KernelNotifier | None = None) -> None:
+        self.store = store
+        self.cache = cache
+        self.keys = keys
+        self.ns = namespace
+        self.settings = settings
+        self.spawner = spawner
+        self.hydration = hydration
+        self.kernel: KernelNotifier = kernel or NoKernel()
+        self.inodes = InodeTable()
+        self.open_files: dict[int, OpenFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._hydrate_asked: TTLCache[tuple[str, str], bool] = TTLCache(100_000,
+                                                                          settings.hydrate_dedupe_seconds)
+        self.status_extra: Callable[[], dict[str, object]] = dict
+        self.reads_from_cache = 0
+        self.reads_from_cloud = 0
+        self.refuse_opens = False  # set while shutting down: in-flight work finishes, nothing new starts
+
+    def _check_accepting(self) -> None:
+        if self.refuse_opens:
+            raise FsError(errno.EBUSY, "the mount is shutting down", level=logging.INFO)
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
+
+    def _key_of(self, node: Node) -> str:
+        return self.keys.key(node.path)
+
+    async def _child(self, parent_ino: int, name: bytes) -> str:
+        parent = self.inodes.path(parent_ino)
+        await self.ns.require_dir(parent)
+        return child_path(parent, name)
+
+    def _new_stat(self, kind: int, mode: int, uid: int, gid: int) -> Stat:
+        return Stat(mode=kind | (mode & 0o7777), uid=uid, gid=gid, size=0, mtime_ns=now_ns(), etag=None)
+
+    def ask_hydration(self, key: str, etag: str, size: int, reason: str) -> None:
+        """Raise one hydrate event per object version (repeated misses within the dedupe window raise one)."""
+        if (key, etag) in self._hydrate_asked:
+            return
+        self._hydrate_asked[(key, etag)] = True
+        self.hydration.request_hydration(key, etag, size, reason)
+
+    # -- lookups and attributes ------------------------------------------------------------------------------
+
+    async def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Stat]:
+        path = await self._child(parent_ino, name)
+        st = await self.stat_of(path)
+        return self.inodes.looked_up(path), st
+
+    async def stat_of(self, path: str) -> Stat:
+        node = self.inodes.existing(path)
+        if node is not None and node.ino in self.open_files:
+            return self._open_stat(self.open_files[node.ino])
+        return await self.ns.stat(path)
+
+    def _open_stat(self, of: OpenFile) -> Stat:
+        return of.stat.with_(size=of.size) if of.size != of.stat.size else of.stat
+
+    async def getattr(self, ino: int) -> Stat:
+        of = self.open_files.get(ino)
+        if of is not None:
+            return self._open_stat(of)
+        return await self.ns.stat(self.inodes.path(ino))
+
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
+
+    async def setattr(self, ino: int, changes: AttrChanges, fh: int | None = None) -> Stat:
+        node = self.inodes.node(ino)
+        path = self.inodes.path(ino)
+        of = self.open_files.get(ino)
+        if changes.size is not None:
+            await self._truncate(node, path, changes.size, of)
+        meta_changes = {k: v for k, v in (("mode", changes.mode), ("uid", changes.uid), ("gid", changes.gid),
+                                          ("mtime_ns", changes.mtime_ns)) if v is not None}
+        if changes.mode is not None:
+            meta_changes["mode"] = (changes.mode & 0o7777) | stat_mod.S_IFMT((await self.getattr(ino)).mode)
+        if meta_changes:
+            await self._change_metadata(node, path, meta_changes, of)
+        return await self.getattr(ino)
+
+    async def _change_metadata(self, node: Node, path: str, changes: dict[str, int], of: OpenFile | None) -> None:
+        if of is not None and of.dirty:  # applied by the upload at flush
+            of.stat = of.stat.with_(**changes)
+            return
+        st = await self.ns.stat(path)
+        new = st.with_(**changes)
+        if st.is_dir:
+            await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
+            self.ns.remember(path, new)
+            return
+        key = self.keys.key(path)
+        await self.store.copy(key, key, metadata_for(new))
+        info = await self.store.head(key)
+        if info is None:
+            raise not_found(path)
+        if st.etag is not None and info.etag != st.etag:
+            await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
+        new = new.with_(etag=info.etag)
+        self.ns.remember(path, new)
+        if of is not None:
+            of.stat = new
+
+    async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
+        if of is not None:
+            writer = await self._spool_of(of) if not (
+                isinstance(of.writer, StreamWriter) and of.writer.size == size) else of.writer
+            if isinstance(writer, SpoolWriter):
+                await writer.truncate(size)
+            node.kernel_etag = None
+            return
+        st = await self.ns.stat(path)
+        if st.is_dir:
+            raise FsError(errno.EISDIR, f"{path!r} is a directory")
+        key = self.keys.key(path)
+        new = st.with_(size=size, mtime_ns=now_ns())
+        if size == 0:
+            etag = await self.store.put(key, b"", metadata_for(new))
+            await self.cache.remove(key)
+            self.ns.remember(path, new.with_(etag=etag, complete=True))
+            return
+        spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
+        try:
+            await spool.load(st.etag, st.size)
+            await spool.truncate(size)
+            done = await spool.finish(metadata_for(new))
+        finally:
+            await spool.close()
+        self._after_upload(key, path, done)
+        self.ns.remember(path, new.with_(etag=done.etag, complete=True))
+        node.kernel_etag = None
+
+    # -- namespace changes -----------------------------------------------------------------------------------
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Node, Stat]:
+        path = await self._child(parent_ino, name)
+        await self._require_absent(path)
+        st = self._new_stat(stat_mod.S_IFDIR, mode, uid, gid)
+        await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(st))
+        self.ns.remember(path, st)
+        self.ns.listings[path] = {}
+        return self.inodes.looked_up(path), st
+
+    async def _require_absent(self, path: str) -> None:
+        try:
+            await self.stat_of(path)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        raise FsError(errno.EEXIST, f"{path!r} exists")
+
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int
+                      ) -> tuple[Node, Stat]:
+        path = await self._child(parent_ino, name)
+        await self._require_absent(path)
+        st = self._new_stat(stat_mod.S_IFLNK, 0o777, uid, gid).with_(size=len(target))
+        etag = await self.store.put(self.keys.key(path), target, metadata_for(st))
+        st = st.with_(etag=etag)
+        self.ns.remember(path, st)
+        return self.inodes.looked_up(path), st
+
+    async def readlink(self, ino: int) -> bytes:
+        path = self.inodes.path(ino)
+        st = await self.ns.stat(path)
+        if not st.is_symlink:
+            raise FsError(errno.EINVAL, f"{path!r} is not a symbolic link")
+        return await self.store.get_range(self.keys.key(path), 0, max(st.size, 1), st.etag)
+
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        path = await self._child(parent_ino, name)
+        st = await self.stat_of(path)
+        if st.is_dir:
+            raise FsError(errno.EISDIR, f"{path!r} is a directory (use rmdir)")
+        key = self.keys.key(path)
+        if path not in self.ns.pending:
+            await self.store.delete(key)
+        await self.cache.remove(key)
+        self.ns.forget(path)
+        self.inodes.unlink(path)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        path = await self._child(parent_ino, name)
+        st = await self.stat_of(path)
+        if not st.is_dir:
+            raise FsError(errno.ENOTDIR, f"{path!r} is not a directory")
+        prefix = self.keys.dir_prefix(path)
+        if await self.store.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
+            raise FsError(errno.ENOTEMPTY, f"{path!r} is not empty")
+        await self.store.delete(prefix)
+        self.ns.forget_tree(path)
+        self.inodes.unlink(path)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE cannot be done on S3 (no atomic swap)",
+                          level=logging.INFO)
+        old = await self._child(old_parent, old_name)
+        new = await self._child(new_parent, new_name)
+        if old == new:
+            return
+        src = await self.stat_of(old)
+        dst = await self._stat_or_none(new)
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST, f"{new!r} exists (RENAME_NOREPLACE)")
+            await self._check_replace(src, dst, new)
+        if new.startswith(old + "/"):
+            raise FsError(errno.EINVAL, f"cannot move {old!r} into itself")
+        if src.is_dir:
+            await self._rename_dir(old, new, dst)
+        else:
+            await self._rename_file(old, new, src, dst)
+        self.inodes.rename(old, new)
+
+    async def _stat_or_none(self, path: str) -> Stat | None:
+        try:
+            return await self.stat_of(path)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _check_replace(self, src: Stat, dst: Stat, new: str) -> None:
+        if src.is_dir and not dst.is_dir:
+            raise FsError(errno.ENOTDIR, f"{new!r} is not a directory")
+        if not src.is_dir and dst.is_dir:
+            raise FsError(errno.EISDIR, f"{new!r} is a directory")
+        if dst.is_dir and await self.store.has_children(self.keys.dir_prefix(new)):
+            raise FsError(errno.ENOTEMPTY, f"{new!r} is not empty")
+
+    async def _rename_file(self, old: str, new: str, src: Stat, dst: Stat | None) -> None:
+        old_key, new_key = self.keys.key(old), self.keys.key(new)
+        node = self.inodes.existing(old)
+        of = self.open_files.get(node.ino) if node is not None else None
+        if old in self.ns.pending:  # never uploaded: nothing to copy in S3
+            self.ns.set_pending(new, self.ns.pending[old])
+        else:
+            if of is not None and of.dirty:
+                await self._flush_file(of)  # S3 must hold the current bytes before we copy them
+                src = of.stat
+            await self.store.copy(old_key, new_key, metadata_for(src))
+            await self.store.delete(old_key)
+            info = await self.store.head(new_key)
+            self.ns.remember(new, src.with_(etag=info.etag if info else src.etag))
+        if of is not None and of.writer is not None:
+            of.writer.key = new_key
+        if dst is not None and dst.is_dir:
+            await self.store.delete(self.keys.dir_prefix(new))
+        await self.cache.rename(old_key, new_key)
+        self.ns.forget(old)
+
+    async def _rename_dir(self, old: str, new: str, dst: Stat | None) -> None:
+        """Copy every object under the old prefix, then delete the originals. Not atomic: a crash midway
+        leaves both trees, and no data is lost."""
+        if any(p == old or p.startswith(old + "/") for p in self.ns.pending):
+            for p in [p for p in self.ns.pending if p.startswith(old + "/")]:
+                self.ns.set_pending(new + p[len(old):], self.ns.pending.pop(p))
+        old_prefix, new_prefix = self.keys.dir_prefix(old), self.keys.dir_prefix(new)
+        objects = await self.store.list_keys(old_prefix)
+        for info in objects:
+            target = new_prefix + info.key[len(old_prefix):]
+            head = await self.store.head(info.key)
+            await self.store.copy(info.key, target, head.metadata or {} if head else {})
+        if not any(o.key == old_prefix for o in objects):
+            st = await self.ns.stat(old)
+            await self.store.put(new_prefix, b"", metadata_for(st))
+        for info in objects:
+            await self.store.delete(info.key)
+            await self.cache.remove(info.key)
+        if dst is not None:
+            self.ns.forget_tree(new)
+        self.ns.forget_tree(old)
+        self.ns.listings.clear()
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+                     ) -> tuple[int, Node, Stat]:
+        self._check_accepting()
+        path = await self._child(parent_ino, name)
+        if not stat_mod.S_ISREG(mode) and stat_mod.S_IFMT(mode) != 0:
+            raise FsError(errno.EPERM, "only regular files, directories and symlinks can be stored in S3",
+                          level=logging.INFO)
+        existing = await self._stat_or_none(path)
+        if existing is not None:
+            raise FsError(errno.EEXIST, f"{path!r} exists")
+        st = self._new_stat(stat_mod.S_IFREG, mode, uid, gid)
+        node = self.inodes.looked_up(path)
+        self.ns.set_pending(path, st)
+        of = OpenFile(node, st, created=True)
+        self.open_files[node.ino] = of
+        of.writer = self._stream_writer(of, self.keys.key(path))
+        fh = self._open_handle(of, writable=True)
+        node.kernel_etag = None
+        return fh, node, st
+
+    def _stream_writer(self, of: OpenFile, key: str) -> StreamWriter:
+        return StreamWriter(self.store, self.cache, key, metadata_for(of.stat), self.settings.write,
+                            self.spawner)
+
+    def _open_handle(self, of: OpenFile, *, writable: bool) -> int:
+        fh = self._fh()
+        self.handles[fh] = Handle(fh, of, writable)
+        of.handles += 1
+        of.node.open_handles += 1
+        return fh
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; returns the handle and whether the kernel may keep its page cache."""
+        self._check_accepting()
+        node = self.inodes.node(ino)
+        path = self.inodes.path(ino)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        of = self.open_files.get(ino)
+        if of is None:
+            st = await self.ns.stat(path, max_age=self.settings.attr_timeout)
+            if st.is_dir:
+                raise FsError(errno.EISDIR, f"{path!r} is a directory")
+            node = self.inodes.node(ino)  # re-check after the await
+            of = self.open_files.get(ino) or OpenFile(node, st)
+            self.open_files[ino] = of
+        fh = self._open_handle(of, writable=writable)
+        keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
+        node.kernel_etag = of.stat.etag if not of.dirty else None
+        return fh, keep
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        handle = self._handle(fh)
+        of = handle.file
+        if isinstance(of.writer, StreamWriter):
+            await self._spool_of(of)  # read-back of a file being streamed: switch to the spool
+        if isinstance(of.writer, SpoolWriter):
+            return await of.writer.read(offset, length)
+        if of.stat.etag is None or of.stat.size == 0:
+            return b""
+        if handle.reader is None:
+            handle.reader = await self._reader_for(of)
+        try:
+            return await handle.reader.read(offset, length)
+        except FsError as exc:
+            if not isinstance(handle.reader, CacheReader):
+                raise
+            log.warning("%s; reading from S3 instead", exc.message)
+            handle.reader.close()
+            await self.cache.remove(handle.reader.key)
+            handle.reader = self._cloud_reader(of)
+            return await handle.reader.read(offset, length)
+
+    async def _reader_for(self, of: OpenFile) -> CacheReader | CloudReader:
+        key = self._key_of(of.node)
+        etag = of.stat.etag
+        assert etag is not None
+        if self.cache.lookup(key, etag) is not None:
+            reader = await CacheReader.open(self.cache, key, etag)
+            if reader is not None:
+                self.cache.touch(key)
+                self.cache.hits += 1
+                self.reads_from_cache += 1
+                return reader
+        elif self.cache.lookup(key) is not None:  # an older version: the cloud ETag changed
+            await self.cache.remove(key)
+        self.cache.misses += 1
+        self.reads_from_cloud += 1
+        self.ask_hydration(key, etag, of.stat.size, "read-miss")
+        return self._cloud_reader(of)
+
+    def _cloud_reader(self, of: OpenFile) -> CloudReader:
+        assert of.stat.etag is not None
+        return CloudReader(self.store, self._key_of(of.node), of.stat.etag, of.stat.size,
+                           self.settings.read, self.spawner)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF, "file not open for writing")
+        of = handle.file
+        of.node.kernel_etag = None
+        writer = of.writer
+        if writer is None:
+            writer = await self._start_writer(of, offset)
+        if isinstance(writer, StreamWriter):
+            try:
+                await writer.write(offset, data)
+                return len(data)
+            except NeedsSpool:
+                writer = await self._spool_of(of)
+        await writer.write(offset, data)
+        return len(data)
+
+    async def _start_writer(self, of: OpenFile, offset: int) -> StreamWriter | SpoolWriter:
+        if of.size == 0 and offset == 0:
+            of.writer = self._stream_writer(of, self._key_of(of.node))
+            return of.writer
+        return await self._spool_of(of)
+
+    async def _spool_of(self, of: OpenFile) -> SpoolWriter:
+        """The open file's spool, made from whatever holds its current content."""
+        writer = of.writer
+        if isinstance(writer, SpoolWriter):
+            return writer
+        key = self._key_of(of.node)
+        spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
+        if isinstance(writer, StreamWriter):
+            buffered = writer.buffered_bytes()
+            if buffered is not None:
+                await writer.abort()
+                of.writer = None
+                await spool.load(None, 0, initial=buffered)
+                of.writer = spool
+                return spool
+            await self._flush_file(of)  # parts already left: finish the object, then spool from it
+        await spool.load(of.stat.etag, of.stat.size)
+        spool.dirty = of.created
+        of.writer = spool
+        return spool
+
+    async def flush(self, fh: int) -> None:
+        """close(2): returns once S3 holds the object (contract 1)."""
+        of = self._handle(fh).file
+        if of.dirty:
+            await self._flush_file(of)
+
+    async def fsync(self, fh: int) -> None:
+        await self.flush(fh)
+
+    async def _flush_file(self, of: OpenFile) -> None:
+        node = of.node
+        if node.unlinked:
+            await self._drop_writer(of)
+            return
+        path = node.path
+        key = self.keys.key(path)
+        st = of.stat.with_(mtime_ns=of.stat.mtime_ns if of.writer is None else now_ns())
+        writer = of.writer
+        if writer is None:  # created and never written: an empty object
+            writer = self._stream_writer(of, key)
+        writer.key = key
+        done = await writer.finish(metadata_for(st))
+        if isinstance(writer, StreamWriter):
+            of.writer = None
+        of.created = False
+        of.stat = st.with_(size=done.size, etag=done.etag, complete=True)
+        if not node.unlinked:
+            self.ns.settle(node.path, of.stat)
+        self._after_upload(key, path, done)
+
+    def _after_upload(self, key: str, path: str, done: Uploaded) -> None:
+        if done.tee_error is not None and done.tee_error != "larger than the cache":
+            log.warning("cache copy of %s failed (%s); the object is safe in S3, a hydrate event will "
+                        "bring it back", key, done.tee_error)
+            self.ask_hydration(key, done.etag, done.size, "tee-failed")
+
+    async def _drop_writer(self, of: OpenFile) -> None:
+        writer, of.writer = of.writer, None
+        of.created = False
+        if isinstance(writer, StreamWriter):
+            await writer.abort()
+        elif isinstance(writer, SpoolWriter):
+            await writer.close()
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        if handle.reader is not None:
+            handle.reader.close()
+        of = handle.file
+        of.handles -= 1
+        try:
+            if of.handles == 0 and of.dirty:  # written after the last flush (mmap, dup'ed fd): upload now
+                await self._flush_file(of)
+        except FsError as exc:
+            log.error("%s: upload at release failed, changes since the last successful close are lost: %s",
+                      of.node.path, exc)
+        finally:
+            if of.handles == 0:
+                await self._drop_writer(of)
+                self.open_files.pop(of.node.ino, None)
+            self.inodes.release(of.node)
+
+    # -- directories -----------------------------------------------------------------------------------------
+
+    async def opendir(self, ino: int) -> int:
+        path = self.inodes.path(ino)
+        await self.ns.require_dir(path)
+        fh = self._fh()
+        self.dir_handles[fh] = DirHandle(fh, path)
+        return fh
+
+    async def readdir(self, fh: int, start: int, reply: Callable[[bytes, Node, Stat, int], bool]) -> None:
+        """Feed entries from offset ``start`` to ``reply`` until it returns False (the kernel's buffer is full).
+
+        The listing is taken once per handle (at offset 0), so offsets stay stable while entries come and go;
+        offsets start at 3 (1 and 2 confuse NFS re-exports).
+        """
+        handle = self.dir_handles[fh]
+        if start == 0 or not handle.entries:
+            children = await self.ns.list(handle.path)
+            handle.entries = [(name, f"{handle.path}/{name}" if handle.path else name, st)
+                              for name, st in sorted(children.items())]
+        for index in range(max(start - 3 + 1, 0) if start else 0, len(handle.entries)):
+            name, path, st = handle.entries[index]
+            node = self.inodes.for_path(path)
+            if not reply(name.encode(), node, st, index + 3):
+                break
+            node.lookups += 1
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    # -- extended attributes and status ------------------------------------------------------------------------
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        path = self.inodes.path(ino)
+        if path == "" and name == XATTR_STATUS:
+            return json.dumps(self.status(), sort_keys=True).encode()
+        st = await self.getattr(ino)
+        if not st.is_file or name not in FILE_XATTRS:
+            raise FsError(errno.ENODATA, f"no attribute {name} on {path!r}")
+        key = self.keys.key(path)
+        if name == XATTR_KEY:
+            return key.encode()
+        if name == XATTR_ETAG:
+            return (st.etag or "").encode()
+        return self.file_state(key, st).encode()
+
+    def file_state(self, key: str, st: Stat) -> str:
+        if st.etag is None:  # being written here: local until its first upload
+            return "cached"
+        return "cached" if self.cache.lookup(key, st.etag) is not None else "cloud"
+
+    async def listxattr(self, ino: int) -> list[str]:
+        st = await self.getattr(ino)
+        if self.inodes.path(ino) == "":
+            return [XATTR_STATUS]
+        return list(FILE_XATTRS) if st.is_file else []
+
+    def status(self) -> dict[str, object]:
+        cache = self.cache
+        lookups = cache.hits + cache.misses
+        base: dict[str, object] = {
+            "bucket": self.store.bucket,
+            "prefix": self.keys.prefix,
+            "cache": {
+                "dir": str(cache.root),
+                "available": cache.available,
+                "used_bytes": cache.usage(),
+                "capacity_bytes": cache.capacity,
+                "files_cached": len(cache.entries),
+                "pinned": len(cache.pins),
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "hit_ratio": round(cache.hits / lookups, 4) if lookups else None,
+            },
+            "open_files": len(self.open_files),
+            "inodes": len(self.inodes),
+            "time": time.time(),
+        }
+        base.update(self.status_extra())
+        return base
+
+    # -- hooks for background services --------------------------------------------------------------------
+
+    def is_open(self, key: str) -> bool:
+        path = self.keys.path(key)
+        node = self.inodes.existing(path) if path is not None else None
+        return node is not None and node.ino in self.open_files
+
+    async def forget_kernel_cache(self, key: str) -> None:
+        """The cached copy of ``key`` went away: the kernel must not keep pages of it either."""
+        path = self.keys.path(key)
+        node = self.inodes.existing(path) if path is not None else None
+        if node is not None:
+            node.kernel_etag = None
+            await self.kernel.invalidate(node.ino)
+
+    def statfs(self) -> dict[str, int]:
+        return {"bsize": 4096, "namemax": 255}
+
+
+def spool_dir_for(state_dir: Path) -> Path:
+    return state_dir / "spool"
+

@@ -1,0 +1,108 @@
+"""Inode numbers for paths, with the kernel's lookup counts.
+
+The bucket has no inode numbers, so we hand them out as the kernel meets paths and keep each one until the
+kernel forgets it (lookup count back to zero) and no handle is open on it. A rename moves the path of the node
+(and of everything below a directory); an unlink detaches the path but keeps the node while the kernel or an
+open handle still refers to it.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from hybridfs.errors import FsError
+
+ROOT_INO = 1
+
+
+@dataclass
+class Node:
+    ino: int
+    path: str
+    lookups: int = 0
+    open_handles: int = 0
+    unlinked: bool = False
+    kernel_etag: str | None = None  # the version the kernel's page cache holds, for keep_cache
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self._next = ROOT_INO + 1
+        root = Node(ROOT_INO, "", lookups=1)
+        self.by_ino: dict[int, Node] = {ROOT_INO: root}
+        self.by_path: dict[str, int] = {"": ROOT_INO}
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.by_ino[ino]
+        except KeyError:
+            raise FsError(errno.ESTALE, f"inode {ino} is not known (forgotten)") from None
+
+    def path(self, ino: int) -> str:
+        node = self.node(ino)
+        if node.unlinked:
+            raise FsError(errno.ENOENT, f"inode {ino} was unlinked")
+        return node.path
+
+    def for_path(self, path: str) -> Node:
+        """The node of ``path``, created on first sight."""
+        ino = self.by_path.get(path)
+        if ino is not None:
+            return self.by_ino[ino]
+        node = Node(self._next, path)
+        self._next += 1
+        self.by_ino[node.ino] = node
+        self.by_path[path] = node.ino
+        return node
+
+    def existing(self, path: str) -> Node | None:
+        ino = self.by_path.get(path)
+        return None if ino is None else self.by_ino[ino]
+
+    def looked_up(self, path: str) -> Node:
+        node = self.for_path(path)
+        node.lookups += 1
+        return node
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.by_ino.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def release(self, node: Node) -> None:
+        node.open_handles -= 1
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.open_handles == 0:
+            del self.by_ino[node.ino]
+            if not node.unlinked and self.by_path.get(node.path) == node.ino:
+                del self.by_path[node.path]
+
+    def unlink(self, path: str) -> None:
+        ino = self.by_path.pop(path, None)
+        if ino is not None:
+            node = self.by_ino[ino]
+            node.unlinked = True
+            self._maybe_drop_detached(node)
+
+    def _maybe_drop_detached(self, node: Node) -> None:
+        if node.lookups == 0 and node.open_handles == 0:
+            self.by_ino.pop(node.ino, None)
+
+    def rename(self, old: str, new: str) -> None:
+        """Move ``old`` (and, for a directory, every known path below it) to ``new``."""
+        self.unlink(new)
+        moves = [(p, ino) for p, ino in self.by_path.items() if p == old or p.startswith(old + "/")]
+        for p, _ in moves:
+            del self.by_path[p]
+        for p, ino in moves:
+            new_path = new + p[len(old):]
+            self.by_ino[ino].path = new_path
+            self.by_path[new_path] = ino
+
+    def __len__(self) -> int:
+        return len(self.by_ino)

@@ -1,0 +1,160 @@
+"""The directory tree as the bucket defines it, with the metadata caches in front of it.
+
+Answers "what is at this path" and "what is in this directory" from S3 (HEAD and delimited listings), through
+TTL caches (cachetools) so that a burst of lookups costs one request. Our own changes are written into the
+caches as they happen, so they are visible at once; other writers' changes show after ``dir_cache_time``.
+Files created here but not uploaded yet live in ``pending`` until their first upload.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
+from hybridfs.core.paths import KeyMapper, name_of, parent_of
+from hybridfs.errors import FsError, not_found
+from hybridfs.tiers.s3 import CloudStore
+
+log = logging.getLogger("hybridfs.namespace")
+
+CACHE_ENTRIES = 200_000
+
+
+@dataclass(frozen=True)
+class CachedStat:
+    stat: Stat
+    fetched: float  # monotonic time of the S3 answer, for open-time revalidation
+
+
+class Namespace:
+    def __init__(self, store: CloudStore, keys: KeyMapper, defaults: Defaults, *,
+                 dir_cache_time: float = 5.0, negative_cache_time: float = 1.0) -> None:
+        self.store = store
+        self.keys = keys
+        self.defaults = defaults
+        self.stats: TTLCache[str, CachedStat] = TTLCache(CACHE_ENTRIES, dir_cache_time)
+        self.missing: TTLCache[str, bool] = TTLCache(CACHE_ENTRIES, negative_cache_time)
+        self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(4096, dir_cache_time)
+        self.pending: dict[str, Stat] = {}
+        self.root_stat = implicit_dir(defaults, time.time_ns())
+
+    # -- queries --------------------------------------------------------------------------------------------
+
+    async def stat(self, path: str, *, max_age: float | None = None) -> Stat:
+        """Attributes of ``path``; ENOENT when nothing is there. ``max_age`` forces a fresher S3 answer."""
+        if path == "":
+            return self.root_stat
+        if path in self.pending:
+            return self.pending[path]
+        cached = self.stats.get(path)
+        if cached is not None and cached.stat.complete and (
+                max_age is None or time.monotonic() - cached.fetched <= max_age):
+            return cached.stat
+        if max_age is None and path in self.missing:
+            raise not_found(path)
+        if max_age is None and self._absent_from_listing(path):
+            raise not_found(path)
+        st = await self._fetch(path)
+        if st is None:
+            self.missing[path] = True
+            raise not_found(path)
+        self.remember(path, st)
+        return st
+
+    def _absent_from_listing(self, path: str) -> bool:
+        listing = self.listings.get(parent_of(path))
+        return listing is not None and name_of(path) not in listing
+
+    async def _fetch(self, path: str) -> Stat | None:
+        key = self.keys.key(path)
+        info = await self.store.head(key)
+        if info is not None:
+            return stat_from_object(info, self.defaults)
+        marker = self.keys.dir_prefix(path)
+        info = await self.store.head(marker)
+        if info is not None:
+            return stat_from_object(info, self.defaults, is_dir=True)
+        if await self.store.has_children(marker):
+            return implicit_dir(self.defaults, self.root_stat.mtime_ns)
+        return None
+
+    async def list(self, path: str) -> dict[str, Stat]:
+        """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
+        listing = self.listings.get(path)
+        if listing is None:
+            listing = await self._fetch_listing(path)
+            self.listings[path] = listing
+        merged = dict(listing)
+        prefix = f"{path}/" if path else ""
+        for p, st in self.pending.items():
+            if parent_of(p) == path and p.startswith(prefix):
+                merged[name_of(p)] = st
+        return merged
+
+    async def _fetch_listing(self, path: str) -> dict[str, Stat]:
+        result = await self.store.list_dir(self.keys.dir_prefix(path))
+        children: dict[str, Stat] = {}
+        for name in result.subdirs:
+            child = f"{path}/{name}" if path else name
+            known = self.stats.get(child)
+            children[name] = known.stat if known and known.stat.is_dir else implicit_dir(
+                self.defaults, self.root_stat.mtime_ns)
+        for info in result.files:
+            name = info.key[len(self.keys.dir_prefix(path)):]
+            if not name or name in children:  # a file and a directory of one name: the directory wins
+                continue
+            child = f"{path}/{name}" if path else name
+            known = self.stats.get(child)
+            if known is not None and known.stat.etag == info.etag:
+                children[name] = known.stat
+            else:
+                children[name] = stat_from_object(info, self.defaults)
+        return children
+
+    async def require_dir(self, path: str) -> Stat:
+        st = await self.stat(path)
+        if not st.is_dir:
+            raise FsError(errno.ENOTDIR, f"{path!r} is not a directory")
+        return st
+
+    # -- our own changes, made visible at once --------------------------------------------------------------
+
+    def remember(self, path: str, st: Stat) -> None:
+        self.stats[path] = CachedStat(st, time.monotonic())
+        self.missing.pop(path, None)
+        listing = self.listings.get(parent_of(path))
+        if listing is not None and path:
+            listing[name_of(path)] = st
+
+    def forget(self, path: str) -> None:
+        """``path`` no longer exists (we deleted or renamed it)."""
+        self.stats.pop(path, None)
+        self.pending.pop(path, None)
+        self.listings.pop(path, None)
+        self.missing[path] = True
+        listing = self.listings.get(parent_of(path))
+        if listing is not None:
+            listing.pop(name_of(path), None)
+
+    def forget_tree(self, path: str) -> None:
+        for cache in (self.stats, self.listings):
+            for p in [p for p in list(cache.keys()) if p.startswith(path + "/")]:
+                cache.pop(p, None)
+        self.forget(path)
+
+    def set_pending(self, path: str, st: Stat) -> None:
+        self.pending[path] = st
+        self.missing.pop(path, None)
+        listing = self.listings.get(parent_of(path))
+        if listing is not None:
+            listing[name_of(path)] = st
+
+    def settle(self, path: str, st: Stat) -> None:
+        """The file at ``path`` is now in S3 with attributes ``st``."""
+        self.pending.pop(path, None)
+        self.remember(path, st)

@@ -1,0 +1,253 @@
+"""The FUSE layer: pyfuse3 requests in, core calls, replies out — and the single error boundary.
+
+pyfuse3 stops the whole filesystem when a handler raises anything but ``FUSEError``. So every handler runs
+through ``boundary``: an ``FsError`` becomes its errno plus a log line at its level; any other exception is a
+bug, logged with its traceback, and the caller gets EIO. Nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from hybridfs.core.attrs import Stat
+from hybridfs.core.filesystem import AttrChanges, Filesystem
+from hybridfs.core.inodes import Node
+from hybridfs.errors import FsError, errno_name
+
+log = logging.getLogger("hybridfs.fuse")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as exc:
+            log.log(exc.level, "%s: %s -> %s", fn.__name__, exc.message, errno_name(exc.errno))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("%s: internal error -> EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class FuseOperations(pyfuse3.Operations):
+    enable_writeback_cache = False  # writes must reach us at once so close() can mean "in S3"
+
+    def __init__(self, fs: Filesystem, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.fs = fs
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+
+    def entry(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = cast(pyfuse3.InodeT, node.ino)
+        attr.generation = 0
+        # Attributes from a listing lack the object metadata: let the kernel ask again (getattr completes them).
+        attr.attr_timeout = self.attr_timeout if st.complete else 0
+        attr.entry_timeout = self.entry_timeout
+        attr.st_mode = cast(pyfuse3.ModeT, st.mode)
+        attr.st_nlink = 2 if st.is_dir else 1
+        attr.st_uid = st.uid
+        attr.st_gid = st.gid
+        attr.st_size = st.size
+        attr.st_blksize = 512 * 1024
+        attr.st_blocks = (st.size + 511) // 512
+        attr.st_atime_ns = st.mtime_ns
+        attr.st_mtime_ns = st.mtime_ns
+        attr.st_ctime_ns = st.mtime_ns
+        return attr
+
+    # -- lookups and attributes ------------------------------------------------------------------------------
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node, st = await self.fs.lookup(parent_inode, name)
+        return self.entry(node, st)
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:  # must never raise
+            try:
+                self.fs.forget(ino, count)
+            except Exception:
+                log.exception("forget(%s) failed", ino)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        st = await self.fs.getattr(inode)
+        return self.entry(self.fs.inodes.node(inode), st)
+
+    @boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
+        mtime = None
+        if fields.update_mtime:
+            mtime = attr.st_mtime_ns
+        changes = AttrChanges(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            mtime_ns=mtime,
+        )
+        st = await self.fs.setattr(inode, changes, fh)
+        return self.entry(self.fs.inodes.node(inode), st)
+
+    @boundary
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
+
+    # -- namespace -------------------------------------------------------------------------------------------
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise FsError(errno.EPERM, f"mknod of {name!r}: device nodes, FIFOs and sockets cannot be stored in S3",
+                      level=logging.INFO)
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        node, st = await self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self.entry(node, st)
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        node, st = await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        return self.entry(node, st)
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise FsError(errno.EPERM, f"link {new_name!r}: hard links cannot be stored in S3", level=logging.INFO)
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        fh, node, st = await self.fs.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self.entry(node, st)
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh, keep = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    # -- directories -----------------------------------------------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return await self.fs.opendir(inode)
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        def reply(name: bytes, node: Node, st: Stat, next_id: int) -> bool:
+            return bool(pyfuse3.readdir_reply(token, name, self.entry(node, st), next_id))
+
+        await self.fs.readdir(fh, start_id, reply)
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # directory changes are in S3 when the call that made them returns
+
+    @boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        # An object store has no fixed size; report 1 PiB free like other S3 filesystems do.
+        data.f_blocks = data.f_bfree = data.f_bavail = 2**50 // 4096
+        data.f_files = data.f_ffree = data.f_favail = 2**32
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes ---------------------------------------------------------------------------------
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.fs.getxattr(inode, name.decode(errors="replace"))
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [n.encode() for n in await self.fs.listxattr(inode)]
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENOTSUP, f"setxattr {name!r}: extended attributes are not stored in S3",
+                      level=logging.DEBUG)
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENOTSUP, f"removexattr {name!r}: extended attributes are not stored in S3",
+                      level=logging.DEBUG)
+
+
+class PyfuseKernel:
+    """KernelNotifier for the mount: invalidate_inode can block, so it runs in a thread (never inline)."""
+
+    async def invalidate(self, ino: int) -> None:
+        def call() -> None:
+            try:
+                pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=False)
+            except (FileNotFoundError, OSError) as exc:  # the kernel already forgot it
+                log.debug("invalidate_inode(%d): %s", ino, exc)
+
+        await trio.to_thread.run_sync(call)
+
+
+def mount_options(fsname: str, *, allow_other: bool, read_only: bool = False) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={fsname}", "subtype=hybridfs", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    if read_only:
+        options.add("ro")
+    return options

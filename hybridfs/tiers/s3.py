@@ -1,0 +1,274 @@
+"""The cloud tier: one S3 bucket through boto3, the source of truth for data and namespace.
+
+Every boto3 call is blocking, so each runs in a worker thread behind the ``s3`` CapacityLimiter; the trio loop
+never waits on the network. Retries of throttling, 5xx and connection failures are botocore's (standard mode,
+exponential backoff with jitter); once they are used up the error maps to an errno here, in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import trio
+from boto3.s3.transfer import TransferConfig
+
+from hybridfs.errors import FsError
+
+log = logging.getLogger("hybridfs.s3")
+
+T = TypeVar("T")
+
+# S3 refuses single PUT and CopyObject above 5 GiB; multipart parts are 5 MiB..5 GiB, at most 10,000 of them.
+MAX_SINGLE_OBJECT = 5 * 1024**3
+MIN_PART_SIZE = 5 * 1024**2
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+    # User metadata (x-amz-meta-*, lower-case names without the prefix); None when the object came from a
+    # listing, which does not carry metadata.
+    metadata: dict[str, str] | None = None
+
+
+@dataclass
+class Listing:
+    files: list[ObjectInfo] = field(default_factory=list)
+    subdirs: list[str] = field(default_factory=list)  # child names (not keys)
+    has_marker: bool = False  # the ``dir/`` marker object exists
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 4
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    threads: int = 16
+    part_size: int = 8 * 1024**2
+
+
+def _clean_etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+def map_client_error(exc: Exception, what: str) -> FsError:
+    """Turn a boto3/botocore failure into the errno a caller should see, with a message that says why."""
+    if isinstance(exc, FsError):
+        return exc
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        text = f"{what}: S3 said {code or status} ({err.get('Message', '')})"
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            return FsError(errno.ENOENT, text)
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return FsError(errno.EACCES, text, level=logging.WARNING)
+        if code == "PreconditionFailed" or status == 412:
+            return FsError(errno.ESTALE, f"{what}: object changed remotely", level=logging.INFO)
+        if code in ("EntityTooLarge",):
+            return FsError(errno.EFBIG, text, level=logging.WARNING)
+        if code == "NoSuchBucket":
+            return FsError(errno.EIO, text, level=logging.ERROR)
+        return FsError(errno.EIO, text + " after retries", level=logging.ERROR)
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return FsError(errno.EIO, f"{what}: S3 unreachable ({exc})", level=logging.ERROR)
+    if isinstance(exc, OSError):
+        return FsError(exc.errno or errno.EIO, f"{what}: {exc}", level=logging.ERROR)
+    raise exc
+
+
+def make_client(settings: S3Settings) -> Any:
+    """A boto3 client configured from the standard chain (env, profile, instance role) plus our timeouts."""
+    config = botocore.config.Config(
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_pool_connections=settings.threads + 8,
+        s3={"addressing_style": "path"} if settings.endpoint_url else {},
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
+
+
+class CloudStore:
+    """Async facade over one bucket. Keys are full object keys; the core maps paths to keys."""
+
+    def __init__(self, settings: S3Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.client = client or make_client(settings)
+        self.limiter = trio.CapacityLimiter(settings.threads)
+        self.limiter_name = "s3"
+        self.transfer_config = TransferConfig(
+            multipart_threshold=settings.part_size,
+            multipart_chunksize=settings.part_size,
+            max_concurrency=max(2, settings.threads // 2),
+            use_threads=True,
+        )
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking boto3 call in a thread behind the s3 limiter and map its errors."""
+        bound = functools.partial(fn, *args, **kwargs)
+        try:
+            return await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise map_client_error(exc, what) from exc
+
+    # -- metadata -------------------------------------------------------------------------------------------
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = await self._call(f"HEAD {key}", self.client.head_object, Bucket=self.bucket, Key=key)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return ObjectInfo(
+            key=key,
+            size=int(resp["ContentLength"]),
+            etag=_clean_etag(resp["ETag"]),
+            mtime_ns=int(resp["LastModified"].timestamp() * 1e9),
+            metadata={k.lower(): v for k, v in resp.get("Metadata", {}).items()},
+        )
+
+    async def list_dir(self, prefix: str) -> Listing:
+        """One directory level under ``prefix`` (which ends in ``/`` or is empty), all pages."""
+        return await self._call(f"LIST {prefix}", self._list_dir_sync, prefix)
+
+    def _list_dir_sync(self, prefix: str) -> Listing:
+        listing = Listing()
+        for page in self._pages(Prefix=prefix, Delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                name = cp["Prefix"][len(prefix):].rstrip("/")
+                if name:
+                    listing.subdirs.append(name)
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key == prefix:
+                    listing.has_marker = True
+                    continue
+                listing.files.append(
+                    ObjectInfo(key=key, size=int(obj["Size"]), etag=_clean_etag(obj["ETag"]),
+                               mtime_ns=int(obj["LastModified"].timestamp() * 1e9))
+                )
+        return listing
+
+    def _pages(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        yield from paginator.paginate(Bucket=self.bucket, **kwargs)
+
+    async def has_children(self, prefix: str) -> bool:
+        """Whether any object other than the marker itself lives under ``prefix``."""
+        resp = await self._call(f"LIST {prefix}", self.client.list_objects_v2, Bucket=self.bucket,
+                                Prefix=prefix, MaxKeys=2)
+        return any(obj["Key"] != prefix for obj in resp.get("Contents", []))
+
+    async def list_keys(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix``, recursively (used for directory renames and warm-up)."""
+        def collect() -> list[ObjectInfo]:
+            return [
+                ObjectInfo(key=o["Key"], size=int(o["Size"]), etag=_clean_etag(o["ETag"]),
+                           mtime_ns=int(o["LastModified"].timestamp() * 1e9))
+                for page in self._pages(Prefix=prefix) for o in page.get("Contents", [])
+            ]
+        return await self._call(f"LIST {prefix}", collect)
+
+    # -- data -----------------------------------------------------------------------------------------------
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None) -> bytes:
+        """Bytes [start, start+length) of the object; ESTALE when its ETag is no longer ``etag``."""
+        if length <= 0:
+            return b""
+        extra = {"IfMatch": f'"{etag}"'} if etag else {}
+
+        def fetch() -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key,
+                                          Range=f"bytes={start}-{start + length - 1}", **extra)
+            return resp["Body"].read()  # type: ignore[no-any-return]
+
+        try:
+            return await self._call(f"GET {key} [{start}:+{length}]", fetch)
+        except FsError as exc:
+            if "InvalidRange" in exc.message:  # read at or past the end
+                return b""
+            raise
+
+    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> str:
+        resp = await self._call(f"PUT {key}", self.client.put_object, Bucket=self.bucket, Key=key,
+                                Body=data, Metadata=metadata)
+        return _clean_etag(resp["ETag"])
+
+    async def upload_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Upload a local file (multipart and parallel above the part size; s3transfer aborts on failure)."""
+        await self._call(f"PUT {key}", self.client.upload_file, path, self.bucket, key,
+                         ExtraArgs={"Metadata": metadata}, Config=self.transfer_config)
+        info = await self.head(key)
+        if info is None:
+            raise FsError(errno.EIO, f"PUT {key}: object missing right after upload", level=logging.ERROR)
+        return info
+
+    async def download_file(self, key: str, etag: str, path: str) -> None:
+        """Download one version of an object to ``path`` (parallel ranges for large objects)."""
+        await self._call(f"GET {key}", self.client.download_file, self.bucket, key, path,
+                         ExtraArgs={"IfMatch": f'"{etag}"'}, Config=self.transfer_config)
+
+    async def copy(self, src: str, dst: str, metadata: dict[str, str]) -> None:
+        """Server-side copy with new metadata; s3transfer switches to multipart copy above 5 GiB."""
+        await self._call(f"COPY {src} -> {dst}", self.client.copy, {"Bucket": self.bucket, "Key": src},
+                         self.bucket, dst,
+                         ExtraArgs={"Metadata": metadata, "MetadataDirective": "REPLACE"},
+                         Config=self.transfer_config)
+
+    async def delete(self, key: str) -> None:
+        await self._call(f"DELETE {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    # -- streamed multipart upload --------------------------------------------------------------------------
+
+    async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        resp = await self._call(f"CreateMultipartUpload {key}", self.client.create_multipart_upload,
+                                Bucket=self.bucket, Key=key, Metadata=metadata)
+        return str(resp["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        resp = await self._call(f"UploadPart {key} #{number}", self.client.upload_part, Bucket=self.bucket,
+                                Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+        return str(resp["ETag"])
+
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+        resp = await self._call(
+            f"CompleteMultipartUpload {key}", self.client.complete_multipart_upload, Bucket=self.bucket,
+            Key=key, UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]},
+        )
+        return _clean_etag(resp["ETag"])
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort, best effort and shielded: runs even while the caller is being cancelled."""
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
+                                 Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except FsError as exc:
+                log.warning("could not abort multipart upload of %s (%s); a bucket lifecycle rule for "
+                            "incomplete uploads will reclaim it", key, exc)
+
+    async def list_multipart_uploads(self, prefix: str) -> list[str]:
+        resp = await self._call("ListMultipartUploads", self.client.list_multipart_uploads,
+                                Bucket=self.bucket, Prefix=prefix)
+        return [u["Key"] for u in resp.get("Uploads", [])]
