@@ -30,8 +30,8 @@ from hybridfs.core.paths import KeyMapper, child_path
 from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
 from hybridfs.core.writer import (
     NeedsSpool,
-    SpoolWriter,
     Spawner,
+    SpoolWriter,
     StreamWriter,
     Uploaded,
     WriteSettings,

@@ -25,7 +25,6 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
@@ -48,8 +47,8 @@ class NeedsSpool(Exception):
     """A write the streaming path cannot take (not at the end of what was written)."""
 
 
-class Spawner(Protocol):
-    def start_soon(self, fn: object, *args: object, name: object = ...) -> None: ...
+# Background work (part uploads, read-ahead) runs in the mount's nursery, so it is cancelled with the mount.
+Spawner = trio.Nursery
 
 
 @dataclass(frozen=True)
