@@ -171,9 +171,7 @@ def create_topics(
             if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             if err is not None and is_unreachable_error(err):
-                first_error = first_error or KafkaUnavailable(
-                    f"kafka unreachable at {bootstrap}: {err.str()}"
-                )
+                first_error = first_error or KafkaUnavailable(f"kafka unreachable at {bootstrap}: {err.str()}")
             else:
                 first_error = first_error or exc
         except TimeoutError:
@@ -204,8 +202,10 @@ class TopicCreator:
         attempt_timeout: float = 10.0,
         max_backoff: float = 60.0,
         limiter: trio.CapacityLimiter | None = None,
+        unreachable_level: int = logging.WARNING,
     ) -> None:
         self.bootstrap = bootstrap
+        self.unreachable_level = unreachable_level
         self.topics = topics
         self.kafka_config = dict(kafka_config or {})
         self.partitions = partitions
@@ -229,10 +229,14 @@ class TopicCreator:
         warned = False
         while True:
             try:
-                await trio.to_thread.run_sync(self._attempt, limiter=self.limiter)
+                # Abandoned on cancel: an admin request can take attempt_timeout, and its outcome no longer
+                # matters once we stop.
+                await trio.to_thread.run_sync(self._attempt, limiter=self.limiter, abandon_on_cancel=True)
             except (KafkaUnavailable, KafkaException) as exc:
                 if not warned:
-                    log.warning(
+                    level = self.unreachable_level if isinstance(exc, KafkaUnavailable) else logging.WARNING
+                    log.log(
+                        level,
                         "cannot create kafka topics %s at %s: %s (retrying in the background)",
                         ", ".join(self.topics),
                         self.bootstrap,

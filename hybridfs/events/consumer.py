@@ -1,0 +1,568 @@
+"""Consuming events: one Kafka consumer thread, an async handler on the trio side, commits after the work.
+
+Shape::
+
+    consumer thread   poll() -> message -> trio (memory channel); runs commit requests; pauses the
+                      partitions while too many messages wait on the trio side (back-pressure that never
+                      stops poll(), so the group membership stays alive during long hydrations)
+    trio: dispatch    decode(value, allowed_prefix) -> await handler(event), up to ``concurrency`` at once
+                      (never two for the same object key), then ask the thread to commit
+
+Delivery is at least once. A partition's offset is committed only past messages whose handler has returned
+(or that were set aside): with concurrent handlers the commit is the lowest offset still in progress.
+
+* Bad input (undecodable, or the handler raises :class:`RejectEvent`/:class:`InvalidEvent`): one WARNING
+  saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit.
+* Any other handler exception: ERROR with the traceback, no commit, and the handler is called again for the
+  same event after a backoff (1 s doubling up to ``max_backoff``). The mount keeps running.
+* Kafka unreachable: one WARNING, one INFO when it is back; librdkafka retries on its own meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from hybridfs.events.schema import Event, InvalidEvent, RejectEvent, decode
+from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
+
+__all__ = ["ConsumerStats", "EventConsumer", "Handler", "InvalidEvent", "RejectEvent"]
+
+log = logging.getLogger("hybridfs.events.consumer")
+
+Handler = Callable[[Event], Awaitable[None]]
+
+_PROBE_INTERVAL = 5.0  # while unreachable: how often the thread checks whether Kafka is back
+_LAG_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    received: int  # messages handed to the trio side
+    handled: int  # events whose handler returned
+    dead_lettered: int  # messages set aside as invalid or rejected
+    handler_failures: int  # handler exceptions that led to a retry
+    in_progress: int  # messages received and not finished yet
+    lag: int | None  # messages on the broker not yet finished by this consumer group member
+    reachable: bool | None
+
+
+class _PartitionTrack:
+    """Offsets of one partition (in one assignment epoch) dispatched and not finished yet."""
+
+    __slots__ = ("committed", "highest", "open")
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.highest = -1
+        self.committed = -1
+
+    def commit_point(self) -> int:
+        """The offset to commit: every offset below it has finished."""
+        return min(self.open) if self.open else self.highest + 1
+
+
+class EventConsumer:
+    """Consumes one topic with one consumer group; ``await nursery.start(consumer.run)``.
+
+    ``handler(event)`` must be idempotent. Raise :class:`RejectEvent` to set an event aside.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        handler: Handler,
+        *,
+        allowed_prefix: str,
+        dead_letter_topic: str,
+        kafka_config: Mapping[str, Any] | None = None,
+        concurrency: int = 1,
+        max_buffered: int | None = None,
+        max_backoff: float = 60.0,
+        poll_timeout: float = 0.1,
+        close_timeout: float = 10.0,
+        name: str | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group_id = group_id
+        self.handler = handler
+        self.allowed_prefix = allowed_prefix
+        self.dead_letter_topic = dead_letter_topic
+        self.kafka_config = dict(kafka_config or {})
+        self.concurrency = max(1, concurrency)
+        self.max_buffered = max_buffered or max(16, 4 * self.concurrency)
+        self.max_backoff = max_backoff
+        self.poll_timeout = poll_timeout
+        self.close_timeout = close_timeout
+        self.name = name or topic
+
+        self.dead_letter_limiter = trio.CapacityLimiter(1)
+        self._commands: queue.SimpleQueue[TopicPartition] = queue.SimpleQueue()  # commits for the thread
+        self._stop = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._send: trio.MemorySendChannel[tuple[Message, int]] | None = None
+        self._outstanding = 0  # received and not finished; shared with the thread
+        self._outstanding_lock = threading.Lock()
+        self._epoch = 0  # bumped by every rebalance (thread); tags messages
+        self._tracks: dict[tuple[str, int, int], _PartitionTrack] = {}
+        self._key_locks: dict[bytes, tuple[trio.Lock, int]] = {}
+        self._dlq_producer: Producer | None = None
+
+        self._received = 0
+        self._handled = 0
+        self._dead_lettered = 0
+        self._handler_failures = 0
+        self._lag: int | None = None
+        self._reachable: bool | None = None
+        self._warned: set[int] = set()
+
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats(
+            received=self._received,
+            handled=self._handled,
+            dead_lettered=self._dead_lettered,
+            handler_failures=self._handler_failures,
+            in_progress=self._outstanding,
+            lag=self._lag,
+            reachable=self._reachable,
+        )
+
+    # --- trio side ------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        consumer = self._new_consumer()  # bad settings fail here, before started()
+        self._dlq_producer = Producer(
+            client_config(
+                self.bootstrap,
+                self.kafka_config,
+                client_id=f"hybridfs-{self.name}-dead-letter",
+                logger=RdKafkaLogger(),
+                defaults={"linger.ms": 0, "message.timeout.ms": 10000},
+                forced={"acks": "all"},
+            )
+        )
+        send, receive = trio.open_memory_channel[tuple[Message, int]](math.inf)
+        self._send = send
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._dispatch, receive)
+                task_status.started()
+                backoff = 1.0
+                while True:
+                    try:
+                        await self._run_thread(consumer)
+                        send.close()  # the thread ended without being cancelled: let the dispatcher finish
+                        return
+                    except Exception:
+                        log.exception("kafka consumer for %s failed; starting a new one in %.0fs", self.topic, backoff)
+                    await trio.sleep(backoff)
+                    backoff = min(self.max_backoff, backoff * 2)
+                    consumer = self._new_consumer()
+        finally:
+            self._stop.set()
+            send.close()
+            producer, self._dlq_producer = self._dlq_producer, None
+            if producer is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_dispose_producer, producer)
+
+    def _new_consumer(self) -> Consumer:
+        conf = client_config(
+            self.bootstrap,
+            self.kafka_config,
+            client_id=f"hybridfs-{self.name}",
+            logger=RdKafkaLogger(),
+            defaults={
+                # Notice topics created after we subscribed within seconds, not librdkafka's 5 minutes.
+                "topic.metadata.refresh.interval.ms": 10000,
+                "error_cb": self._on_error,
+            },
+            forced={
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+        )
+        return Consumer(conf)
+
+    async def _run_thread(self, consumer: Consumer) -> None:
+        """Run the consumer thread until cancelled; then stop it and wait (shielded) for it to close."""
+        self._stop.clear()
+        done = trio.Event()
+        token = self._token
+        assert token is not None
+
+        def body() -> None:
+            try:
+                self._thread_main(consumer)
+            finally:
+                try:
+                    token.run_sync_soon(done.set)
+                except trio.RunFinishedError:
+                    pass
+
+        try:
+            await trio.to_thread.run_sync(body, abandon_on_cancel=True)
+        finally:
+            self._stop.set()
+            with trio.move_on_after(self.close_timeout, shield=True):
+                await done.wait()
+
+    async def _dispatch(self, receive: trio.MemoryReceiveChannel[tuple[Message, int]]) -> None:
+        slots = trio.Semaphore(self.concurrency)
+        async with receive, trio.open_nursery() as nursery:
+            async for msg, epoch in receive:
+                await slots.acquire()
+                track = self._track(msg, epoch)
+                offset = msg.offset() or 0
+                track.open.add(offset)
+                track.highest = max(track.highest, offset)
+                nursery.start_soon(self._process, msg, epoch, slots)
+
+    def _track(self, msg: Message, epoch: int) -> _PartitionTrack:
+        key = (msg.topic() or "", msg.partition() or 0, epoch)
+        track = self._tracks.get(key)
+        if track is None:
+            track = self._tracks[key] = _PartitionTrack()
+            # Forget the bookkeeping of earlier assignments once nothing of theirs is in progress.
+            for old in [k for k, t in self._tracks.items() if k[2] < epoch and not t.open]:
+                del self._tracks[old]
+        return track
+
+    async def _process(self, msg: Message, epoch: int, slots: trio.Semaphore) -> None:
+        try:
+            key = msg.key() or b""
+            async with self._key_lock(key):
+                finished = await self._handle(msg)
+            if finished:
+                self._finish(msg, epoch)
+        finally:
+            slots.release()
+            with self._outstanding_lock:
+                self._outstanding -= 1
+
+    def _key_lock(self, key: bytes) -> _KeyLock:
+        return _KeyLock(self._key_locks, key)
+
+    async def _handle(self, msg: Message) -> bool:
+        """Decode and handle one message; True when it may be committed."""
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        try:
+            event = decode(msg.value() or b"", allowed_prefix=self.allowed_prefix)
+        except InvalidEvent as exc:
+            await self._set_aside(msg, f"invalid event: {exc.reason}", where)
+            return True
+        backoff = 1.0
+        while True:
+            try:
+                await self.handler(event)
+            except Exception as exc:
+                rejected = _rejection(exc)
+                if rejected is not None:
+                    await self._set_aside(
+                        msg, f"rejected {event.type} event for {event.key!r}: {rejected.reason}", where
+                    )
+                    return True
+                self._handler_failures += 1
+                log.exception(
+                    "handling %s event for %r (%s) failed; not committed, retrying in %.0fs",
+                    event.type,
+                    event.key,
+                    where,
+                    backoff,
+                )
+                await trio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(self.max_backoff, backoff * 2)
+                continue
+            self._handled += 1
+            return True
+
+    async def _set_aside(self, msg: Message, reason: str, where: str) -> None:
+        log.warning("%s from %s: sent to the dead-letter topic %s", reason, where, self.dead_letter_topic)
+        backoff = 1.0
+        while True:
+            err = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, limiter=self.dead_letter_limiter)
+            if err is None:
+                self._dead_lettered += 1
+                return
+            # Committing without the copy would lose the message: keep trying (quietly) until Kafka takes it.
+            log.debug("dead-lettering %s failed (%s); retrying in %.0fs", where, err, backoff)
+            await trio.sleep(backoff)
+            backoff = min(self.max_backoff, backoff * 2)
+
+    def _dead_letter_sync(self, msg: Message, reason: str) -> str | None:
+        producer = self._dlq_producer
+        if producer is None:
+            return "consumer stopping"
+        result: list[KafkaError | None] = []
+        headers: list[tuple[str, str | bytes | None]] = []
+        original = msg.headers()
+        if isinstance(original, dict):
+            headers.extend(original.items())
+        elif original:
+            headers.extend(original)
+        headers += [
+            ("hybridfs.dlq.reason", reason[:1000].encode("utf-8", "replace")),
+            ("hybridfs.dlq.topic", (msg.topic() or "").encode()),
+            ("hybridfs.dlq.partition", str(msg.partition()).encode()),
+            ("hybridfs.dlq.offset", str(msg.offset()).encode()),
+            ("hybridfs.dlq.group", self.group_id.encode()),
+            ("hybridfs.dlq.time", repr(time.time()).encode()),
+        ]
+        try:
+            producer.produce(
+                self.dead_letter_topic,
+                value=msg.value(),
+                key=msg.key(),
+                headers=headers,
+                on_delivery=lambda err, _m: result.append(err),
+            )
+            producer.flush(5)
+        except Exception as exc:  # BufferError, KafkaException: retried by the caller
+            return str(exc)
+        if not result:
+            return "no delivery report"
+        err = result[0]
+        return None if err is None else err.str()
+
+    def _finish(self, msg: Message, epoch: int) -> None:
+        key = (msg.topic() or "", msg.partition() or 0, epoch)
+        track = self._tracks.get(key)
+        if track is None:
+            return
+        track.open.discard(msg.offset() or 0)
+        point = track.commit_point()
+        if point > track.committed:
+            track.committed = point
+            self._commands.put(TopicPartition(key[0], key[1], point))
+
+    # --- the consumer thread --------------------------------------------------------------------------------
+
+    def _thread_main(self, consumer: Consumer) -> None:
+        paused = False
+        next_probe = 0.0
+        next_lag = time.monotonic() + _LAG_INTERVAL
+
+        def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
+            self._epoch += 1
+            log.debug("%s: assigned %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+            self._mark_reachable()
+
+        def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
+            self._epoch += 1
+            log.debug("%s: revoked %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
+
+        consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
+        try:
+            while not self._stop.is_set():
+                self._run_commits(consumer, asynchronous=True)
+                with self._outstanding_lock:
+                    outstanding = self._outstanding
+                if not paused and outstanding >= self.max_buffered:
+                    consumer.pause(consumer.assignment())
+                    paused = True
+                elif paused and outstanding <= self.max_buffered // 2:
+                    consumer.resume(consumer.assignment())
+                    paused = False
+                now = time.monotonic()
+                if self._reachable is False and now >= next_probe:
+                    next_probe = now + _PROBE_INTERVAL
+                    self._probe(consumer)
+                if now >= next_lag:
+                    next_lag = now + _LAG_INTERVAL
+                    self._update_lag(consumer)
+                msg = consumer.poll(self.poll_timeout)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    self._on_consume_error(err)
+                    continue
+                self._mark_reachable()
+                with self._outstanding_lock:
+                    self._outstanding += 1
+                self._received += 1
+                if not self._hand_over(msg, self._epoch):
+                    with self._outstanding_lock:
+                        self._outstanding -= 1
+                    return
+        finally:
+            try:
+                self._run_commits(consumer, asynchronous=False)
+            except Exception as exc:
+                log.debug("%s: final commit failed: %s", self.name, exc)
+            try:
+                consumer.close()
+            except Exception as exc:
+                log.debug("%s: closing the consumer: %s", self.name, exc)
+
+    def _hand_over(self, msg: Message, epoch: int) -> bool:
+        token, send = self._token, self._send
+        if token is None or send is None:
+            return False
+
+        def deliver() -> None:
+            try:
+                send.send_nowait((msg, epoch))
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.WouldBlock):
+                with self._outstanding_lock:
+                    self._outstanding -= 1  # not committed: Kafka delivers it again next time
+
+        try:
+            token.run_sync_soon(deliver)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def _run_commits(self, consumer: Consumer, *, asynchronous: bool) -> None:
+        latest: dict[tuple[str, int], TopicPartition] = {}
+        while True:
+            try:
+                tp = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            latest[(tp.topic, tp.partition)] = tp
+        if not latest:
+            return
+        offsets = list(latest.values())
+        try:
+            if asynchronous:
+                consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:
+            # A lost commit only means the events are handled again (idempotently) after a restart.
+            log.debug("%s: commit of %s failed: %s", self.name, offsets, exc)
+
+    def _on_consume_error(self, err: KafkaError) -> None:
+        code = err.code()
+        if code == KafkaError._PARTITION_EOF:
+            return
+        if is_unreachable_error(err):
+            self._mark_unreachable(err)
+        elif code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            if code not in self._warned:
+                self._warned.add(code)
+                log.info("%s: topic %s does not exist yet; waiting for it", self.name, self.topic)
+        elif code not in self._warned:
+            self._warned.add(code)
+            log.warning("%s: kafka consumer error: %s", self.name, err.str())
+        else:
+            log.debug("%s: kafka consumer error: %s", self.name, err.str())
+
+    def _on_error(self, err: KafkaError) -> None:
+        # librdkafka's error callback, served from poll() in the consumer thread.
+        if err.fatal():
+            log.error("%s: kafka consumer fatal error: %s", self.name, err.str())
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._mark_unreachable(err)
+        else:
+            log.debug("%s: kafka: %s", self.name, err.str())
+
+    def _probe(self, consumer: Consumer) -> None:
+        try:
+            consumer.list_topics(self.topic, timeout=2.0)
+        except Exception as exc:
+            log.debug("%s: kafka still unreachable: %s", self.name, exc)
+            return
+        self._mark_reachable()
+
+    def _update_lag(self, consumer: Consumer) -> None:
+        try:
+            assignment = consumer.assignment()
+            if not assignment:
+                return
+            total = 0
+            for tp in consumer.position(assignment):
+                _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    total += max(0, high - tp.offset)
+            self._lag = total + self._outstanding
+        except Exception as exc:
+            log.debug("%s: lag unknown: %s", self.name, exc)
+
+    def _mark_unreachable(self, err: KafkaError) -> None:
+        if self._reachable is False:
+            return
+        self._reachable = False
+        log.warning(
+            "kafka unreachable at %s: not consuming %s until it is back [%s]",
+            self.bootstrap,
+            self.topic,
+            err.str(),
+        )
+
+    def _mark_reachable(self) -> None:
+        if self._reachable is False:
+            log.info("kafka reachable again at %s: consuming %s", self.bootstrap, self.topic)
+        self._reachable = True
+        self._warned.clear()
+
+
+def _rejection(exc: BaseException) -> RejectEvent | None:
+    """The RejectEvent behind ``exc``: itself, or an exception group made only of RejectEvents (a handler that
+    runs a nursery reports its errors as a group)."""
+    if isinstance(exc, RejectEvent):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        rejects, rest = exc.split(RejectEvent)
+        if rejects is not None and rest is None:
+            leaf: BaseException = rejects
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, RejectEvent) else None
+    return None
+
+
+class _KeyLock:
+    """``async with``: one handler at a time per object key (two events for one key never race)."""
+
+    def __init__(self, table: dict[bytes, tuple[trio.Lock, int]], key: bytes) -> None:
+        self._table = table
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._table.get(self._key, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._table[self._key] = (lock, users + 1)
+        self._lock = lock
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        lock, users = self._table[self._key]
+        if users <= 1:
+            del self._table[self._key]
+        else:
+            self._table[self._key] = (lock, users - 1)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        self._forget()
+
+
+def _dispose_producer(producer: Producer) -> None:
+    try:
+        producer.flush(2)
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(0)
+    except Exception as exc:  # pragma: no cover - best effort
+        log.debug("disposing of the dead-letter producer: %s", exc)
