@@ -466,3 +466,27 @@ def test_create_topics_is_idempotent(stack: Stack, topic_prefix: str) -> None:
     assert create_topics(stack.bootstrap, topics) == []
     with pytest.raises(KafkaUnavailable, match=r"kafka unreachable at 127\.0\.0\.1:1"):
         create_topics(DEAD_BOOTSTRAP, topics, timeout=1)
+
+
+def test_librdkafka_log_lines_get_sensible_levels(caplog: Any, allow_log: Callable[[str], None]) -> None:
+    from hybridfs.events.topics import RdKafkaLogger
+
+    logger = logging.getLogger("tests.rdkafka")
+    adapter = RdKafkaLogger(logger)
+    caplog.set_level(logging.DEBUG, logger="tests.rdkafka")
+    fmt = "%s [%s] %s"
+    adapter.log(logging.WARNING, fmt, "COORDINATOR", "rdkafka#producer-1", "Coordinator load in progress: retrying")
+    adapter.log(logging.ERROR, fmt, "FAIL", "rdkafka#producer-1", "127.0.0.1:1/bootstrap: Connection refused")
+    adapter.log(logging.ERROR, fmt, "ERROR", "rdkafka#producer-1", "1/1 brokers are down")
+    adapter.log(logging.WARNING, fmt, "CONFWARN", "rdkafka#producer-1", "Configuration property x is unused")
+    adapter.log(logging.INFO, fmt, "CGRPOP", "rdkafka#consumer-2", "Group joined")
+    allow_log(r"^CONFWARN \[rdkafka#producer-1\] Configuration property x is unused$")
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tests.rdkafka"]
+    assert [lvl for lvl, _ in levels] == [
+        logging.DEBUG,
+        logging.DEBUG,
+        logging.DEBUG,
+        logging.WARNING,
+        logging.INFO,
+    ]
+    assert levels[3][1] == "CONFWARN [rdkafka#producer-1] Configuration property x is unused"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -53,6 +54,8 @@ from hybridfs.events.topics import (
 __all__ = ["BusStats", "EventBus", "KafkaUnavailable", "producer_config", "publish_now"]
 
 log = logging.getLogger("hybridfs.events.bus")
+
+_TOPIC_MISSING = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 # What our delivery guarantee depends on; a user's kafka_config cannot turn these off.
 _FORCED_PRODUCER = {"enable.idempotence": True, "acks": "all"}
@@ -159,6 +162,7 @@ class EventBus:
         self._warned_codes: set[int] = set()  # delivery error codes already logged at WARNING in this streak
         self._warned_state: set[str] = set()
         self._fatal = False  # the producer hit a fatal error and must be replaced
+        self._creator: TopicCreator | None = None
 
     # --- the synchronous face -------------------------------------------------------------------------------
 
@@ -240,7 +244,7 @@ class EventBus:
                 async with trio.open_nursery() as nursery:
                     if self.create_topics:
                         # An outage is the bus's own WARNING; the creator only adds an INFO line.
-                        creator = TopicCreator(
+                        creator = self._creator = TopicCreator(
                             self.bootstrap,
                             self.topics,
                             self.kafka_config,
@@ -258,14 +262,9 @@ class EventBus:
                     log.debug("event bus flush cut short after %.1fs", self.flush_timeout)
         finally:
             self._state = "closed"
-            if self._queue:
-                log.error(
-                    "%d events could not be written to the outbox %s and are lost",
-                    len(self._queue),
-                    self.outbox_path,
-                )
-                self._queue.clear()
             with trio.CancelScope(shield=True):
+                if self._queue:  # start-up failed, or the flush deadline passed: one last try
+                    await self._store_leftovers(outbox)
                 await trio.to_thread.run_sync(outbox.close, limiter=self.outbox_limiter)
             producer, self._producer = self._producer, None
             if producer is not None:
@@ -273,11 +272,21 @@ class EventBus:
                     await trio.to_thread.run_sync(self._dispose_producer, producer)
             self._outbox = None
 
+    async def _store_leftovers(self, outbox: Outbox) -> None:
+        batch = list(self._queue)
+        self._queue.clear()
+        try:
+            await trio.to_thread.run_sync(outbox.add_many, batch, limiter=self.outbox_limiter)
+            self._outbox_count += len(batch)
+        except Exception as exc:
+            log.error("%d events could not be written to the outbox %s and are lost: %s", len(batch), outbox.path, exc)
+
     def _new_producer(self) -> Producer:
+        client = re.sub(r"[^A-Za-z0-9._-]+", "_", self.origin).strip("_")
         conf = producer_config(
             self.bootstrap,
             self.kafka_config,
-            client_id=f"hybridfs-{self.origin}" if self.origin else "hybridfs",
+            client_id=f"hybridfs-{client}" if client else "hybridfs",
             message_timeout=self.message_timeout,
             error_cb=self._on_error,
         )
@@ -310,9 +319,6 @@ class EventBus:
     async def _relay_loop(self) -> None:
         next_resend = 0.0
         while True:
-            with trio.move_on_after(self.retry_interval):
-                await self._wake.wait()
-            self._wake = trio.Event()
             try:
                 if self._queue:
                     await self._store_and_send()
@@ -323,6 +329,11 @@ class EventBus:
                 # A bug or a failing state directory must not take the mount down; the outbox keeps events.
                 log.exception("event relay failed; retrying in %.1fs", self.retry_interval)
                 await trio.sleep(self.retry_interval)
+            if self._queue:
+                continue  # more than one batch was waiting
+            with trio.move_on_after(self.retry_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
     async def _store_and_send(self) -> None:
         assert self._outbox is not None
@@ -347,8 +358,6 @@ class EventBus:
         self._outbox_count += len(ids)
         now = time.time()
         self._send([OutboxRow(i, t, k, v, now) for i, (t, k, v) in zip(ids, batch, strict=True)])
-        if self._queue:
-            self._wake.set()
 
     async def _resend(self) -> None:
         """Produce again the outbox rows not in flight (left from an earlier run or a failed attempt)."""
@@ -443,6 +452,8 @@ class EventBus:
                 del self._in_flight[row_id]
             if is_unreachable_error(err):
                 unreachable = err
+            elif err.code() in _TOPIC_MISSING and self._creator is not None and not self._creator.done.is_set():
+                pass  # the topics are being created right now
             elif err.code() not in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
                 self._warn_once(err.code(), f"kafka refused an event: {err.str()} (it stays in the outbox)")
         if failures:

@@ -68,6 +68,7 @@ _TRANSIENT_MARKERS = (
     "disconnected",
     "timed out",
     "all broker connections are down",
+    "brokers are down",
     "broker transport failure",
     "failed to resolve",
     "no route to host",
