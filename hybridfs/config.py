@@ -3,15 +3,26 @@
 Every option is declared once, in ``MountConfig``, with its help text; ``add_arguments`` derives the
 ``hybridfs mount`` flags from it and ``from_mapping`` validates a TOML table against it, so the two can never
 drift apart. Errors name the key, the value and what is wrong.
+
+Secrets stay out of the file: any string value (including the values of ``kafka_options``) may be, or contain,
+``${env:NAME}`` (an environment variable, e.g. from the unit's ``EnvironmentFile=``) or ``${cred:NAME}`` (a
+systemd credential: the file ``$CREDENTIALS_DIRECTORY/NAME``, from ``LoadCredential=``). A reference that does
+not resolve is an error naming the key. ``hybridfs config check`` prints secrets masked.
+
+Under systemd, ``StateDirectory=`` and ``CacheDirectory=`` provide the defaults of ``state_dir`` and ``cache_dir``
+(``$STATE_DIRECTORY`` and ``$CACHE_DIRECTORY``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import os
 import re
 import socket
+import stat
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +35,52 @@ class ConfigError(ValueError):
     """A bad option: the message names the key, the value and what is wrong."""
 
 
+# ``${env:NAME}`` / ``${cred:NAME}`` inside a string value.
+_REFERENCE_RE = re.compile(r"\$\{(env|cred):([A-Za-z_][A-Za-z0-9_.-]*)\}")
+# librdkafka settings whose values are secrets (sasl.password, ssl.key.password, ssl.keystore.password,
+# ssl.key.pem, sasl.oauthbearer.client.secret, sasl.oauthbearer.config, ...).
+_SECRET_KEY_RE = re.compile(r"password|secret|token|key\.pem|oauthbearer\.config|credential", re.IGNORECASE)
+MASK = "********"
+
+
+def has_reference(value: object) -> bool:
+    return isinstance(value, str) and _REFERENCE_RE.search(value) is not None
+
+
+def expand_references(key: str, value: str) -> str:
+    """Replace ``${env:NAME}`` and ``${cred:NAME}`` in ``value``; ConfigError (naming ``key``) when one is unset."""
+
+    def resolve(match: re.Match[str]) -> str:
+        kind, name = match.group(1), match.group(2)
+        if kind == "env":
+            found = os.environ.get(name)
+            if found is None:
+                raise ConfigError(f"{key} = {value!r}: environment variable {name} is not set")
+            return found
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(f"{key} = {value!r}: no systemd credentials here ($CREDENTIALS_DIRECTORY is not "
+                              "set; add LoadCredential= to the unit)")
+        path = Path(directory) / name
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{key} = {value!r}: cannot read credential {path}: {exc.strerror}") from None
+        return text.removesuffix("\n")
+
+    return _REFERENCE_RE.sub(resolve, value)
+
+
+def is_secret(name: str, subkey: str = "") -> bool:
+    """Whether the value of option ``name`` (or of its table entry ``subkey``) must never be printed."""
+    fld = _FIELDS.get(name)
+    if fld is None or not fld.metadata.get("secret"):
+        return False
+    if fld.metadata.get("kind") == "kv":
+        return _SECRET_KEY_RE.search(subkey) is not None
+    return True
+
+
 def parse_size(text: str | int, key: str = "size") -> int:
     """``1G``, ``512M``, ``1.5GiB``, ``4096`` -> bytes (binary units, as rclone and JuiceFS read them)."""
     if isinstance(text, int):
@@ -34,6 +91,15 @@ def parse_size(text: str | int, key: str = "size") -> int:
     if not match:
         raise ConfigError(f"{key} = {text!r}: not a size (examples: 4096, 512M, 10G)")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_size(size: int) -> str | int:
+    """The inverse of ``parse_size`` where it is exact: 10737418240 -> ``10G``; other sizes stay numbers."""
+    for suffix in ("P", "T", "G", "M", "K"):
+        unit = _UNITS[suffix]
+        if size >= unit and size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return size
 
 
 def _opt(default: Any, help: str, *, kind: str = "", secret: bool = False) -> Any:
@@ -98,6 +164,10 @@ class MountConfig:
     def resolved(self) -> MountConfig:
         """Fill the defaults that depend on the environment."""
         cfg = dataclasses.replace(self)
+        if not cfg.cache_dir and os.environ.get("CACHE_DIRECTORY"):  # systemd's CacheDirectory=
+            cfg.cache_dir = os.environ["CACHE_DIRECTORY"].split(":")[0]
+        if not cfg.state_dir and os.environ.get("STATE_DIRECTORY"):  # systemd's StateDirectory=
+            cfg.state_dir = os.environ["STATE_DIRECTORY"].split(":")[0]
         if not cfg.kafka:
             cfg.kafka = os.environ.get("HYBRIDFS_KAFKA_BOOTSTRAP", "")
         if not cfg.endpoint_url:
@@ -156,16 +226,23 @@ def bucket_and_prefix(source: str) -> tuple[str, str]:
     return match.group(1), (match.group(2) or "").strip("/")
 
 
+_FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(MountConfig)}
+
+
 def option_fields() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(MountConfig) if f.name not in ("source", "mountpoint")]
 
 
 def coerce(name: str, value: Any) -> Any:
     """Convert one raw value (CLI string or TOML value) to the field's type, or raise ConfigError."""
-    fld = {f.name: f for f in dataclasses.fields(MountConfig)}.get(name)
+    fld = _FIELDS.get(name)
     if fld is None:
-        raise ConfigError(f"{name}: unknown option")
+        close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{name} = {value!r}: unknown option{hint}")
     kind = fld.metadata.get("kind", "")
+    if isinstance(value, str):
+        value = expand_references(name, value)
     try:
         if kind == "size":
             return parse_size(value, name)
@@ -173,7 +250,7 @@ def coerce(name: str, value: Any) -> Any:
             return int(value, 8) if isinstance(value, str) else int(value)
         if kind == "kv":
             if isinstance(value, dict):
-                return {str(k): str(v) for k, v in value.items()}
+                return {key: expand_references(f"{name}.{key}", text) for key, text in flat_table(name, value)}
             raise ConfigError(f"{name} = {value!r}: expected a table of key = value")
         if fld.type in ("bool", bool):
             if isinstance(value, bool):
@@ -194,8 +271,70 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} = {value!r}: expected a string")
         return value
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"{name} = {value!r}: expected {fld.type}") from None
+
+
+def flat_table(name: str, table: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A librdkafka table as (dotted key, string value): TOML reads ``sasl.mechanism = "PLAIN"`` as a nested
+    table, librdkafka wants ``"sasl.mechanism": "PLAIN"``; booleans become ``true``/``false`` as it spells them."""
+    items: list[tuple[str, str]] = []
+    for raw_key, value in table.items():
+        key = f"{prefix}{raw_key}"
+        if isinstance(value, dict):
+            items += flat_table(name, value, key + ".")
+        elif isinstance(value, bool):
+            items.append((key, "true" if value else "false"))
+        elif isinstance(value, str | int | float):
+            items.append((key, str(value)))
+        else:
+            raise ConfigError(f"{name}.{key} = {value!r}: expected a string, number or boolean")
+    return items
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The options table of a TOML config file: the top-level table, or ``[mount]``.
+
+    With a ``[mount]`` table nothing else may sit at the top level (a stray key there would be silently ignored
+    otherwise). Raises ConfigError; option keys and values are checked by ``from_mapping``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+    if "mount" not in data:
+        return data
+    table = data["mount"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"mount = {table!r}: must be a table ([mount])")
+    for key, value in data.items():
+        if key != "mount":
+            raise ConfigError(f"{key} = {value!r}: unknown top-level key (options belong in the [mount] table)")
+    return table
+
+
+def world_readable_secrets(path: str | os.PathLike[str], table: dict[str, Any]) -> list[str]:
+    """Keys holding a literal secret (no ``${...}`` reference) in a file that others than its owner may read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return []
+    found = []
+    for raw_key, value in table.items():
+        name = raw_key.replace("-", "_")
+        if isinstance(value, dict) and _FIELDS.get(name) is not None:
+            found += [f"{name}.{key}" for key, text in flat_table(name, value)
+                      if is_secret(name, key) and not has_reference(text)]
+        elif is_secret(name) and not has_reference(value):
+            found.append(name)
+    return found
 
 
 def from_mapping(values: dict[str, Any], base: MountConfig | None = None) -> MountConfig:
