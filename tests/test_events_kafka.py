@@ -490,3 +490,47 @@ def test_librdkafka_log_lines_get_sensible_levels(caplog: Any, allow_log: Callab
         logging.INFO,
     ]
     assert levels[3][1] == "CONFWARN [rdkafka#producer-1] Configuration property x is unused"
+
+
+def test_outage_is_one_warning_and_recovery_one_info(
+    tmp_path: Path, topic_prefix: str, caplog: Any, allow_log: Callable[[str], None]
+) -> None:
+    """The bus's outage bookkeeping, fed with delivery reports as librdkafka would hand them over."""
+    from confluent_kafka import KafkaError
+
+    allow_log(r"kafka unreachable at 127\.0\.0\.1:1: events wait in outbox \(3\)")
+    caplog.set_level(logging.INFO, logger="hybridfs.events.bus")
+    outbox_path = tmp_path / "outbox.sqlite"
+    with Outbox(outbox_path) as box:
+        ids = box.add_many([("t", b"k", b"v")] * 3)
+    # Never started: no producer, no connection. Only the report handling runs.
+    bus = EventBus(DEAD_BOOTSTRAP, topic_prefix, outbox_path, origin="t")
+
+    async def main() -> None:
+        bus._outbox = Outbox(outbox_path)
+        bus._outbox_count = 3
+        try:
+            for _attempt in range(3):  # three waves of timeouts: one warning
+                for row_id in ids:
+                    bus._reports.append((row_id, 0, KafkaError(KafkaError._MSG_TIMED_OUT)))
+                bus._errors.append(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+                await bus._handle_reports()
+            assert bus.stats().reachable is False and bus.stats().failed == 9
+            for row_id in ids:
+                bus._reports.append((row_id, 0, None))
+            await bus._handle_reports()
+            assert bus.stats().reachable is True and bus.stats().produced == 3 and bus.stats().outbox == 0
+        finally:
+            bus._outbox.close()
+
+    run_trio(main)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "hybridfs.events.bus"]
+    assert lines == [
+        (
+            "WARNING",
+            "kafka unreachable at 127.0.0.1:1: events wait in outbox (3) [Local: All broker connections are down]",
+        ),
+        ("INFO", "kafka reachable again at 127.0.0.1:1: delivering the events in the outbox (3)"),
+    ]
+    with Outbox(outbox_path) as box:
+        assert box.count() == 0
