@@ -399,14 +399,14 @@ class Filesystem:
             for p in [p for p in self.ns.pending if p.startswith(old + "/")]:
                 self.ns.set_pending(new + p[len(old):], self.ns.pending.pop(p))
         old_prefix, new_prefix = self.keys.dir_prefix(old), self.keys.dir_prefix(new)
+        moved = await self.ns.stat(old)
         objects = await self.store.list_keys(old_prefix)
         for info in objects:
             target = new_prefix + info.key[len(old_prefix):]
             head = await self.store.head(info.key)
             await self.store.copy(info.key, target, head.metadata or {} if head else {})
         if not any(o.key == old_prefix for o in objects):
-            st = await self.ns.stat(old)
-            await self.store.put(new_prefix, b"", metadata_for(st))
+            await self.store.put(new_prefix, b"", metadata_for(moved))
         for info in objects:
             await self.store.delete(info.key)
             await self.cache.remove(info.key)
@@ -414,6 +414,7 @@ class Filesystem:
             self.ns.forget_tree(new)
         self.ns.forget_tree(old)
         self.ns.listings.clear()
+        self.ns.remember(new, moved)
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -427,12 +428,13 @@ class Filesystem:
         existing = await self._stat_or_none(path)
         if existing is not None:
             raise FsError(errno.EEXIST, f"{path!r} exists")
+        key = self.keys.key(path)  # ENAMETOOLONG before any state is created
         st = self._new_stat(stat_mod.S_IFREG, mode, uid, gid)
         node = self.inodes.looked_up(path)
         self.ns.set_pending(path, st)
         of = OpenFile(node, st, created=True)
         self.open_files[node.ino] = of
-        of.writer = self._stream_writer(of, self.keys.key(path))
+        of.writer = self._stream_writer(of, key)
         fh = self._open_handle(of, writable=True)
         node.kernel_etag = None
         return fh, node, st
@@ -462,10 +464,24 @@ class Filesystem:
             node = self.inodes.node(ino)  # re-check after the await
             of = self.open_files.get(ino) or OpenFile(node, st)
             self.open_files[ino] = of
+        if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
+            await self._truncate_open(of)
         fh = self._open_handle(of, writable=writable)
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
+
+    async def _truncate_open(self, of: OpenFile) -> None:
+        """Empty the file; the next flush uploads the new content even if nothing is written."""
+        if isinstance(of.writer, SpoolWriter):
+            await of.writer.truncate(0)
+        else:
+            if isinstance(of.writer, StreamWriter):
+                await of.writer.abort()
+            of.stat = of.stat.with_(size=0)
+            of.writer = self._stream_writer(of, self._key_of(of.node))
+        of.created = True
+        of.node.kernel_etag = None
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handle(fh)

@@ -127,6 +127,9 @@ class Namespace:
     def remember(self, path: str, st: Stat) -> None:
         self.stats[path] = CachedStat(st, time.monotonic())
         self.missing.pop(path, None)
+        if st.is_dir:  # things we remembered as missing below it may exist now (a directory moved here)
+            for p in [p for p in list(self.missing.keys()) if p.startswith(path + "/")]:
+                self.missing.pop(p, None)
         listing = self.listings.get(parent_of(path))
         if listing is not None and path:
             listing[name_of(path)] = st

@@ -24,13 +24,15 @@ class KeyMapper:
         """The object key of a file at ``path``."""
         key = self.prefix + path
         if len(key.encode()) > KEY_MAX:
-            raise FsError(errno.ENAMETOOLONG, f"{path!r}: object key would exceed {KEY_MAX} bytes",
+            raise FsError(errno.ENAMETOOLONG, f"{path[:60]!r}...: object key would exceed {KEY_MAX} bytes",
                           level=logging.INFO)
         return key
 
     def dir_prefix(self, path: str) -> str:
         """The key prefix under which a directory's children live (also its marker key)."""
-        return self.prefix + path + "/" if path else self.prefix
+        if not path:
+            return self.prefix
+        return self.key(path + "/")
 
     def path(self, key: str) -> str | None:
         """The path for an object key, or None when the key is outside the prefix."""

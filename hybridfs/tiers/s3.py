@@ -81,6 +81,8 @@ def map_client_error(exc: Exception, what: str) -> FsError:
             return FsError(errno.EACCES, text, level=logging.WARNING)
         if code == "PreconditionFailed" or status == 412:
             return FsError(errno.ESTALE, f"{what}: object changed remotely", level=logging.INFO)
+        if code == "KeyTooLongError":
+            return FsError(errno.ENAMETOOLONG, text, level=logging.INFO)
         if code in ("EntityTooLarge",):
             return FsError(errno.EFBIG, text, level=logging.WARNING)
         if code == "NoSuchBucket":
