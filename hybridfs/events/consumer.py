@@ -366,8 +366,8 @@ class EventConsumer:
             self._epoch += 1
             log.debug("%s: revoked %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
 
-        consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
         try:
+            consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
             while not self._stop.is_set():
                 self._run_commits(consumer, asynchronous=True)
                 with self._outstanding_lock:
