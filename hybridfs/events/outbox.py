@@ -63,9 +63,7 @@ class Outbox:
                 )
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version != _SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"outbox {self.path} has schema version {version}, expected {_SCHEMA_VERSION}"
-                )
+                raise RuntimeError(f"outbox {self.path} has schema version {version}, expected {_SCHEMA_VERSION}")
         except BaseException:
             self._db.close()
             raise
