@@ -4,6 +4,14 @@ them in one nursery owned by the mount.
 Start-up order: S3 client -> cache (degrades to "none" on failure) -> event bus -> core -> FUSE mount ->
 background services (hydrator, eviction planner, purger) -> READY=1. Shutdown runs in reverse: SIGTERM stops
 new opens, waits (bounded) for in-flight uploads, unmounts, stops the services, flushes the outbox.
+
+Lifecycle under systemd (Type=notify): READY=1 once the mount point answers a stat through the kernel, STATUS=
+with cache usage every few seconds, STOPPING=1 as soon as shutdown begins. SIGTERM/SIGINT: new opens fail with
+EBUSY, files being written get ``write_timeout + 5`` seconds to be closed and uploaded, then the FUSE loop ends
+and the mount is detached; a second signal skips the wait. A file still unfinished then is never completed in
+S3: its multipart upload is aborted (no partial object, no upload left behind) and its writer gets an error
+from the kernel. Stopping on a signal exits 0, whatever the files; the unit's TimeoutStopSec= must exceed
+``2 * write_timeout + 5`` (a close() that began just before the deadline may take write_timeout more).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from hybridfs.core.filesystem import Filesystem, FsSettings
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.paths import KeyMapper
 from hybridfs.core.reader import ReadSettings
-from hybridfs.core.writer import WriteSettings
+from hybridfs.core.writer import SpoolWriter, StreamWriter, WriteSettings
 from hybridfs.events.bus import EventBus
 from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
@@ -81,7 +89,9 @@ class Mount:
         )
         self.fs: Filesystem | None = None
         self.settings = settings
-        self.draining = False
+        self.draining = False  # a stop signal arrived: refusing opens, waiting for uploads
+        self.terminated = False  # we ended the FUSE loop ourselves: the mount is still attached
+        self._stopping_sent = False
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._prepare_dirs)
@@ -103,15 +113,17 @@ class Mount:
             unmounted = False
             try:
                 nursery.start_soon(self._announce_ready)
-                nursery.start_soon(self._handle_signals, nursery)
+                nursery.start_soon(self._handle_signals)
                 nursery.start_soon(self._housekeeping)
                 await pyfuse3.main()
-                unmounted = True
+                unmounted = not self.terminated  # main() also returns after terminate(): still mounted then
             finally:
-                notify("STOPPING=1")
-                with trio.CancelScope(shield=True):
-                    await self._drain(fs)
+                self._notify_stopping()
+                # Detach first, so nothing hangs on a mount nobody serves; libfuse's unmount is lazy, so files
+                # still open see ENOTCONN from now on.
                 pyfuse3.close(unmount=not unmounted)
+                with trio.CancelScope(shield=True):
+                    await self._abandon_uploads(fs)
                 nursery.cancel_scope.cancel()
         self.cache.close()
         log.info("unmounted %s", self.cfg.mountpoint)
@@ -137,6 +149,8 @@ class Mount:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ok = await trio.to_thread.run_sync(lambda: os.path.ismount(mountpoint) and bool(os.stat(mountpoint)))
+            if self.draining:  # stopped before it was ever ready: STOPPING=1 is all systemd hears
+                return
             if ok:
                 notify("READY=1")
                 notify(f"STATUS={self._status_line()}")
@@ -145,42 +159,92 @@ class Mount:
             await trio.sleep(0.05)
         log.error("mount point %s did not answer within 30s", mountpoint)
 
-    async def _handle_signals(self, nursery: trio.Nursery) -> None:
+    async def _handle_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: nothing to reload (restart the unit to apply a new configuration)")
-                    continue
-                log.info("%s: finishing in-flight uploads, then unmounting", signal.Signals(signum).name)
-                notify("STOPPING=1")
-                self.draining = True
-                if self.fs is not None:
-                    self.fs.refuse_opens = True
-                    with trio.CancelScope(shield=True):
-                        await self._drain(self.fs)
-                pyfuse3.terminate()
-                return
+            async with trio.open_nursery() as nursery:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: nothing to reload (restart the unit to apply a new configuration)")
+                    elif not self.draining:
+                        log.info("%s: refusing new opens, finishing in-flight uploads, then unmounting", name)
+                        self.draining = True
+                        nursery.start_soon(self._stop)
+                    else:
+                        log.warning("%s again: unmounting now, without waiting for uploads", name)
+                        self._terminate()
+
+    async def _stop(self) -> None:
+        """The first stop signal: no new opens, a bounded wait for uploads, then end the FUSE loop."""
+        self._notify_stopping()
+        if self.fs is not None:
+            self.fs.refuse_opens = True
+            await self._drain(self.fs)
+        self._terminate()
+
+    def _terminate(self) -> None:
+        if not self.terminated:
+            self.terminated = True
+            pyfuse3.terminate()
+
+    def _notify_stopping(self) -> None:
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            notify("STOPPING=1")
 
     async def _drain(self, fs: Filesystem) -> None:
         """Wait (bounded by the write timeout) until no open file has changes that S3 does not hold."""
-        with trio.move_on_after(self.cfg.write_timeout + 5) as scope:
+        bound = self.cfg.write_timeout + 5
+        deadline = trio.current_time() + bound
+        next_status = 0.0
+        with trio.move_on_at(deadline) as scope:
             # Dirtiness changes in many places; a 50 ms poll bounded by the timeout is simpler than signalling.
-            while any(of.dirty for of in fs.open_files.values()):  # noqa: ASYNC110
+            while dirty := [of.node.path for of in fs.open_files.values() if of.dirty]:
+                if trio.current_time() >= next_status:
+                    next_status = trio.current_time() + 1
+                    notify(f"STATUS=stopping: {len(dirty)} file(s) still being written or uploaded, "
+                           f"{deadline - trio.current_time():.0f}s left")
                 await trio.sleep(0.05)
         if scope.cancelled_caught:
             dirty = [of.node.path for of in fs.open_files.values() if of.dirty]
-            log.error("unmounting with %d file(s) still uploading: %s — their writers get EIO", len(dirty),
-                      ", ".join(dirty[:5]))
+            log.error("unmounting with %d file(s) still being written or uploaded after %.0fs: %s — they are "
+                      "not stored and their writers get an error", len(dirty), bound, ", ".join(dirty[:5]))
+        notify("STATUS=stopping: unmounting")
+
+    async def _abandon_uploads(self, fs: Filesystem) -> None:
+        """Files still changing when the FUSE loop ended can never be closed through us: drop their uploads.
+
+        A streamed file's multipart upload is aborted once its in-flight parts are done (a part landing after
+        the abort could leave storage behind), so S3 holds neither a partial object nor an open upload.
+        """
+        for of in list(fs.open_files.values()):
+            if not of.dirty:
+                continue
+            writer, of.writer = of.writer, None
+            log.info("%s: dropping its unfinished upload", of.node.path)
+            if isinstance(writer, StreamWriter):
+                with trio.move_on_after(self.cfg.write_timeout):
+                    for _ in range(writer.settings.max_inflight):  # every slot free: no part in flight
+                        await writer.slots.acquire()
+                await writer.abort()
+            elif isinstance(writer, SpoolWriter):
+                await writer.close()
 
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(5)
             await self.cache.flush_touched()
-            notify(f"STATUS={self._status_line()}")
+            await self.store.retry_aborts()
+            if not self.draining:
+                notify(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
         used, cap = self.cache.usage(), self.cache.capacity
-        return f"cache {used / 2**20:.0f}/{cap / 2**20:.0f} MiB, {len(self.cache.entries)} files"
+        line = f"cache {used / 2**20:.0f}/{cap / 2**20:.0f} MiB, {len(self.cache.entries)} files"
+        if self.fs is not None:
+            writing = sum(1 for of in self.fs.open_files.values() if of.dirty)
+            line += f"; {writing} being written" if writing else ""
+        return line
 
     def status_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"mountpoint": self.cfg.mountpoint, "cache_id": self.cfg.cache_id,

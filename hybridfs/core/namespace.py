@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
@@ -41,6 +41,8 @@ class Namespace:
         self.missing: TTLCache[str, bool] = TTLCache(CACHE_ENTRIES, negative_cache_time)
         self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(4096, dir_cache_time)
         self.pending: dict[str, Stat] = {}
+        self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
+        self._s3_down = False
         self.root_stat = implicit_dir(defaults, time.time_ns())
 
     # -- queries --------------------------------------------------------------------------------------------
@@ -59,12 +61,31 @@ class Namespace:
             raise not_found(path)
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
-        st = await self._fetch(path)
+        try:
+            st = await self._fetch(path)
+        except FsError as exc:
+            fallback = self._fallback(path, exc)
+            if fallback is None:
+                raise
+            return fallback
+        if self._s3_down:
+            self._s3_down = False
+            log.info("S3 answers again")
         if st is None:
             self.missing[path] = True
             raise not_found(path)
         self.remember(path, st)
         return st
+
+    def _fallback(self, path: str, exc: FsError) -> Stat | None:
+        """While S3 is unreachable, the last attributes we saw keep cached files readable (contract 5)."""
+        known = self.last_known.get(path)
+        if exc.errno != errno.EIO or known is None:
+            return None
+        if not self._s3_down:
+            self._s3_down = True
+            log.warning("S3 unreachable (%s); serving last known attributes and cached data", exc.message)
+        return known
 
     def _absent_from_listing(self, path: str) -> bool:
         listing = self.listings.get(parent_of(path))
@@ -126,6 +147,7 @@ class Namespace:
 
     def remember(self, path: str, st: Stat) -> None:
         self.stats[path] = CachedStat(st, time.monotonic())
+        self.last_known[path] = st
         self.missing.pop(path, None)
         if st.is_dir:  # things we remembered as missing below it may exist now (a directory moved here)
             for p in [p for p in list(self.missing.keys()) if p.startswith(path + "/")]:
@@ -137,6 +159,7 @@ class Namespace:
     def forget(self, path: str) -> None:
         """``path`` no longer exists (we deleted or renamed it)."""
         self.stats.pop(path, None)
+        self.last_known.pop(path, None)
         self.pending.pop(path, None)
         self.listings.pop(path, None)
         self.missing[path] = True

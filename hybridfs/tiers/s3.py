@@ -75,7 +75,7 @@ def map_client_error(exc: Exception, what: str) -> FsError:
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         text = f"{what}: S3 said {code or status} ({err.get('Message', '')})"
-        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+        if code in ("NoSuchKey", "NotFound", "404", "NoSuchUpload") or status == 404:
             return FsError(errno.ENOENT, text)
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return FsError(errno.EACCES, text, level=logging.WARNING)
@@ -117,6 +117,7 @@ class CloudStore:
         self.client = client or make_client(settings)
         self.limiter = trio.CapacityLimiter(settings.threads)
         self.limiter_name = "s3"
+        self.pending_aborts: list[tuple[str, str]] = []
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.part_size,
             multipart_chunksize=settings.part_size,
@@ -260,15 +261,34 @@ class CloudStore:
         )
         return _clean_etag(resp["ETag"])
 
-    async def abort_multipart(self, key: str, upload_id: str) -> None:
-        """Abort, best effort and shielded: runs even while the caller is being cancelled."""
+    async def abort_multipart(self, key: str, upload_id: str) -> bool:
+        """Abort, shielded (runs even while the caller is being cancelled). When S3 cannot be reached the
+        upload is remembered and ``retry_aborts`` tries again, so no incomplete upload is left behind."""
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             try:
                 await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
                                  Bucket=self.bucket, Key=key, UploadId=upload_id)
+                return True
             except FsError as exc:
-                log.warning("could not abort multipart upload of %s (%s); a bucket lifecycle rule for "
-                            "incomplete uploads will reclaim it", key, exc)
+                if exc.errno == errno.ENOENT:  # NoSuchUpload: already gone
+                    return True
+                if (key, upload_id) not in self.pending_aborts:
+                    log.warning("could not abort multipart upload of %s (%s); will retry", key, exc)
+                    self.pending_aborts.append((key, upload_id))
+        return False
+
+    async def retry_aborts(self) -> None:
+        """Retry the aborts that failed while S3 was unreachable (called periodically by the mount)."""
+        for key, upload_id in list(self.pending_aborts):
+            try:
+                await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
+                                 Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.debug("abort of %s still failing: %s", key, exc)
+                    return
+            self.pending_aborts.remove((key, upload_id))
+            log.info("aborted the incomplete multipart upload of %s", key)
 
     async def list_multipart_uploads(self, prefix: str) -> list[str]:
         resp = await self._call("ListMultipartUploads", self.client.list_multipart_uploads,
