@@ -46,6 +46,9 @@ def register(subparsers: Any) -> None:
                     "it, as for mount) and print the effective configuration as TOML, secrets masked. Exits "
                     "non-zero with one line naming the key, the value and what is wrong.")
     check.add_argument("file", metavar="FILE", help="TOML config file")
+    check.add_argument("--env-file", metavar="ENVFILE", action="append", default=[],
+                       help="read KEY=VALUE lines into the environment first, as the unit's EnvironmentFile= "
+                            "does (e.g. /etc/hybridfs/NAME.env)")
     add_option_flags(check)
     check.set_defaults(func=run_check)
 
@@ -59,6 +62,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    for path in args.env_file:
+        os.environ.update(read_env_file(path))
     try:
         table = read_config_file(args.file)
         mount_args = argparse.Namespace(**vars(args), config=args.file, source=None, mountpoint=None)
@@ -92,6 +97,28 @@ def run_get(args: argparse.Namespace) -> int:
         value = value[subkey]
     print(value if isinstance(value, str) else toml_value(value))
     return 0
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (comments, blank lines, optional quotes)."""
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise CliError(f"cannot read environment file {path}: {exc.strerror}") from None
+    values = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip().removeprefix("export "), value.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise CliError(f"{path}:{number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
 
 
 def warn(message: str) -> None:
