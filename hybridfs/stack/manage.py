@@ -93,7 +93,7 @@ def _wait_ready(starting: list[_Starting], timeout: float) -> None:
 def _up_line(entry: _Starting, note: str) -> str:
     svc = entry.service
     how = "started" if entry.proc is not None else "already running"
-    ready = f", ready in {entry.ready_after:.1f}s" if entry.proc is not None and entry.ready_after else ""
+    ready = f", ready in {entry.ready_after:.1f}s" if entry.proc is not None and entry.ready_after is not None else ""
     extra = f"  {note}" if note else ""
     return f"{svc.name:<6} up  ({how}, pid {entry.pid}{ready})  {svc.endpoint}{extra}  log {svc.read_log}"
 
