@@ -1,0 +1,210 @@
+"""Results out: JSON (every run kept, medians in ``results``), a Markdown table with ratios, PNG charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hybridfs.bench.machine import one_line
+from hybridfs.bench.plan import BASELINES, TARGETS
+from hybridfs.bench.runner import MetricResult, Results, fmt
+
+COLORS = {"hybridfs": "#d62728", "disk": "#7f7f7f", "boto3": "#1f77b4", "s3fs": "#2ca02c", "rclone": "#ff7f0e"}
+ACK_MARK = "†"
+
+
+def ratio(result: MetricResult, baseline: str) -> float | None:
+    """hybridfs relative to ``baseline``; above 1 means hybridfs is better (for times as for throughput)."""
+    mine, theirs = result.median("hybridfs"), result.median(baseline)
+    if mine is None or theirs is None or mine <= 0 or theirs <= 0:
+        return None
+    return mine / theirs if result.metric.higher_is_better else theirs / mine
+
+
+def _title(result: MetricResult, results: Results) -> str:
+    return result.metric.title.format(entries=results.sizes.list_count)
+
+
+def targets(results: Results) -> list[dict[str, Any]]:
+    by_name = {r.metric.name: r for r in results.metrics}
+    out = []
+    for metric, baseline, minimum in TARGETS:
+        r = by_name.get(metric)
+        value = ratio(r, baseline) if r is not None else None
+        out.append({"metric": metric, "baseline": baseline, "min_ratio": minimum,
+                    "ratio": None if value is None else round(value, 3),
+                    "met": None if value is None else value >= minimum})
+    return out
+
+
+def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str, Any]:
+    workloads = []
+    for r in results.metrics:
+        systems = results.systems
+        workloads.append({
+            "name": r.metric.name,
+            "title": _title(r, results),
+            "unit": r.metric.unit,
+            "higher_is_better": r.metric.higher_is_better,
+            "description": r.description,
+            "results": {s: _round(r.median(s)) for s in systems},
+            "runs": {s: [_round(v) for v in r.runs.get(s, [])] for s in systems},
+            "acked_before_durable": {s: r.acked_before_durable(s) for s in systems if r.runs.get(s)},
+            "ratios": {b: _round(ratio(r, b)) for b in BASELINES if b in systems and "hybridfs" in systems},
+            "notes": {s: "; ".join(n) for s, n in r.notes.items()},
+        })  # fmt: skip
+    return {
+        "machine": machine,
+        "run": {"id": results.run_id, "command": command, "sizes": results.sizes.describe(),
+                "elapsed_seconds": round(results.elapsed, 1), "interrupted": results.interrupted},
+        "workloads": workloads,
+        "targets": targets(results),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    if value is None:
+        return None
+    return float(f"{value:.4g}")
+
+
+def markdown(results: Results, machine: dict[str, Any], command: str, chart: str | None) -> str:
+    systems = results.systems
+    baselines = [b for b in BASELINES if b in systems] if "hybridfs" in systems else []
+    footnotes: list[str] = []
+
+    def footnote(text: str) -> str:
+        if text not in footnotes:
+            footnotes.append(text)
+        return f"[{footnotes.index(text) + 1}]"
+
+    lines = [
+        f"Command: `{command}` ({results.sizes.mode}; {results.elapsed / 60:.1f} min"
+        + (f"; INTERRUPTED: {results.interrupted}" if results.interrupted else "") + ")",
+        "",
+        f"Machine: {one_line(machine)}.",
+        "",
+        f"Sizes: {results.sizes.summary()}. Values are medians of the runs; MB/s = 10^6 bytes/s. "
+        f"Ratios are hybridfs relative to the baseline (above 1 = hybridfs better, for times too). "
+        f"{ACK_MARK} = close() returned before S3 held the data (write-back).",
+        "",
+    ]
+    head = ["Workload", "Unit", *systems, *(f"vs {b}" for b in baselines)]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
+    for r in results.metrics:
+        cells = [_title(r, results), r.metric.unit]
+        for s in systems:
+            median = r.median(s)
+            if median is None:
+                why = "; ".join(r.notes.get(s, [])) or "not measured"
+                cells.append("n/a " + footnote(f"{s}: {why}"))
+            else:
+                cells.append(fmt(median) + (f" {ACK_MARK}" if r.acked_before_durable(s) else ""))
+        for b in baselines:
+            value = ratio(r, b)
+            cells.append("" if value is None else f"{value:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    extra = [(r, s, n) for r in results.metrics for s, notes in r.notes.items() for n in notes
+             if r.median(s) is not None]
+    if footnotes or extra:
+        lines.append("")
+        lines += [f"{i + 1}. {text}" for i, text in enumerate(footnotes)]
+        lines += [f"- {r.metric.name}, {s}: {n}" for r, s, n in extra]
+    tgt = targets(results)
+    if any(t["ratio"] is not None for t in tgt):
+        lines += ["", "Targets (issue 6):", ""]
+        for t in tgt:
+            if t["ratio"] is None:
+                verdict = "not measured"
+            else:
+                verdict = f"{t['ratio']:.2f}x - {'met' if t['met'] else 'SHORT'}"
+            lines.append(f"- {t['metric']} >= {t['min_ratio']:g}x {t['baseline']}: {verdict}")
+    if chart:
+        lines += ["", f"![benchmark results]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+def charts(results: Results, out_dir: Path) -> list[Path]:
+    """bench.png: one panel per metric, a bar per system; ratios.png: hybridfs / each baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    metrics = [r for r in results.metrics if any(r.median(s) is not None for s in results.systems)]
+    if metrics:
+        cols = min(4, len(metrics))
+        rows = math.ceil(len(metrics) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, r in zip(axes.flat, metrics, strict=False):
+            values = [r.median(s) for s in results.systems]
+            heights = [v or 0.0 for v in values]
+            bars = ax.bar(results.systems, heights, color=[COLORS.get(s, "#333") for s in results.systems])
+            top = max(heights) or 1.0
+            for bar, value, system in zip(bars, values, results.systems, strict=True):
+                label = "n/a" if value is None else fmt(value)
+                if value is not None and r.acked_before_durable(system):
+                    label += ACK_MARK
+                ax.text(bar.get_x() + bar.get_width() / 2, (value or 0) + top * 0.02, label, ha="center",
+                        va="bottom", fontsize=7)
+            ax.set_title(f"{_title(r, results)}\n[{r.metric.unit}, {'higher' if r.metric.higher_is_better else 'lower'}"
+                         " is better]", fontsize=8)
+            ax.set_ylim(0, top * 1.18)
+            ax.tick_params(axis="x", labelsize=7, rotation=30)
+            ax.tick_params(axis="y", labelsize=7)
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.axis("off")
+        fig.suptitle(f"hybridfs bench ({results.sizes.mode}): medians of {results.sizes.runs} runs", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / "bench.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    baselines = [b for b in BASELINES if b in results.systems] if "hybridfs" in results.systems else []
+    rows_r = [(r, {b: ratio(r, b) for b in baselines}) for r in results.metrics]
+    rows_r = [(r, v) for r, v in rows_r if any(x is not None for x in v.values())]
+    if rows_r:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows_r) * max(1, len(baselines)) / 2 + 1.5))
+        height = 0.8 / max(1, len(baselines))
+        for i, b in enumerate(baselines):
+            ys = [k + i * height for k in range(len(rows_r))]
+            xs = [v[b] or 0.0 for _, v in rows_r]
+            ax.barh(ys, xs, height=height, color=COLORS[b], label=f"vs {b}")
+        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(rows_r))])
+        ax.set_yticklabels([r.metric.name for r, _ in rows_r], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("hybridfs relative to baseline (log scale; right of 1 = hybridfs better)", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "ratios.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def write_all(results: Results, machine: dict[str, Any], command: str, out_dir: Path,
+              json_path: Path | None) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    json_path = json_path or out_dir / "results.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(to_json(results, machine, command), indent=2) + "\n")
+    written["json"] = json_path
+    try:
+        pngs = charts(results, out_dir)
+    except ImportError:
+        pngs = []  # matplotlib is in the `bench` extra
+    for p in pngs:
+        written[p.stem] = p
+    md = out_dir / "results.md"
+    md.write_text(markdown(results, machine, command, "bench.png" if pngs else None))
+    written["markdown"] = md
+    return written
+

@@ -1,0 +1,296 @@
+"""Runs the selected workloads against every system, several times each, and collects every run.
+
+One line of progress per workload and system. Whatever happens (an error, Ctrl-C, SIGTERM) the mounts are
+unmounted, the S3 prefixes and Kafka topics of this run are deleted and the scratch data removed; the results
+gathered so far are still returned (marked interrupted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from hybridfs.bench import s3 as s3util
+from hybridfs.bench.mounts import FuseMount, HybridfsMount, MountError, RcloneMount, S3fsMount
+from hybridfs.bench.plan import Metric, Sizes, Workload
+from hybridfs.bench.workloads import METRIC_NA, Boto3Subject, Env, FsSubject, NotAvailable, Outcome, Subject
+from hybridfs.stack.config import KAFKA_BOOTSTRAP
+
+log = logging.getLogger("hybridfs.bench")
+
+METHODS: dict[str, str] = {
+    "seq-write-1file": "seq_write_1file",
+    "seq-write-many": "seq_write_many",
+    "seq-read-warm": "seq_read_warm",
+    "rand-read-warm": "rand_read_warm",
+    "small-files": "small_files",
+    "seq-read-cold": "seq_read_cold",
+    "list-dir": "list_dir",
+    "hydrate-evict": "hydrate_evict",
+}
+
+
+@dataclass
+class MetricResult:
+    metric: Metric
+    description: str
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    acked_early: dict[str, list[bool]] = field(default_factory=dict)  # per system, per run
+
+    def median(self, system: str) -> float | None:
+        values = self.runs.get(system)
+        return statistics.median(values) if values else None
+
+    def acked_before_durable(self, system: str) -> bool:
+        return any(self.acked_early.get(system, []))
+
+    def note(self, system: str, text: str) -> None:
+        notes = self.notes.setdefault(system, [])
+        if text not in notes:
+            notes.append(text)
+
+
+@dataclass
+class Results:
+    sizes: Sizes
+    systems: list[str]
+    metrics: list[MetricResult]
+    started: float
+    elapsed: float = 0.0
+    interrupted: str | None = None
+    run_id: str = ""
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does: through the cleanup."""
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Cleanup must finish: ignore further Ctrl-C/SIGTERM while it runs (every step is time-bounded)."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+class Runner:
+    def __init__(self, sizes: Sizes, workloads: list[Workload], systems: list[str], out_dir: Path, work_dir: Path,
+                 *, keep: bool = False, out: TextIO = sys.stdout) -> None:
+        self.sizes = sizes
+        self.workloads = workloads
+        self.systems = systems
+        self.out_dir = out_dir
+        self.work_dir = work_dir
+        self.keep = keep
+        self.out = out
+        self.run_id = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.logs = out_dir / "logs"
+        self.subjects: list[Subject] = []
+        self.broken: dict[str, str] = {}  # system -> why it cannot run any more (its mount failed)
+
+    def say(self, text: str, end: str = "\n") -> None:
+        print(text, end=end, file=self.out, flush=True)
+
+    # -- setup
+
+    def _make_subjects(self, env: Env) -> list[Subject]:
+        subjects: list[Subject] = []
+        cache_size = 4 * (self.sizes.big_file + self.sizes.many_count * self.sizes.many_size) + 2 * 1024**3
+        for name in self.systems:
+            base = self.work_dir / name
+            prefix = f"{self.run_id}/{name}"
+            mount: FuseMount | None = None
+            if name == "hybridfs":
+                mount = HybridfsMount(base, prefix, self.logs, topic_prefix=self.run_id, cache_size=cache_size)
+            elif name == "s3fs":
+                mount = S3fsMount(base, prefix, self.logs)
+            elif name == "rclone":
+                mount = RcloneMount(base, prefix, self.logs)
+            if mount is not None:
+                why = mount.available()
+                if why:
+                    self.broken[name] = why
+                # s3fs wants the prefix to exist as a directory; a marker is what every tool here writes.
+                env.s3.put_object(Bucket=s3util.BUCKET, Key=f"{prefix}/", Body=b"")
+                subjects.append(FsSubject(env, name, base / "mnt", mount))
+            elif name == "disk":
+                subjects.append(FsSubject(env, name, base / "files"))
+            elif name == "boto3":
+                subjects.append(Boto3Subject(env, prefix, base))
+        return subjects
+
+    # -- the run
+
+    def run(self) -> Results:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        results = Results(self.sizes, self.systems, [], time.time(), run_id=self.run_id)
+        for w in self.workloads:
+            for m in w.metrics:
+                results.metrics.append(MetricResult(m, w.description(self.sizes)))
+        env = Env(self.sizes, s3util.client(), self.out_dir / "fio")
+        env.scratch.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        total = len(self.workloads) * len(self.systems)
+        step = 0
+        try:
+            with _signals_interrupt():
+                self.subjects = self._make_subjects(env)
+                for workload in self.workloads:
+                    for subject in self.subjects:
+                        step += 1
+                        self._run_one(workload, subject, results, f"[{step:2d}/{total}]")
+        except KeyboardInterrupt as exc:
+            results.interrupted = str(exc) or "SIGINT"
+            self.say(f"\ninterrupted ({results.interrupted}): cleaning up")
+        finally:
+            with _shielded():
+                self._cleanup(env)
+            results.elapsed = time.monotonic() - t0
+        return results
+
+    def _run_one(self, workload: Workload, subject: Subject, results: Results, counter: str) -> None:
+        name = subject.name
+        mine = [r for r in results.metrics if r.metric in workload.metrics]
+        self.say(f"{counter} {workload.name:<16} {name:<9}", end="")
+        started = time.monotonic()
+        if name in self.broken:
+            for r in mine:
+                r.note(name, self.broken[name])
+            self.say(f"n/a: {self.broken[name]}")
+            return
+        method: Callable[[int], Outcome] = getattr(subject, METHODS[workload.name])
+        try:
+            for run in range(self.sizes.runs):
+                outcome = method(run)
+                self._record(mine, name, outcome)
+                self.say(".", end="")
+        except NotAvailable as exc:
+            for r in mine:
+                r.note(name, str(exc))
+            self.say(f" n/a: {exc}")
+            return
+        except MountError as exc:
+            self.broken[name] = f"mount failed: {exc}"
+            for r in mine:
+                r.note(name, self.broken[name])
+            log.error("%s %s: %s", workload.name, name, exc)
+            self.say(f" error: {exc}")
+            return
+        except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+            log.exception("%s on %s failed", workload.name, name)
+            for r in mine:
+                r.note(name, f"failed: {exc}")
+            self.say(f" error: {exc}")
+            return
+        for r in mine:
+            if name not in r.runs:
+                r.note(name, METRIC_NA.get((name, r.metric.name), "not measured"))
+        self.say(" " + self._summary(mine, name) + f"  ({time.monotonic() - started:.1f}s)")
+
+    @staticmethod
+    def _record(mine: list[MetricResult], system: str, outcome: Outcome) -> None:
+        for r in mine:
+            value = outcome.values.get(r.metric.name)
+            if value is None:
+                continue
+            r.runs.setdefault(system, []).append(value)
+            r.acked_early.setdefault(system, []).append(r.metric.name in outcome.acked_early)
+        for note in outcome.notes:
+            mine[0].note(system, note)
+
+    @staticmethod
+    def _summary(mine: list[MetricResult], system: str) -> str:
+        parts = []
+        for i, r in enumerate(mine):
+            median = r.median(system)
+            if median is None:
+                continue
+            mark = " (acked before durable)" if r.acked_before_durable(system) else ""
+            text = f"{r.metric.name} {fmt(median)} {r.metric.unit}{mark}"
+            if i == 0:
+                runs = "/".join(fmt(v) for v in r.runs[system])
+                text += f" [runs {runs}]"
+            parts.append(text)
+        return "; ".join(parts)
+
+    # -- cleanup
+
+    def _cleanup(self, env: Env) -> None:
+        for subject in self.subjects:
+            try:
+                subject.close()
+            except Exception:  # cleanup carries on whatever one step does
+                log.exception("stopping %s", subject.name)
+        mounts = [s.mount for s in self.subjects if isinstance(s, FsSubject) and s.mount is not None]
+        still = [str(m.mountpoint) for m in mounts if m.mounted]
+        if still:
+            self.say(f"warning: still mounted: {', '.join(still)}")
+        if self.keep:
+            self.say(f"kept: data under s3://{s3util.BUCKET}/{self.run_id}/ and {self.work_dir}")
+            return
+        try:
+            deleted = s3util.delete_prefix(env.s3, f"{self.run_id}/")
+            log.info("deleted %d objects under %s/", deleted, self.run_id)
+        except Exception as exc:
+            self.say(f"warning: could not delete s3://{s3util.BUCKET}/{self.run_id}/: {exc}")
+        topics = [t for s in self.subjects if isinstance(s, FsSubject) and isinstance(s.mount, HybridfsMount)
+                  for t in s.mount.topics_used]
+        delete_topics(topics)
+        if not still:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def delete_topics(prefixes: list[str]) -> None:
+    """Best effort: the Kafka topics the bench's mounts created."""
+    if not prefixes:
+        return
+    try:
+        from confluent_kafka.admin import AdminClient
+
+        from hybridfs.events.schema import topic_names
+
+        names = [t for p in prefixes for t in topic_names(p)]
+        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP, "log_level": 3})
+        existing = set(admin.list_topics(timeout=10).topics)
+        doomed = [t for t in names if t in existing]
+        if doomed:
+            for future in admin.delete_topics(doomed, operation_timeout=10).values():
+                with contextlib.suppress(Exception):
+                    future.result(timeout=15)
+    except Exception as exc:
+        log.info("could not delete the bench's Kafka topics: %s", exc)
+
+
+def fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
