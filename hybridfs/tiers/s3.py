@@ -227,9 +227,17 @@ class CloudStore:
         return info
 
     async def download_file(self, key: str, etag: str, path: str) -> None:
-        """Download one version of an object to ``path`` (parallel ranges for large objects)."""
-        await self._call(f"GET {key}", self.client.download_file, self.bucket, key, path,
-                         ExtraArgs={"IfMatch": f'"{etag}"'}, Config=self.transfer_config)
+        """Download exactly version ``etag`` of an object to ``path`` (ESTALE when it changed).
+
+        One streamed GET with If-Match: s3transfer's parallel download cannot pin the version.
+        """
+        def fetch() -> None:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
+            with open(path, "wb") as out:
+                for block in resp["Body"].iter_chunks(1024 * 1024):
+                    out.write(block)
+
+        await self._call(f"GET {key}", fetch)
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str]) -> None:
         """Server-side copy with new metadata; s3transfer switches to multipart copy above 5 GiB."""
