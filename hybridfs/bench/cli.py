@@ -45,6 +45,8 @@ def register(subparsers: Any) -> None:
                         help="scratch space on the cache disk: caches and baseline files (default OUT/work; "
                              "removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the S3 objects and scratch data afterwards")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only re-render results.md and the charts from an earlier JSON (into --out or its dir)")
     parser.add_argument("--no-stack", action="store_true", help="do not run `hybridfs stack up` (already running)")
     parser.set_defaults(func=run)
 
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from hybridfs.bench.report import write_all
     from hybridfs.bench.runner import Runner
 
+    if args.report:
+        return rerender(Path(args.report), Path(args.out) if args.out else None)
     sizes = plan.TINY if args.tiny else plan.QUICK if args.quick else plan.FULL
     if args.runs is not None:
         if args.runs < 1:
@@ -127,3 +131,22 @@ def _log_to_file(path: Path) -> None:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # the progress lines are the console output; details go to bench.log
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def rerender(json_path: Path, out_dir: Path | None) -> int:
+    import json
+
+    from hybridfs.bench.report import charts, from_json, markdown
+
+    try:
+        data = json.loads(json_path.read_text())
+        results, machine, command = from_json(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read results from {json_path}: {exc}") from None
+    out_dir = (out_dir or json_path.parent).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = charts(results, out_dir)
+    md = out_dir / "results.md"
+    md.write_text(markdown(results, machine, command, "bench.png" if pngs else None))
+    print(f"wrote {md}" + "".join(f", {p}" for p in pngs))
+    return 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 from hybridfs.bench.machine import one_line
-from hybridfs.bench.plan import BASELINES, TARGETS
+from hybridfs.bench.plan import BASELINES, METRICS, TARGETS, Metric, Sizes
 from hybridfs.bench.runner import MetricResult, Results, fmt
 
 COLORS = {"hybridfs": "#d62728", "disk": "#7f7f7f", "boto3": "#1f77b4", "s3fs": "#2ca02c", "rclone": "#ff7f0e"}
@@ -52,6 +53,7 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
             "results": {s: _round(r.median(s)) for s in systems},
             "runs": {s: [_round(v) for v in r.runs.get(s, [])] for s in systems},
             "acked_before_durable": {s: r.acked_before_durable(s) for s in systems if r.runs.get(s)},
+            "durability_lag_seconds": {s: [round(v, 3) for v in lags] for s, lags in r.lags.items()},
             "ratios": {b: _round(ratio(r, b)) for b in BASELINES if b in systems and "hybridfs" in systems},
             "notes": {s: "; ".join(n) for s, n in r.notes.items()},
         })  # fmt: skip
@@ -67,7 +69,7 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
 def _round(value: float | None) -> float | None:
     if value is None:
         return None
-    return float(f"{value:.4g}")
+    return float(f"{value:.6g}")
 
 
 def markdown(results: Results, machine: dict[str, Any], command: str, chart: str | None) -> str:
@@ -109,6 +111,8 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
         lines.append("| " + " | ".join(cells) + " |")
     extra = [(r, s, n) for r in results.metrics for s, notes in r.notes.items() for n in notes
              if r.median(s) is not None]
+    extra += [(r, s, f"close() returned {statistics.median(lags):.2f}s (median) before S3 held the data")
+              for r in results.metrics for s, lags in r.lags.items() if r.acked_before_durable(s)]
     if footnotes or extra:
         lines.append("")
         lines += [f"{i + 1}. {text}" for i, text in enumerate(footnotes)]
@@ -142,18 +146,27 @@ def charts(results: Results, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
         for ax, r in zip(axes.flat, metrics, strict=False):
             values = [r.median(s) for s in results.systems]
-            heights = [v or 0.0 for v in values]
-            bars = ax.bar(results.systems, heights, color=[COLORS.get(s, "#333") for s in results.systems])
-            top = max(heights) or 1.0
+            present = [v for v in values if v]
+            top = max(present, default=1.0)
+            log_scale = bool(present) and top / min(present) > 30  # e.g. the bare disk next to S3
+            if log_scale:
+                ax.set_yscale("log")
+                floor = min(present) / 3
+                ax.set_ylim(floor, top * 5)
+            else:
+                floor = 0.0
+                ax.set_ylim(0, top * 1.18)
+            bars = ax.bar(results.systems, [(v or floor) - floor for v in values], bottom=floor,
+                          color=[COLORS.get(s, "#333") for s in results.systems])
             for bar, value, system in zip(bars, values, results.systems, strict=True):
                 label = "n/a" if value is None else fmt(value)
                 if value is not None and r.acked_before_durable(system):
                     label += ACK_MARK
-                ax.text(bar.get_x() + bar.get_width() / 2, (value or 0) + top * 0.02, label, ha="center",
-                        va="bottom", fontsize=7)
-            ax.set_title(f"{_title(r, results)}\n[{r.metric.unit}, {'higher' if r.metric.higher_is_better else 'lower'}"
-                         " is better]", fontsize=8)
-            ax.set_ylim(0, top * 1.18)
+                y = (value or floor) * 1.15 if log_scale else (value or 0) + top * 0.02
+                ax.text(bar.get_x() + bar.get_width() / 2, y, label, ha="center", va="bottom", fontsize=7)
+            better = "higher" if r.metric.higher_is_better else "lower"
+            scale = ", log scale" if log_scale else ""
+            ax.set_title(f"{_title(r, results)}\n[{r.metric.unit}, {better} is better{scale}]", fontsize=8)
             ax.tick_params(axis="x", labelsize=7, rotation=30)
             ax.tick_params(axis="y", labelsize=7)
         for ax in list(axes.flat)[len(metrics):]:
@@ -208,3 +221,27 @@ def write_all(results: Results, machine: dict[str, Any], command: str, out_dir: 
     written["markdown"] = md
     return written
 
+
+
+def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any], str]:
+    """Rebuild what ``to_json`` wrote (for ``hybridfs bench --report FILE``: re-render without re-running)."""
+    run = data["run"]
+    sz = run["sizes"]
+    sizes = Sizes(mode=sz["mode"], runs=sz["runs"], big_file=sz["big_file_bytes"], many_count=sz["many_files"],
+                  many_size=sz["many_file_bytes"], small_count=sz["small_files"], small_size=sz["small_file_bytes"],
+                  list_count=sz["list_entries"], randread_seconds=sz["randread_seconds"], block=sz["block_bytes"])
+    known = {m.name: m for m in METRICS}
+    metrics = []
+    systems: list[str] = []
+    for w in data["workloads"]:
+        metric = known.get(w["name"]) or Metric(w["name"], w["unit"], w.get("title", w["name"]))
+        r = MetricResult(metric, w.get("description", ""))
+        r.runs = {s: list(v) for s, v in w.get("runs", {}).items() if v}
+        r.notes = {s: [n] for s, n in w.get("notes", {}).items() if n}
+        r.lags = {s: list(v) for s, v in w.get("durability_lag_seconds", {}).items()}
+        r.acked_early = {s: [bool(flag)] for s, flag in w.get("acked_before_durable", {}).items()}
+        systems += [s for s in w.get("results", {}) if s not in systems]
+        metrics.append(r)
+    results = Results(sizes, systems, metrics, started=0.0, elapsed=run.get("elapsed_seconds", 0.0),
+                      interrupted=run.get("interrupted"), run_id=run.get("id", ""))
+    return results, data["machine"], run.get("command", "hybridfs bench")

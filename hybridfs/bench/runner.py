@@ -47,6 +47,7 @@ class MetricResult:
     runs: dict[str, list[float]] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     acked_early: dict[str, list[bool]] = field(default_factory=dict)  # per system, per run
+    lags: dict[str, list[float]] = field(default_factory=dict)  # per system, per run: close() -> in S3 (s)
 
     def median(self, system: str) -> float | None:
         values = self.runs.get(system)
@@ -221,6 +222,8 @@ class Runner:
                 continue
             r.runs.setdefault(system, []).append(value)
             r.acked_early.setdefault(system, []).append(r.metric.name in outcome.acked_early)
+            if r.metric.name in outcome.lag:
+                r.lags.setdefault(system, []).append(outcome.lag[r.metric.name])
         for note in outcome.notes:
             mine[0].note(system, note)
 
@@ -231,7 +234,9 @@ class Runner:
             median = r.median(system)
             if median is None:
                 continue
-            mark = " (acked before durable)" if r.acked_before_durable(system) else ""
+            mark = ""
+            if r.acked_before_durable(system):
+                mark = f" (acked {statistics.median(r.lags[system]):.1f}s before durable)"
             text = f"{r.metric.name} {fmt(median)} {r.metric.unit}{mark}"
             if i == 0:
                 runs = "/".join(fmt(v) for v in r.runs[system])

@@ -46,6 +46,7 @@ class Outcome:
     values: dict[str, float]
     acked_early: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    lag: dict[str, float] = field(default_factory=dict)  # metric -> seconds from close() until S3 held the data
 
 
 @dataclass
@@ -177,9 +178,9 @@ class FsSubject(Subject):
             expected = {self.key(n): size for n in names}
             durable, at_once = s3util.wait_durable(self.env.s3, expected, self.key(rel_dir) + "/")
             out.values["durable"] = mb_per_s(total, durable - start)
+            out.lag["ack"] = durable - acked
             if not at_once:
                 out.acked_early.add("ack")
-                out.notes.append(f"S3 held the data {durable - acked:.2f}s after close() returned")
         return out
 
     def _keep_only(self, rel_dir: str, previous: str | None) -> None:
@@ -288,9 +289,9 @@ class FsSubject(Subject):
             expected = {self.key(f"{rel}/{name}"): sizes.small_size for name in names}
             durable, at_once = s3util.wait_durable(self.env.s3, expected, self.key(rel) + "/")
             out.values["small-create-durable"] = n / (durable - start)
+            out.lag["small-create"] = durable - acked
             if not at_once:
                 out.acked_early.add("small-create")
-                out.notes.append(f"S3 held every file {durable - acked:.2f}s after the last close()")
         t = time.monotonic()
         for name in names:
             os.stat(d / name)
@@ -383,7 +384,8 @@ def wait_states(paths: list[Path], want: str, timeout: float = STATE_TIMEOUT) ->
 
 def _rename(out: Outcome, metric: str) -> Outcome:
     names = {"ack": metric, "durable": f"{metric}-durable"}
-    return Outcome({names[k]: v for k, v in out.values.items()}, {names[k] for k in out.acked_early}, out.notes)
+    return Outcome({names[k]: v for k, v in out.values.items()}, {names[k] for k in out.acked_early}, out.notes,
+                   {names[k]: v for k, v in out.lag.items()})
 
 
 class Boto3Subject(Subject):
