@@ -140,6 +140,7 @@ def test_readahead_widens_for_sequential_and_stays_narrow_for_random() -> None:
                                  nursery)  # type: ignore[arg-type]
             got = b"".join([await reader.read(off, 1024) for off in range(0, 8 * 1024, 1024)])
             assert got == data[:8 * 1024]
+            await trio.testing.wait_all_tasks_blocked()
             assert len(store.calls) > 8  # fetched ahead of the reader
             store.calls.clear()
             assert await reader.read(30 * 1024 + 7, 10) == data[30 * 1024 + 7:30 * 1024 + 17]

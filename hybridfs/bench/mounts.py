@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -73,7 +74,8 @@ class FuseMount:
 
     @property
     def mounted(self) -> bool:
-        return os.path.ismount(self.mountpoint)
+        """Attached, answering or not (a crashed FUSE process leaves a mount that stat() cannot see)."""
+        return is_mounted(self.mountpoint)
 
     def start(self) -> None:
         for d in (self.mountpoint, self.cache_dir):
@@ -89,10 +91,8 @@ class FuseMount:
                                          env=env, start_new_session=True)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while time.monotonic() < deadline:
-            if self.mounted:
-                with contextlib.suppress(OSError):
-                    os.stat(self.mountpoint)
-                    return
+            if os.path.ismount(self.mountpoint):  # attached and answering
+                return
             status = self.proc.poll()
             if status is not None:
                 self.proc = None
@@ -140,6 +140,19 @@ class FuseMount:
         if cold:
             self.wipe_cold()
         self.start()
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            return any(_unescape(line.split()[4]) == target for line in fh)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:

@@ -281,6 +281,7 @@ class TeeFile:
         self.cache = cache
         self.path: Path | None = None
         self._fd: int | None = None
+        self._open_lock = threading.Lock()
         self.failed: str | None = None if cache.available else f"cache unavailable ({cache.unavailable_reason})"
         self.written = 0
 
@@ -296,9 +297,10 @@ class TeeFile:
             await self.discard(f"{os.strerror(exc.errno or 5)} writing {self.path}")
 
     def _write_sync(self, offset: int, data: bytes) -> None:
-        if self._fd is None:
-            self.path = self.cache.new_temp_path()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with self._open_lock:  # parts are teed from several threads at once: open the file exactly once
+            if self._fd is None:
+                self.path = self.cache.new_temp_path()
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         written = os.pwrite(self._fd, data, offset)
         if written != len(data):
             raise OSError(28, "short write")
