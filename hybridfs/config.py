@@ -133,7 +133,7 @@ class MountConfig:
     s3_connect_timeout: float = _opt(5.0, "seconds to connect to S3")
     s3_read_timeout: float = _opt(30.0, "seconds to wait for S3 data")
     part_size: int = _opt(8 * 1024**2, "multipart upload part size, e.g. 8M", kind="size")
-    max_inflight_parts: int = _opt(4, "parts of one file uploading at once (bounds memory per writer)")
+    max_inflight_parts: int = _opt(8, "parts of one file uploading at once (bounds memory per writer)")
     write_timeout: float = _opt(60.0, "seconds after which close()/fsync() of an unfinished upload returns EIO")
     read_chunk_size: int = _opt(4 * 1024**2, "ranged GET size for cache misses", kind="size")
     readahead_chunks: int = _opt(8, "chunks fetched ahead of a sequential reader")
