@@ -86,11 +86,13 @@ def run_get(args: argparse.Namespace) -> int:
         cfg = from_mapping(read_config_file(args.file)).resolved()
     except ConfigError as exc:
         raise CliError(one_line(str(exc))) from None
-    if not hasattr(cfg, name) or (subkey and not isinstance(getattr(cfg, name), dict)):
+    value = getattr(cfg, name, None)
+    if value is None or (subkey and not isinstance(value, dict)):
         raise CliError(f"{args.key}: unknown option")
-    if is_secret(name, subkey) or (is_secret(name) and not subkey):
+    if isinstance(value, dict) and not subkey:
+        raise CliError(f"{args.key}: a table; ask for one entry, e.g. {name}.{next(iter(value), 'NAME')}")
+    if is_secret(name, subkey):
         raise CliError(f"{args.key}: holds secrets; not printed")
-    value = getattr(cfg, name)
     if subkey:
         if subkey not in value:
             raise CliError(f"{args.key}: not set in {args.file}")
