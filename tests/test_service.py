@@ -556,3 +556,61 @@ def test_exec_stop_post_detaches_a_dead_mount(run_service: Any) -> None:
     # After a clean stop there is nothing to detach: the command fails, which its "-" prefix ignores.
     again = subprocess.run([*svc.sandbox(), *argv], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0
+
+
+# -- /etc/fstab
+
+
+HELPER = REPO / "systemd" / "mount.hybridfs"
+
+
+def test_fstab_helper_mounts_in_the_background(stack: Stack, prefix: str, topic_prefix: str, s3: Any,
+                                               tmp_path: Path) -> None:
+    """mount(8) runs `mount.hybridfs SOURCE DIR -o OPTIONS` for an fstab line of type hybridfs."""
+    mnt, cache, state = tmp_path / "mnt", tmp_path / "cache", tmp_path / "state"
+    for directory in (mnt, cache, state):
+        directory.mkdir()
+    config = tmp_path / "fstab.toml"
+    config.write_text(f'[mount]\ncache_dir = "{cache}"\nkafka = "{stack.bootstrap}"\n')
+    env = {**os.environ, "HYBRIDFS": str(VENV_HYBRIDFS)}
+    env.pop("JOURNAL_STREAM", None)
+    source = f"s3://{stack.bucket}/{prefix}"
+    options = (f"rw,noatime,_netdev,nofail,x-systemd.automount,config={config},state_dir={state},"
+               f"topic_prefix={topic_prefix},cache_size=256M,allow_other")
+
+    fake = subprocess.run([str(HELPER), source, str(mnt), "-f", "-o", options], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert fake.returncode == 0 and not is_mounted(mnt)
+    ro = subprocess.run([str(HELPER), source, str(mnt), "-o", "ro"], env=env, capture_output=True, text=True,
+                        timeout=30)
+    assert ro.returncode != 0 and "read-only mounts are not supported" in ro.stderr
+
+    result = subprocess.run([str(HELPER), source, str(mnt), "-n", "-o", options], env=env, capture_output=True,
+                            text=True, timeout=MOUNT_TIMEOUT + 30)
+    pid_match = re.search(r"\(pid (\d+),", result.stdout)
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert is_mounted(mnt) and pid_match, result.stdout
+        (mnt / "via-fstab.txt").write_bytes(b"mounted from fstab\n")
+        body = s3.get_object(Bucket=stack.bucket, Key=f"{prefix}/via-fstab.txt")["Body"].read()
+        assert body == b"mounted from fstab\n"
+        log_text = (state / "mount.log").read_text()
+        assert f"(cache {cache}, {256 * MiB} bytes;" in log_text  # the file and the options both applied
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+    assert pid_match is not None
+    pid = int(pid_match.group(1))
+    wait_until(lambda: not _alive(pid), timeout=30, message=f"the background mount (pid {pid}) to exit")
+    log_text = (state / "mount.log").read_text()
+    assert "unmounted" in log_text
+    assert not re.search(r"^\S+ (WARNING|ERROR|CRITICAL) ", log_text, re.MULTILINE), log_text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
