@@ -115,6 +115,24 @@ def test_rename_file_and_directory(mounted: Mount, s3: Any) -> None:
     assert not (mounted.path / "a").exists()
 
 
+def test_rename_while_writing(mounted: Mount, s3: Any) -> None:
+    first, tail = os.urandom(9 * 1024 * 1024), b"tail"
+    (mounted.path / "dir").mkdir()
+    with open(mounted.path / "dir" / "f", "wb") as fh:
+        fh.write(first)  # one part is already uploading to dir/f
+        os.rename(mounted.path / "dir", mounted.path / "dir2")
+        fh.write(tail)
+    assert s3_bytes(s3, mounted, "dir2/f") == first + tail
+    assert "Contents" not in s3.list_objects_v2(Bucket=mounted.bucket, Prefix=f"{mounted.prefix}/dir/")
+    with open(mounted.path / "g", "wb") as fh:
+        fh.write(first)
+        os.rename(mounted.path / "g", mounted.path / "h")
+        fh.write(tail)
+    assert s3_bytes(s3, mounted, "h") == first + tail
+    assert not (mounted.path / "g").exists()
+    assert (mounted.path / "h").read_bytes() == first + tail
+
+
 def test_attributes_persist(mounted: Mount, s3: Any) -> None:
     f = mounted.path / "m"
     f.write_bytes(b"data")

@@ -375,18 +375,18 @@ class Filesystem:
         old_key, new_key = self.keys.key(old), self.keys.key(new)
         node = self.inodes.existing(old)
         of = self.open_files.get(node.ino) if node is not None else None
-        if old in self.ns.pending:  # never uploaded: nothing to copy in S3
-            self.ns.set_pending(new, self.ns.pending[old])
-        else:
-            if of is not None and of.dirty:
-                await self._flush_file(of)  # S3 must hold the current bytes before we copy them
-                src = of.stat
-            await self.store.copy(old_key, new_key, metadata_for(src))
-            await self.store.delete(old_key)
-            info = await self.store.head(new_key)
-            self.ns.remember(new, src.with_(etag=info.etag if info else src.etag))
-        if of is not None and of.writer is not None:
-            of.writer.key = new_key
+        if of is not None and of.dirty:
+            # S3 must hold the current bytes before we copy them (this also ends a streamed upload, whose
+            # multipart upload is bound to the old key).
+            await self._flush_file(of)
+            src = of.stat
+        await self.store.copy(old_key, new_key, metadata_for(src))
+        await self.store.delete(old_key)
+        info = await self.store.head(new_key)
+        moved = src.with_(etag=info.etag if info else src.etag)
+        self.ns.remember(new, moved)
+        if of is not None:
+            of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
             await self.store.delete(self.keys.dir_prefix(new))
         await self.cache.rename(old_key, new_key)
@@ -593,8 +593,19 @@ class Filesystem:
         writer = of.writer
         if writer is None:  # created and never written: an empty object
             writer = self._stream_writer(of, key)
-        writer.key = key
+        moved_from = None
+        if isinstance(writer, StreamWriter) and writer.parts_started and writer.key != key:
+            moved_from = writer.key  # its directory was renamed mid-upload: finish there, then move it
+        else:
+            writer.key = key
         done = await writer.finish(metadata_for(st))
+        if moved_from is not None:
+            await self.store.copy(moved_from, key, metadata_for(st))
+            await self.store.delete(moved_from)
+            info = await self.store.head(key)
+            done = Uploaded(info.etag if info else done.etag, done.size, False)
+            await self.cache.remove(moved_from)
+            self.ask_hydration(key, done.etag, done.size, "moved")
         if isinstance(writer, StreamWriter):
             of.writer = None
         of.created = False
