@@ -26,7 +26,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,7 +265,7 @@ def write_config(svc: Service, stack: Stack, prefix: str, topic_prefix: str, ext
     svc.config_path.chmod(0o600)
 
 
-def start(svc: Service, stack: Stack, prefix: str, topic_prefix: str) -> Running:
+def start(svc: Service, stack: Stack, prefix: str, topic_prefix: str, wrapper: Sequence[str] = ()) -> Running:
     """Run ExecStart= as systemd would and wait for READY=1 (or the process to die)."""
     mountpoint = svc.root / "mnt"
     notify = NotifyListener(svc.root, mountpoint)
@@ -274,12 +274,12 @@ def start(svc: Service, stack: Stack, prefix: str, topic_prefix: str) -> Running
     with open(log_path, "ab") as log:
         log.write(f"==> {shlex.join(argv)}\n".encode())
         log.flush()
-        proc = subprocess.Popen([*svc.sandbox(), *argv], stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen([*wrapper, *svc.sandbox(), *argv], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=svc.environment(notify.path), umask=svc.umask())
     mount = Mount(path=mountpoint, bucket=stack.bucket, prefix=prefix, cache_dir=svc.cache_dir,
                   state_dir=svc.state_dir, topic_prefix=topic_prefix, proc=proc, log_path=log_path)
     try:
-        wait_until(lambda: notify.first("READY=1") or proc.poll() is not None, timeout=MOUNT_TIMEOUT,
+        wait_until(lambda: notify.first("READY=1") or proc.poll() is not None, timeout=MOUNT_TIMEOUT * 2,
                    message="READY=1 or the process to exit")
     except AssertionError:
         pass
@@ -296,9 +296,9 @@ def run_service(service: Service, stack: Stack, prefix: str, topic_prefix: str) 
     """run_service(extra_toml) -> Running; cleans up and checks the mount log and exit status afterwards."""
     started: list[Running] = []
 
-    def run(extra: str = "") -> Running:
+    def run(extra: str = "", wrapper: Sequence[str] = ()) -> Running:
         write_config(service, stack, prefix, topic_prefix, extra)
-        running = start(service, stack, prefix, topic_prefix)
+        running = start(service, stack, prefix, topic_prefix, wrapper)
         started.append(running)
         return running
 
@@ -556,6 +556,69 @@ def test_exec_stop_post_detaches_a_dead_mount(run_service: Any) -> None:
     # After a clean stop there is nothing to detach: the command fails, which its "-" prefix ignores.
     again = subprocess.run([*svc.sandbox(), *argv], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0
+
+
+def syscall_groups() -> dict[str, list[str]]:
+    """systemd's named system call sets (``@system-service`` ...), as its analyzer lists them."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True).stdout
+    groups: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith("    ") and line.strip() and not line.strip().startswith("#"):
+            current.append(line.strip())
+    return groups
+
+
+def allowed_syscalls(filter_values: list[str]) -> set[str]:
+    groups = syscall_groups()
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        assert name in groups, f"unknown system call set {name}"
+        return set().union(*(expand(member) for member in groups[name]))
+
+    names = " ".join(filter_values).split()
+    assert not any(n.startswith("~") for n in names), "deny-list filters are not handled here"
+    return set().union(*(expand(n) for n in names))
+
+
+def test_a_mount_makes_only_the_system_calls_the_unit_allows(run_service: Any, service: Service) -> None:
+    """SystemCallFilter= cannot be applied without systemd; instead every system call of a mount doing a bit of
+    everything (start-up, streamed and spooled writes, reads, renames, xattrs, statfs, SIGTERM, unmount) is
+    traced and must be in the unit's filter."""
+    assert shutil.which("strace"), "strace is missing: install Debian's strace package (scripts/bootstrap does)"
+    allowed = allowed_syscalls(service.service["SystemCallFilter"])
+    trace = service.root / "strace.out"
+    running: Running = run_service(wrapper=["strace", "-f", "-qq", "-o", str(trace)])
+    mnt, strace_proc = running.mount.path, running.mount.proc
+    main_pid = running.notify.notices[0].pid  # the main process is strace's child
+
+    data = os.urandom(20 * MiB + 5)
+    (mnt / "d").mkdir()
+    (mnt / "d" / "a.bin").write_bytes(data)
+    assert (mnt / "d" / "a.bin").read_bytes() == data
+    with open(mnt / "d" / "a.bin", "r+b") as fh:  # a write in the middle: the spool path
+        fh.seek(100)
+        fh.write(b"patched")
+    os.rename(mnt / "d" / "a.bin", mnt / "d" / "b.bin")
+    assert os.getxattr(mnt / "d" / "b.bin", "user.hybridfs.state")
+    os.statvfs(mnt)
+    os.symlink("b.bin", mnt / "d" / "link")
+    assert sorted(os.listdir(mnt / "d")) == ["b.bin", "link"]
+    for name in ("link", "b.bin"):
+        os.unlink(mnt / "d" / name)
+    os.rmdir(mnt / "d")
+
+    os.kill(main_pid, signal.SIGTERM)
+    assert strace_proc.wait(60) == 0, running.mount.log_tail()
+    used = {m.group(1) for line in trace.read_text().splitlines()
+            if (m := re.match(r"^\d+\s+([a-z0-9_]+)\(", line))}
+    assert {"mount", "umount2", "openat", "sendmsg"} <= used, "the trace missed the mount's own calls"
+    outside = sorted(used - allowed)
+    assert not outside, f"system calls outside SystemCallFilter= (they would fail with EPERM): {outside}"
 
 
 # -- /etc/fstab
