@@ -536,6 +536,27 @@ def test_sigterm_with_a_write_that_outlasts_the_drain_fails_it_cleanly(
     assert multipart_uploads(s3, stack.bucket, prefix) == []
 
 
+def test_a_second_sigterm_skips_the_drain(run_service: Any, s3: Any, stack: Stack, prefix: str) -> None:
+    running: Running = run_service()  # write_timeout 60: the drain alone would wait 65 s
+    mount, notify, proc = running.mount, running.notify, running.mount.proc
+    mount.allow_log(r"SIGTERM again: unmounting now")
+    writer = running.writer("big.bin", 64 * MiB, 16 * MiB, "second-signal")
+    wait_until(lambda: writer.said("paused") or writer.proc.poll() is not None, timeout=60,
+               message="the writer to reach its pause point")
+    key = mount.key("big.bin")
+    wait_until(lambda: key in multipart_uploads(s3, stack.bucket, prefix), timeout=30,
+               message="the streamed multipart upload to be under way")
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: notify.first("STOPPING=1"), timeout=10, message="STOPPING=1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, mount.log_tail()
+    assert not is_mounted(mount.path)
+    writer.resume()
+    assert writer.finish(timeout=60) != 0 and writer.said("failed"), writer.output
+    assert not object_exists(s3, stack.bucket, key)
+    assert multipart_uploads(s3, stack.bucket, prefix) == []
+
+
 def test_exec_stop_post_detaches_a_dead_mount(run_service: Any) -> None:
     running: Running = run_service()
     mount, svc = running.mount, running.svc
