@@ -137,11 +137,9 @@ class Mount:
         """Background services that consume events (hydrator, eviction planner, purger)."""
         if self.bus is None:
             return
-        try:
-            from hybridfs.events import services  # type: ignore[attr-defined]  # written beside the events
-        except ImportError:
-            return
-        await services.start_all(nursery, self, fs)
+        from hybridfs import services
+
+        self.services = await services.start_all(nursery, self, fs)
 
     async def _announce_ready(self) -> None:
         """READY=1 only once the kernel forwards requests to us and we answer them."""
@@ -252,6 +250,9 @@ class Mount:
                                  "events": self.bus is not None}
         if self.bus is not None:
             extra["bus"] = dataclass_dict(self.bus.stats())
+        services = getattr(self, "services", None)  # set once the background services run
+        if services is not None:
+            extra.update(services.status())
         return extra
 
 

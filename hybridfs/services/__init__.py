@@ -1,0 +1,94 @@
+"""The mount's background services: hydrator, eviction planner, purger (and the census for the status).
+
+::
+
+    <prefix>.hydrate --EventConsumer(group hybridfs-hydrate-<cache id>)--> Hydrator --S3--> cache
+    cache usage --Planner (every evict_interval)--> bus.publish(evict events) --> <prefix>.evict
+    <prefix>.evict  --EventConsumer(group hybridfs-evict-<cache id>)--> Purger --(S3 check/upload)--> cache
+
+They sit above the tiers and the core and below the composition root, which calls :func:`start_all` once the
+filesystem exists and merges :meth:`Services.status` into the mount's status. Every service runs in the
+mount's nursery and ends when it is cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat as stat_mod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from hybridfs.events.consumer import EventConsumer
+from hybridfs.events.schema import topic_names
+from hybridfs.services.census import Census
+from hybridfs.services.common import FilesystemHooks, KeyLocks
+from hybridfs.services.hydrator import Hydrator
+from hybridfs.services.planner import Planner, PlannerSettings
+from hybridfs.services.purger import Purger, PurgerSettings
+
+if TYPE_CHECKING:
+    from hybridfs.core.filesystem import Filesystem
+    from hybridfs.daemon import Mount
+
+__all__ = ["HYDRATE_CONCURRENCY", "PURGE_CONCURRENCY", "Services", "start_all"]
+
+HYDRATE_CONCURRENCY = 8  # downloads at once (each behind the S3 limiter)
+PURGE_CONCURRENCY = 4
+
+
+@dataclass
+class Services:
+    planner: Planner
+    hydrator: Hydrator
+    purger: Purger
+    hydrate_consumer: EventConsumer
+    evict_consumer: EventConsumer
+    census: Census
+
+    def status(self) -> dict[str, Any]:
+        """Merged into the mount's status (``user.hybridfs.status`` on the mount root)."""
+        self.census.poke()
+        return {
+            "services": {
+                "hydrator": {**self.hydrator.status(),
+                             "consumer": dataclasses.asdict(self.hydrate_consumer.stats())},
+                "purger": {**self.purger.status(), "consumer": dataclasses.asdict(self.evict_consumer.stats())},
+                "planner": self.planner.status(),
+                "census": self.census.status(),
+            }
+        }
+
+
+async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Services:
+    """Build the services of ``mount`` and start them in ``nursery``; returns them for the status."""
+    cfg = mount.cfg
+    bus = mount.bus
+    assert bus is not None, "services need the event bus"
+    topics = topic_names(cfg.topic_prefix)
+    hooks = FilesystemHooks(fs)
+    locks = KeyLocks()
+    planner = Planner(
+        mount.cache,
+        PlannerSettings(high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark, min_free=cfg.min_free,
+                        max_age=cfg.max_age, interval=cfg.evict_interval,
+                        dedupe_window=max(30.0, 10 * cfg.evict_interval)),
+        bus.publish, mount.origin, hooks.is_open,
+    )
+    hydrator = Hydrator(mount.store, mount.cache, planner, locks)
+    purger = Purger(mount.store, mount.cache, hooks, planner, locks, mount.origin, mount.keys.prefix,
+                    PurgerSettings(default_mode=stat_mod.S_IFREG | cfg.file_mode, default_uid=cfg.uid,
+                                   default_gid=cfg.gid))
+    common: dict[str, Any] = {"allowed_prefix": mount.keys.prefix, "dead_letter_topic": topics.dead_letter,
+                              "kafka_config": cfg.kafka_options}
+    hydrate_consumer = EventConsumer(cfg.kafka, topics.hydrate, f"hybridfs-hydrate-{cfg.cache_id}",
+                                     hydrator.handle, concurrency=HYDRATE_CONCURRENCY, name="hydrator", **common)
+    evict_consumer = EventConsumer(cfg.kafka, topics.evict, f"hybridfs-evict-{cfg.cache_id}", purger.handle,
+                                   concurrency=PURGE_CONCURRENCY, name="purger", **common)
+    census = Census(mount.store, mount.keys.prefix)
+    await nursery.start(planner.run)
+    await nursery.start(hydrate_consumer.run)
+    await nursery.start(evict_consumer.run)
+    await nursery.start(census.run)
+    return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census)

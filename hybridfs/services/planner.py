@@ -1,0 +1,265 @@
+"""The eviction planner: watches the cache against its limits and publishes evict events for cold files.
+
+Every ``interval`` seconds (and at once when a hydration is waiting for room) it looks at the cache:
+
+* **watermarks** — usage above ``high_watermark x capacity``: evict down to ``low_watermark x capacity``;
+* **disk** — less than ``min_free`` of the cache disk free: evict until that much (plus 1% of the disk) is free;
+* **room** — hydrations waiting for space: evict until their bytes fit under the capacity;
+* **max age** — files not read for ``max_age`` seconds go, whatever the usage (reason ``max-age``).
+
+Candidates are the least recently used entries that are not pinned and not open. The planner does not purge
+anything itself: it publishes evict events (reason ``watermark`` or ``max-age``) on the bus, and the purger
+decides again when it consumes them (the file may have been read or opened in between). Evictions already
+requested and not yet settled are remembered for ``dedupe_window`` seconds: they count as freed when the next
+round projects usage, and are not published again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from hybridfs.events.schema import Event
+from hybridfs.tiers.cache import CacheEntry, LocalCache
+
+log = logging.getLogger("hybridfs.services.planner")
+
+DISK_SLACK = 0.01  # of the disk, freed beyond min_free so a disk under pressure is not re-planned every round
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    high_watermark: float = 0.90
+    low_watermark: float = 0.75
+    min_free: float = 0.05
+    max_age: float = 0.0  # 0: off
+    interval: float = 2.0
+    dedupe_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    free: int
+    total: int
+
+
+@dataclass
+class Plan:
+    """One round's decision: what to evict and why (for the log line and the tests)."""
+
+    watermark: list[CacheEntry]
+    max_age: list[CacheEntry]
+    usage: int
+    projected: int  # usage minus what is already requested, before this round's evictions
+    target: int | None  # usage the watermark evictions aim for (None: no size pressure)
+    why: str
+    short: bool = False  # not enough evictable files to reach the target (pinned or open)
+
+
+class Planner:
+    def __init__(
+        self,
+        cache: LocalCache,
+        settings: PlannerSettings,
+        publish: Callable[[Event], None],
+        origin: str,
+        is_open: Callable[[str], bool],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache = cache
+        self.settings = settings
+        self.publish = publish
+        self.origin = origin
+        self.is_open = is_open
+        self.clock = clock
+        self.requested: dict[str, tuple[str, int, float]] = {}  # key -> (etag, size, trio time requested)
+        self.wanted: dict[int, int] = {}  # hydrations waiting for room: token -> bytes
+        self.reserved = 0  # bytes of hydrations granted room and still downloading (kept by the hydrator)
+        self.disk: DiskSpace | None = None
+        self._next_token = 0
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self.rounds = 0
+        self.published = {"watermark": 0, "max-age": 0}
+        self.pressure_rounds = 0
+        self.unsatisfied_rounds = 0  # rounds that could not find enough to evict (all pinned or open)
+
+    # -- the service ----------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.round()
+            except Exception:
+                log.exception("eviction planning failed; trying again in %.1fs", self.settings.interval)
+            with trio.move_on_after(self.settings.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """Plan now rather than at the next tick."""
+        self._wake.set()
+
+    def wake_if_over(self) -> None:
+        """Something was added to the cache: plan now if that took it over the high watermark."""
+        if self.cache.usage() > self.settings.high_watermark * self.cache.capacity:
+            self.wake()
+
+    # -- room for hydrations --------------------------------------------------------------------------------
+
+    def want_room(self, size: int) -> int:
+        """A hydration of ``size`` bytes waits for room; returns a token for :meth:`drop_want`."""
+        self._next_token += 1
+        self.wanted[self._next_token] = size
+        self.wake()
+        return self._next_token
+
+    def drop_want(self, token: int) -> None:
+        self.wanted.pop(token, None)
+
+    def settled(self, key: str) -> None:
+        """The purger is done with an evict event for ``key`` (purged or not): plan it again if need be."""
+        self.requested.pop(key, None)
+        self.notify_changed()
+
+    def notify_changed(self) -> None:
+        """Cache usage changed (a purge): wake whoever waits in :meth:`wait_changed`."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until the next purge (callers bound it with a cancel scope)."""
+        await self._changed.wait()
+
+    # -- one round ------------------------------------------------------------------------------------------
+
+    async def round(self) -> Plan | None:
+        self.rounds += 1
+        self._forget_settled()
+        if not self.cache.available:
+            return None
+        self.disk = await self._disk_space()
+        plan = self.plan()
+        if plan.short:
+            self.unsatisfied_rounds += 1
+        if plan.watermark or plan.max_age:
+            self._publish(plan)
+        return plan
+
+    def _forget_settled(self) -> None:
+        """Requests whose entry went away (or changed version), and requests older than the dedupe window."""
+        now = trio.current_time()
+        for key, (etag, _size, when) in list(self.requested.items()):
+            entry = self.cache.entries.get(key)
+            if entry is None or entry.etag != etag or now - when > self.settings.dedupe_window:
+                del self.requested[key]
+
+    async def _disk_space(self) -> DiskSpace | None:
+        root = self.cache.root
+        try:
+            st = await trio.to_thread.run_sync(os.statvfs, root, limiter=self.cache.limiter)
+        except OSError as exc:
+            log.debug("statvfs %s: %s", root, exc)
+            return None
+        return DiskSpace(free=st.f_bavail * st.f_frsize, total=st.f_blocks * st.f_frsize)
+
+    def plan(self) -> Plan:
+        """What to evict now (pure: no I/O, no publishing)."""
+        s = self.settings
+        cap = self.cache.capacity
+        usage = self.cache.usage()
+        pending = sum(size for key, (etag, size, _) in self.requested.items()
+                      if (e := self.cache.entries.get(key)) is not None and e.etag == etag)
+        projected = usage - pending
+        wanted = sum(self.wanted.values())
+
+        to_free = 0
+        reasons = []
+        if usage > s.high_watermark * cap:
+            to_free = max(to_free, projected - math.floor(s.low_watermark * cap))
+            reasons.append(f"usage {usage / cap:.0%} of {_size(cap)} is above the high watermark "
+                           f"{s.high_watermark:.0%}")
+        if wanted and projected + self.reserved + wanted > cap:
+            to_free = max(to_free, projected + self.reserved + wanted - math.floor(s.low_watermark * cap))
+            reasons.append(f"{_size(wanted)} of hydrations wait for room")
+        disk = self.disk
+        if disk is not None and disk.total > 0 and disk.free < s.min_free * disk.total:
+            # Requested evictions have not freed their bytes yet: count them as freed here too.
+            short = math.ceil((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
+            to_free = max(to_free, short)
+            reasons.append(f"the cache disk has {disk.free / disk.total:.1%} free, under {s.min_free:.0%}")
+        target = projected - to_free if reasons else None
+
+        busy = self._busy
+        watermark: list[CacheEntry] = []
+        short = False
+        if to_free > 0:
+            freed = 0
+            for entry in self.cache.coldest(busy):
+                if freed >= to_free:
+                    break
+                watermark.append(entry)
+                freed += entry.size
+            short = freed < to_free
+        max_age: list[CacheEntry] = []
+        if s.max_age > 0:
+            oldest = self.clock() - s.max_age
+            chosen = {e.key for e in watermark}
+            for entry in self.cache.coldest(busy):
+                if entry.last_access >= oldest:
+                    break  # coldest first: the rest are younger
+                if entry.key not in chosen:
+                    max_age.append(entry)
+        return Plan(watermark=watermark, max_age=max_age, usage=usage, projected=projected, target=target,
+                    why="; ".join(reasons), short=short)
+
+    def _busy(self, key: str) -> bool:
+        return key in self.requested or self.is_open(key)
+
+    def _publish(self, plan: Plan) -> None:
+        now = trio.current_time()
+        for reason, entries in (("watermark", plan.watermark), ("max-age", plan.max_age)):
+            for entry in entries:
+                self.publish(Event.evict(entry.key, entry.etag, entry.size, reason, self.origin))
+                self.requested[entry.key] = (entry.etag, entry.size, now)
+                self.published[reason] += 1
+        if plan.watermark:
+            self.pressure_rounds += 1
+            log.info("%s: asking to evict %d files (%s), coldest first", plan.why, len(plan.watermark),
+                     _size(sum(e.size for e in plan.watermark)))
+        if plan.max_age:
+            log.info("asking to evict %d files not read for %.0fs (%s)", len(plan.max_age), self.settings.max_age,
+                     _size(sum(e.size for e in plan.max_age)))
+
+    def status(self) -> dict[str, object]:
+        s = self.settings
+        return {
+            "high_watermark": s.high_watermark,
+            "low_watermark": s.low_watermark,
+            "min_free": s.min_free,
+            "max_age": s.max_age,
+            "interval": s.interval,
+            "disk_free_bytes": self.disk.free if self.disk else None,
+            "disk_total_bytes": self.disk.total if self.disk else None,
+            "rounds": self.rounds,
+            "evictions_requested": dict(self.published),
+            "evictions_pending": len(self.requested),
+            "room_wanted_bytes": sum(self.wanted.values()),
+            "unsatisfied_rounds": self.unsatisfied_rounds,
+        }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
