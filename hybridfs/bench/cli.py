@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"    output {out_dir}; scratch {work_dir}", flush=True)
     runner = Runner(sizes, workloads, systems, out_dir, work_dir, keep=args.keep)
     results = runner.run()
+    machine["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     written = write_all(results, machine, command, out_dir, Path(args.json).absolute() if args.json else None)
     print(f"==> done in {results.elapsed / 60:.1f} min: " + ", ".join(str(p) for p in written.values()))
     print(written["markdown"].read_text(), end="")

@@ -101,5 +101,6 @@ def one_line(machine: dict[str, Any]) -> str:
     disk = machine.get("cache_disk", {})
     return (f"{machine.get('cores')} cores ({machine.get('cpu')}), {machine.get('memory_gib')} GiB RAM, "
             f"Linux {machine.get('kernel')}, {machine.get('os')}; cache disk {disk.get('device')} "
-            f"({disk.get('fstype')}); S3: {machine.get('s3')}; load at start "
-            f"{'/'.join(str(x) for x in machine.get('load_at_start', []))}")
+            f"({disk.get('fstype')}); S3: {machine.get('s3')}; load average at start "
+            f"{'/'.join(str(x) for x in machine.get('load_at_start', []))}, at end "
+            f"{'/'.join(str(x) for x in machine.get('load_at_end', [])) or '?'}")

@@ -96,13 +96,13 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("seq-write-1file", (
         _m("seq-write-1file", "MB/s", "seq write, 1 file (close returned)"),
         _m("seq-write-1file-durable", "MB/s", "seq write, 1 file (until in S3)"),
-    ), "sequential write of {block} blocks into one {big} file (fio); durable = from write start until S3 "
-       "holds the object"),
+    ), "sequential write of {block} blocks into one {big} file, timed through close(); durable = from the "
+       "start of the write until S3 holds the object"),
     Workload("seq-write-many", (
         _m("seq-write-many", "MB/s", "seq write, many files (close returned)"),
         _m("seq-write-many-durable", "MB/s", "seq write, many files (until in S3)"),
-    ), "sequential write of {block} blocks into {n} files of {each} ({many_total}, fio, one file open at a "
-       "time); durable = until S3 holds every object"),
+    ), "sequential write of {block} blocks into {n} files of {each} ({many_total}), one after the other, "
+       "timed through the last close(); durable = until S3 holds every object"),
     Workload("seq-read-warm", (
         _m("seq-read-warm", "MB/s", "seq read, warm (cached)"),
     ), "sequential read of the {big} file in {block} blocks while it is in the local cache (fio; the page "
@@ -128,8 +128,9 @@ WORKLOADS: tuple[Workload, ...] = (
         _m("evict", "ops/s", "evict (files/s)"),
         _m("hydrate", "MB/s", "hydrate (MB/s)"),
         _m("hydrate-objects", "ops/s", "hydrate (objects/s)"),
-    ), "`hybridfs evict` of the {n} x {each} files until every one is cloud-only, then `hybridfs hydrate "
-       "--wait` of them; baseline: boto3 download of the same objects to the local disk"),
+    ), "`hybridfs evict --wait` of the {n} x {each} files (verified cloud-only), then `hybridfs hydrate "
+       "--wait` of them (verified cached), each timed from the command's start; baseline: boto3 download of "
+       "the same objects to the local disk"),
 )
 
 WORKLOAD_NAMES = tuple(w.name for w in WORKLOADS)

@@ -157,15 +157,11 @@ class Runner:
         env = Env(self.sizes, s3util.client(), self.out_dir / "fio")
         env.scratch.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        total = len(self.workloads) * len(self.systems)
-        step = 0
         try:
             with _signals_interrupt():
                 self.subjects = self._make_subjects(env)
-                for workload in self.workloads:
-                    for subject in self.subjects:
-                        step += 1
-                        self._run_one(workload, subject, results, f"[{step:2d}/{total}]")
+                for i, workload in enumerate(self.workloads):
+                    self._run_workload(workload, results, f"[{i + 1}/{len(self.workloads)}]")
         except KeyboardInterrupt as exc:
             results.interrupted = str(exc) or "SIGINT"
             self.say(f"\ninterrupted ({results.interrupted}): cleaning up")
@@ -175,44 +171,72 @@ class Runner:
             results.elapsed = time.monotonic() - t0
         return results
 
-    def _run_one(self, workload: Workload, subject: Subject, results: Results, counter: str) -> None:
-        name = subject.name
+    def _run_workload(self, workload: Workload, results: Results, counter: str) -> None:
+        """Run 1 on every system, then run 2 on every system, ...: a burst of load from elsewhere on the machine
+        then hits every system alike, which keeps the ratios honest. One summary line per system at the end."""
         mine = [r for r in results.metrics if r.metric in workload.metrics]
-        self.say(f"{counter} {workload.name:<16} {name:<9}", end="")
-        started = time.monotonic()
-        if name in self.broken:
-            for r in mine:
-                r.note(name, self.broken[name])
-            self.say(f"n/a: {self.broken[name]}")
-            return
-        method: Callable[[int], Outcome] = getattr(subject, METHODS[workload.name])
-        try:
-            for run in range(self.sizes.runs):
-                outcome = method(run)
+        outcome_line: dict[str, str] = {}
+        spent: dict[str, float] = {}
+        active: list[Subject] = []
+        for subject in self.subjects:
+            if subject.name in self.broken:
+                self._note_all(mine, subject.name, self.broken[subject.name])
+                outcome_line[subject.name] = f"n/a: {self.broken[subject.name]}"
+            else:
+                active.append(subject)
+        legend = " ".join(f"{s.name[0]}={s.name}" for s in active)
+        self.say(f"{counter} {workload.name}: {workload.description(self.sizes)}")
+        self.say(f"      {self.sizes.runs} runs ({legend}): ", end="")
+        for run in range(self.sizes.runs):
+            for subject in list(active):
+                name = subject.name
+                method: Callable[[int], Outcome] = getattr(subject, METHODS[workload.name])
+                started = time.monotonic()
+                try:
+                    outcome = method(run)
+                except NotAvailable as exc:
+                    self._note_all(mine, name, str(exc))
+                    outcome_line[name] = f"n/a: {exc}"
+                    active.remove(subject)
+                    self.say("-", end="")
+                    continue
+                except MountError as exc:
+                    self.broken[name] = f"mount failed: {exc}"
+                    log.error("%s %s: %s", workload.name, name, exc)
+                    self._note_all(mine, name, self.broken[name])
+                    outcome_line[name] = f"error: {exc}"
+                    active.remove(subject)
+                    self.say("!", end="")
+                    continue
+                except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+                    log.exception("%s on %s failed in run %d", workload.name, name, run + 1)
+                    why = f"failed in run {run + 1}: {exc}"
+                    self._note_all(mine, name, why)
+                    outcome_line[name] = f"error: {why}"
+                    active.remove(subject)
+                    self.say("!", end="")
+                    continue
+                finally:
+                    spent[name] = spent.get(name, 0.0) + time.monotonic() - started
                 self._record(mine, name, outcome)
-                self.say(".", end="")
-        except NotAvailable as exc:
-            for r in mine:
-                r.note(name, str(exc))
-            self.say(f" n/a: {exc}")
-            return
-        except MountError as exc:
-            self.broken[name] = f"mount failed: {exc}"
-            for r in mine:
-                r.note(name, self.broken[name])
-            log.error("%s %s: %s", workload.name, name, exc)
-            self.say(f" error: {exc}")
-            return
-        except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
-            log.exception("%s on %s failed", workload.name, name)
-            for r in mine:
-                r.note(name, f"failed: {exc}")
-            self.say(f" error: {exc}")
-            return
+                self.say(name[0], end="")
+            self.say(" " if run + 1 < self.sizes.runs else "", end="")
+        self.say("")
+        for subject in self.subjects:
+            name = subject.name
+            if name not in outcome_line:
+                for r in mine:
+                    if name not in r.runs:
+                        r.note(name, METRIC_NA.get((name, r.metric.name), "not measured"))
+                outcome_line[name] = self._summary(mine, name) + f"  ({spent.get(name, 0.0):.1f}s)"
+            elif any(r.runs.get(name) for r in mine):  # failed after some runs: show what it measured
+                outcome_line[name] += "; kept: " + self._summary(mine, name)
+            self.say(f"      {workload.name:<16} {name:<9} {outcome_line[name]}")
+
+    @staticmethod
+    def _note_all(mine: list[MetricResult], system: str, text: str) -> None:
         for r in mine:
-            if name not in r.runs:
-                r.note(name, METRIC_NA.get((name, r.metric.name), "not measured"))
-        self.say(" " + self._summary(mine, name) + f"  ({time.monotonic() - started:.1f}s)")
+            r.note(system, text)
 
     @staticmethod
     def _record(mine: list[MetricResult], system: str, outcome: Outcome) -> None:
