@@ -221,10 +221,7 @@ class Mount:
             writer, of.writer = of.writer, None
             log.info("%s: dropping its unfinished upload", of.node.path)
             if isinstance(writer, StreamWriter):
-                with trio.move_on_after(self.cfg.write_timeout):
-                    for _ in range(writer.settings.max_inflight):  # every slot free: no part in flight
-                        await writer.slots.acquire()
-                await writer.abort()
+                await writer.abandon()
             elif isinstance(writer, SpoolWriter):
                 await writer.close()
 

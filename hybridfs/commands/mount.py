@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from hybridfs.cli import CliError
-from hybridfs.config import ConfigError, MountConfig, coerce, from_mapping, option_fields
+from hybridfs.config import ConfigError, MountConfig, coerce, from_mapping, option_fields, read_config_file
 
 
 def register(subparsers: Any) -> None:
@@ -75,16 +74,9 @@ def kv_pair(item: str, name: str) -> tuple[str, str]:
 
 def read_toml(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise CliError(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"config {path}: not valid TOML: {exc}") from None
-    table = data.get("mount", data)
-    if not isinstance(table, dict):
-        raise CliError(f"config {path}: [mount] must be a table")
-    return table
+        return read_config_file(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def check_mountpoint(path: str) -> None:

@@ -166,7 +166,29 @@ class StreamWriter:
             etag = info.etag if info else etag
         return etag
 
+    def _parts_in_flight(self) -> bool:
+        return self.slots.value < self.settings.max_inflight
+
     async def abort(self) -> None:
+        """Drop the upload now. S3 may still complete a part that was in flight during the abort and keep it,
+        so when parts are in flight a background task aborts once more after they have ended."""
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            await self.store.abort_multipart(self.key, upload_id)
+            if self._parts_in_flight():
+                self.spawner.start_soon(self._abort_after_parts, upload_id, name=f"re-abort {self.key}")
+        with trio.CancelScope(shield=True):
+            await self.tee.discard()
+
+    async def _abort_after_parts(self, upload_id: str) -> None:
+        with trio.move_on_after(self.settings.timeout):
+            await self._drain()
+        await self.store.abort_multipart(self.key, upload_id)
+
+    async def abandon(self) -> None:
+        """At shutdown: wait (bounded) for the parts in flight, then abort, so nothing is left in S3."""
+        with trio.move_on_after(self.settings.timeout):
+            await self._drain()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             await self.store.abort_multipart(self.key, upload_id)
