@@ -60,7 +60,8 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
     return {
         "machine": machine,
         "run": {"id": results.run_id, "command": command, "sizes": results.sizes.describe(),
-                "elapsed_seconds": round(results.elapsed, 1), "interrupted": results.interrupted},
+                "elapsed_seconds": round(results.elapsed, 1), "interrupted": results.interrupted,
+                "retried_after_stack_restart": results.retried},
         "workloads": workloads,
         "targets": targets(results),
     }
@@ -117,6 +118,9 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
         lines.append("")
         lines += [f"{i + 1}. {text}" for i, text in enumerate(footnotes)]
         lines += [f"- {r.metric.name}, {s}: {n}" for r, s, n in extra]
+    if results.retried:
+        lines += ["", "Runs repeated because the local stack was restarted under them: "
+                  + "; ".join(results.retried) + "."]
     tgt = targets(results)
     if any(t["ratio"] is not None for t in tgt):
         lines += ["", "Targets (issue 6):", ""]
@@ -243,5 +247,6 @@ def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any], str]:
         systems += [s for s in w.get("results", {}) if s not in systems]
         metrics.append(r)
     results = Results(sizes, systems, metrics, started=0.0, elapsed=run.get("elapsed_seconds", 0.0),
-                      interrupted=run.get("interrupted"), run_id=run.get("id", ""))
+                      interrupted=run.get("interrupted"), run_id=run.get("id", ""),
+                      retried=list(run.get("retried_after_stack_restart", [])))
     return results, data["machine"], run.get("command", "hybridfs bench")

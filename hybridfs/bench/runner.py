@@ -71,6 +71,7 @@ class Results:
     elapsed: float = 0.0
     interrupted: str | None = None
     run_id: str = ""
+    retried: list[str] = field(default_factory=list)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -99,6 +100,13 @@ def _shielded() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+STACK_WAIT = 180.0  # seconds to wait for the stack when another session restarted it
+
+
+class StackDown(Exception):
+    """The stack went away and did not come back: the run ends (with what it measured)."""
+
+
 class Runner:
     def __init__(self, sizes: Sizes, workloads: list[Workload], systems: list[str], out_dir: Path, work_dir: Path,
                  *, keep: bool = False, out: TextIO = sys.stdout) -> None:
@@ -113,6 +121,7 @@ class Runner:
         self.logs = out_dir / "logs"
         self.subjects: list[Subject] = []
         self.broken: dict[str, str] = {}  # system -> why it cannot run any more (its mount failed)
+        self.retried: list[str] = []  # runs repeated because the stack was restarted under them
 
     def say(self, text: str, end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
@@ -165,10 +174,18 @@ class Runner:
         except KeyboardInterrupt as exc:
             results.interrupted = str(exc) or "SIGINT"
             self.say(f"\ninterrupted ({results.interrupted}): cleaning up")
+        except StackDown as exc:
+            results.interrupted = str(exc)
+            self.say(f"\nstopped: {exc}; cleaning up")
+        except Exception as exc:  # a bug in the harness: still clean up and write what was measured
+            log.exception("the benchmark run failed")
+            results.interrupted = f"error: {exc!r}"
+            self.say(f"\nerror: {exc!r} (traceback in {self.out_dir / 'bench.log'}); cleaning up")
         finally:
             with _shielded():
                 self._cleanup(env)
             results.elapsed = time.monotonic() - t0
+        results.retried = list(self.retried)
         return results
 
     def _run_workload(self, workload: Workload, results: Results, counter: str) -> None:
@@ -193,7 +210,7 @@ class Runner:
                 method: Callable[[int], Outcome] = getattr(subject, METHODS[workload.name])
                 started = time.monotonic()
                 try:
-                    outcome = method(run)
+                    outcome = self._attempt(method, run, workload.name, name)
                 except NotAvailable as exc:
                     self._note_all(mine, name, str(exc))
                     outcome_line[name] = f"n/a: {exc}"
@@ -208,7 +225,9 @@ class Runner:
                     active.remove(subject)
                     self.say("!", end="")
                     continue
-                except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+                except StackDown:
+                    raise
+                except Exception as exc:  # one system failing must not end the whole run
                     log.exception("%s on %s failed in run %d", workload.name, name, run + 1)
                     why = f"failed in run {run + 1}: {exc}"
                     self._note_all(mine, name, why)
@@ -232,6 +251,33 @@ class Runner:
             elif any(r.runs.get(name) for r in mine):  # failed after some runs: show what it measured
                 outcome_line[name] += "; kept: " + self._summary(mine, name)
             self.say(f"      {workload.name:<16} {name:<9} {outcome_line[name]}")
+
+    def _attempt(self, method: Callable[[int], Outcome], run: int, workload: str, system: str) -> Outcome:
+        """One run; when it fails because the stack went away (other sessions here restart it), wait for the
+        stack and try that run once more."""
+        problem = s3util.stack_problem()
+        if problem is not None:
+            self._wait_stack(problem)
+        try:
+            return method(run)
+        except (NotAvailable, MountError):
+            raise
+        except Exception as exc:
+            problem = s3util.stack_problem()
+            if problem is None:
+                raise
+            log.warning("%s on %s, run %d: %r while the stack was down (%s); retrying once", workload, system,
+                        run + 1, exc, problem)
+            self._wait_stack(problem)
+        self.retried.append(f"{workload} on {system}, run {run + 1}")
+        return method(run)
+
+    def _wait_stack(self, problem: str) -> None:
+        self.say(f"[stack down: {problem}; waiting up to {STACK_WAIT:.0f}s]", end="")
+        still = s3util.wait_for_stack(STACK_WAIT)
+        if still is not None:
+            raise StackDown(f"the local stack did not come back within {STACK_WAIT:.0f}s: {still}")
+        time.sleep(2)  # let it settle (a just-started broker is still electing)
 
     @staticmethod
     def _note_all(mine: list[MetricResult], system: str, text: str) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from hybridfs.stack.config import ACCESS_KEY, BUCKET, REGION, S3_ENDPOINT, SECRET_KEY
+from hybridfs.stack.config import ACCESS_KEY, BUCKET, HOST, KAFKA_PORT, REGION, S3_ENDPOINT, SECRET_KEY
+from hybridfs.stack.procs import port_open
 
 POLL_INTERVAL = 0.02  # seconds between durability polls: the resolution of every "durable" figure
 DURABLE_TIMEOUT = 600.0
@@ -85,3 +88,26 @@ def delete_prefix(s3: Any, prefix: str, bucket: str = BUCKET) -> int:
         for upload in page.get("Uploads", []):
             s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
     return deleted
+
+
+def stack_problem() -> str | None:
+    """None when MinIO and Kafka answer, else what is down. (Other sessions on this machine restart the stack.)"""
+    try:
+        with urllib.request.urlopen(f"{S3_ENDPOINT}/minio/health/ready", timeout=3) as resp:
+            if resp.status != 200:
+                return f"MinIO not ready (HTTP {resp.status})"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"MinIO not answering ({exc})"
+    if not port_open(HOST, KAFKA_PORT):
+        return "Kafka not answering"
+    return None
+
+
+def wait_for_stack(timeout: float) -> str | None:
+    """Wait until the stack answers; None when it does, else what was still down after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problem = stack_problem()
+        if problem is None or time.monotonic() > deadline:
+            return problem
+        time.sleep(1.0)
