@@ -20,6 +20,7 @@ outbox: when Kafka cannot be reached the command fails with one line and publish
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import errno
 import json
 import os
@@ -40,6 +41,7 @@ XATTR_ETAG = "user.hybridfs.etag"
 XATTR_STATE = "user.hybridfs.state"
 
 DEFAULT_TOPIC_PREFIX = "hybridfs"
+RESOLVE_THREADS = 16
 
 
 # -- finding mounts and files ---------------------------------------------------------------------------
@@ -209,7 +211,10 @@ def resolve(paths: list[str], opts: Options) -> list[Target]:
         else:
             mount = mounts.of(raw)
             try:
-                found = [_mount_target(p, mount, opts) for p in _files_under(Path(os.path.abspath(raw)))]
+                files = list(_files_under(Path(os.path.abspath(raw))))
+                # Each file's attributes may cost the mount a HEAD request: ask for several at once.
+                with concurrent.futures.ThreadPoolExecutor(RESOLVE_THREADS) as pool:
+                    found = list(pool.map(lambda p, m=mount: _mount_target(p, m, opts), files))
             except OSError as exc:
                 raise CliError(f"{exc.filename or raw}: {exc.strerror}") from None
         for target in found:
@@ -287,6 +292,16 @@ class Progress:
         print(self.line(done, done_bytes), file=self.out, flush=True)
 
 
+def _state_or_gone(target: Target) -> str | None:
+    assert target.path is not None
+    try:
+        return _xattr(target.path, XATTR_STATE)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # deleted meanwhile: nothing to wait for
+            return "gone"
+        raise CliError(f"{target.path}: {exc.strerror}") from None
+
+
 def wait_for_state(targets: list[Target], want: str, label: str, timeout: float) -> None:
     """Poll ``user.hybridfs.state`` of every target until it is ``want``; CliError at the deadline."""
     waiting = [t for t in targets if t.path is not None and t.state != want]
@@ -294,32 +309,26 @@ def wait_for_state(targets: list[Target], want: str, label: str, timeout: float)
     done_bytes = sum(t.size or 0 for t in targets if t not in waiting)
     progress = Progress(label, len(targets), total_bytes)
     deadline = time.monotonic() + timeout
-    while waiting:
-        progress.update(len(targets) - len(waiting), done_bytes)
-        still = []
-        sweep_start = time.monotonic()
-        for target in waiting:
-            assert target.path is not None
-            try:
-                state = _xattr(target.path, XATTR_STATE)
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:  # deleted meanwhile: nothing to wait for
-                    continue
-                raise CliError(f"{target.path}: {exc.strerror}") from None
-            if state == want:
-                done_bytes += target.size or 0
-            else:
-                still.append(target)
-        waiting = still
-        if not waiting:
-            break
-        if time.monotonic() >= deadline:
-            progress.finish(len(targets) - len(waiting), done_bytes)
-            names = ", ".join(str(t.path) for t in waiting[:3]) + (", ..." if len(waiting) > 3 else "")
-            raise CliError(f"timed out after {timeout:g}s: {len(waiting)} of {len(targets)} files not {want} "
-                           f"yet ({names})")
-        # Poll at most every 0.1 s, and never spend more than half the time polling a large tree.
-        time.sleep(max(0.1, time.monotonic() - sweep_start))
+    with concurrent.futures.ThreadPoolExecutor(RESOLVE_THREADS) as pool:
+        while waiting:
+            progress.update(len(targets) - len(waiting), done_bytes)
+            sweep_start = time.monotonic()
+            still = []
+            for target, now in zip(waiting, pool.map(_state_or_gone, waiting), strict=True):
+                if now == want:
+                    done_bytes += target.size or 0
+                elif now != "gone":
+                    still.append(target)
+            waiting = still
+            if not waiting:
+                break
+            if time.monotonic() >= deadline:
+                progress.finish(len(targets) - len(waiting), done_bytes)
+                names = ", ".join(str(t.path) for t in waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+                raise CliError(f"timed out after {timeout:g}s: {len(waiting)} of {len(targets)} files not {want} "
+                               f"yet ({names})")
+            # Poll at most every 0.1 s, and never spend more than half the time polling a large tree.
+            time.sleep(max(0.1, time.monotonic() - sweep_start))
     progress.finish(len(targets), done_bytes)
 
 

@@ -5,15 +5,19 @@ at once, and commits the offset once it returns):
 
 1. ``pin`` true/false: pin or unpin the key first (a pinned file is hydrated and never evicted).
 2. Already cached with the event's ETag: done (the common case for repeated events: no S3 request).
-3. HEAD the object. Gone: done. Another ETag than the event's: the event is stale — the *current* version is
-   hydrated instead (the reason for the event, "this file is wanted here", still holds). The same ETag with
-   another size than the event says: the event is inconsistent and is rejected (dead-lettered).
+3. Which version: an event naming the ETag and size of a small object (up to ``small_object``, 8 MiB) is
+   checked by the download itself: one GET pinned to the ETag, for one byte more than the size. Otherwise, or
+   when that GET says the version is gone, HEAD the object. Gone: done. Another ETag than the event's: the
+   event is stale — the *current* version is hydrated instead (the reason for the event, "this file is wanted
+   here", still holds). The same ETag with another size than the event says: the event is inconsistent and is
+   rejected (dead-lettered).
 4. Room: an object larger than the cache is never hydrated. Otherwise the hydration needs
    ``usage + in-flight hydrations + size <= capacity`` and the cache disk keeping ``min_free`` free; if not,
    it asks the eviction planner for room and waits up to ``room_timeout`` for the purger to make it, then
    gives up (INFO). Waiting holds one consumer slot, not the key.
-5. Download to a temp file in the cache directory, pinned to the ETag (a concurrent change answers ESTALE and
-   the new version is tried, at most three times), check its size, commit it to the cache index — unless the
+5. Download to a temp file in the cache directory (small objects: that one GET; large ones: s3transfer's
+   parallel ranged download), pinned to the ETag (a concurrent change answers ESTALE and the new version is
+   tried, at most three times), check its size, commit it to the cache index — unless the
    cache meanwhile got another version of the key from a write through the mount, which then wins.
 
 Every step is idempotent: an event handled twice finds the file cached and returns. S3 being unreachable
@@ -50,6 +54,7 @@ MAX_VERSION_CHASES = 3
 @dataclass(frozen=True)
 class HydratorSettings:
     room_timeout: float = 30.0  # how long a hydration waits for the purger to make room
+    small_object: int = 8 * 1024**2  # up to this size: one ranged GET into memory; above, a parallel download
 
 
 class Hydrator:
@@ -94,15 +99,21 @@ class Hydrator:
             return "cache-unavailable"
         if etag is not None and self.cache.lookup(key, etag) is not None:
             return "already-cached"
-        info = await self._current(key)
-        if info is None:
-            log.debug("not hydrating %s: no such object (any more)", key)
-            return "gone"
-        if etag is not None and info.etag != etag:
-            log.debug("hydrate event for %s names version %s; S3 holds %s now: hydrating that", key, etag,
-                      info.etag)
-        elif event.size is not None and info.size != event.size:
-            raise RejectEvent(f"size {event.size} does not match the object's {info.size} bytes (same ETag)")
+        claimed: ObjectInfo | None = None
+        if etag is not None and event.size is not None and event.size <= self.settings.small_object:
+            # Small and fully described: one GET pinned to the ETag checks the claim and fetches the bytes.
+            info = claimed = ObjectInfo(key, event.size, etag, 0)
+        else:
+            found = await self._current(key)
+            if found is None:
+                log.debug("not hydrating %s: no such object (any more)", key)
+                return "gone"
+            info = found
+            if etag is not None and info.etag != etag:
+                log.debug("hydrate event for %s names version %s; S3 holds %s now: hydrating that", key, etag,
+                          info.etag)
+            elif event.size is not None and info.size != event.size:
+                raise RejectEvent(f"size {event.size} does not match the object's {info.size} bytes (same ETag)")
         for _ in range(MAX_VERSION_CHASES):
             if self.cache.lookup(key, info.etag) is not None:
                 return "already-cached"
@@ -114,10 +125,12 @@ class Hydrator:
                 if not granted:
                     return "no-room"
                 async with self.locks(key):
-                    result = await self._download(key, info)
+                    result = await self._download(key, info, claimed=info is claimed)
             if not isinstance(result, ObjectInfo):
                 return result
-            info = result  # changed while we downloaded: chase the new version
+            if etag is not None and result.etag == etag and result.size != info.size:
+                raise RejectEvent(f"size {info.size} does not match the object's {result.size} bytes (same ETag)")
+            info = result  # another version than we tried: chase it
         log.info("not hydrating %s: it keeps changing while being downloaded", key)
         return "changing"
 
@@ -169,8 +182,10 @@ class Hydrator:
 
     # -- the copy -------------------------------------------------------------------------------------------
 
-    async def _download(self, key: str, info: ObjectInfo) -> ObjectInfo | str:
-        """Copy one version into the cache. Returns the outcome, or the new version when it changed."""
+    async def _download(self, key: str, info: ObjectInfo, *, claimed: bool = False) -> ObjectInfo | str:
+        """Copy one version into the cache. Returns the outcome, or the version to try instead (it changed, or
+        a ``claimed`` version - from the event, not seen in S3 yet - turned out not to be there as described).
+        """
         if self.cache.lookup(key, info.etag) is not None:
             return "already-cached"
         before = self.cache.entries.get(key)
@@ -179,14 +194,13 @@ class Hydrator:
         committed = False
         try:
             try:
-                await self.s3.call(lambda: self.store.download_file(key, info.etag, str(temp)))
-                size = await trio.to_thread.run_sync(_size_of, temp, limiter=self.cache.limiter)
+                size = await self._fetch(key, info, temp)
             except FsError as exc:
                 if exc.errno in (errno.ESTALE, errno.ENOENT):
                     current = await self._current(key)
                     if current is None:
                         return "gone"
-                    if current.etag != info.etag:
+                    if current.etag != info.etag or claimed:
                         return current
                 log.warning("hydration of %s failed: %s", key, exc.message)
                 return "failed"
@@ -195,6 +209,9 @@ class Hydrator:
                 log.info("not hydrating %s: cannot write the cache: %s", key, exc)
                 return "cache-error"
             if size != info.size:
+                if claimed:  # the event's size was wrong: learn the truth (and reject a lie about one ETag)
+                    current = await self._current(key)
+                    return "gone" if current is None else current
                 log.warning("hydration of %s: downloaded %d bytes, the object has %d; dropped", key, size,
                             info.size)
                 return "failed"
@@ -217,6 +234,16 @@ class Hydrator:
         log.debug("hydrated %s (%d bytes) in %.3fs", key, info.size, elapsed)
         return "hydrated"
 
+    async def _fetch(self, key: str, info: ObjectInfo, temp: Path) -> int:
+        """Download ``info``'s version of ``key`` to ``temp``; returns the bytes the object had (for a small
+        object the range asks for one byte more than expected, so a larger object shows)."""
+        if info.size <= self.settings.small_object:
+            data = await self.s3.call(lambda: self.store.get_range(key, 0, info.size + 1, info.etag))
+            await trio.to_thread.run_sync(_write, temp, data, limiter=self.cache.limiter)
+            return len(data)
+        await self.s3.call(lambda: self.store.download_file(key, info.etag, str(temp)))
+        return await trio.to_thread.run_sync(_size_of, temp, limiter=self.cache.limiter)
+
     def status(self) -> dict[str, object]:
         return {
             "outcomes": dict(self.outcomes),
@@ -224,6 +251,11 @@ class Hydrator:
             "reserved_bytes": self.planner.reserved,
             "s3_waits": self.s3.waits,
         }
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def _size_of(path: Path) -> int:

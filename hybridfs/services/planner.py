@@ -193,7 +193,7 @@ class Planner:
         disk = self.disk
         if disk is not None and disk.total > 0 and disk.free < s.min_free * disk.total:
             # Requested evictions have not freed their bytes yet: count them as freed here too.
-            short = math.ceil((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
+            short = int((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
             to_free = max(to_free, short)
             reasons.append(f"the cache disk has {disk.free / disk.total:.1%} free, under {s.min_free:.0%}")
         target = projected - to_free if reasons else None
