@@ -227,6 +227,13 @@ class FsSubject(Subject):
         self.prepare_big()
         assert self.big is not None
         path = self.root / self.big
+        if run == 0 and self.mount is None:
+            # Written moments ago: flush it, or fio could not drop its (dirty) pages and would read memory.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if run == 0 and self.mount is not None:
             with open(path, "rb") as fh:  # s3fs and rclone cache what is read; a no-op for a cached file
                 while fh.read(8 * 1024**2):
