@@ -133,7 +133,8 @@ class World:
         self.locks = KeyLocks()
         self.published: list[Event] = []
         self.clock_now = 1_000_000.0
-        settings = PlannerSettings(**{"interval": 1.0, "dedupe_window": 30.0, **planner_settings})
+        settings = PlannerSettings(**{"interval": 1.0, "dedupe_window": 30.0, "growth_check": 1.0,
+                                      **planner_settings})
         self.planner = Planner(self.cache, settings, self.published.append, ORIGIN, self.hooks.is_open,
                                clock=lambda: self.clock_now)
         self.hydrator = Hydrator(self.store, self.cache, self.planner, self.locks,

@@ -64,13 +64,21 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
         "events_published": bus.get("published"),
         "events_produced": bus.get("produced"),
         "events_in_outbox": bus.get("outbox"),
-        "kafka_reachable": bus.get("reachable"),
+        "kafka_reachable": _reachable(bus.get("reachable"), [c.get("reachable") for c in consumers.values()]),
         "events_consumed": {name: c.get("handled") for name, c in consumers.items()},
         "events_dead_lettered": sum(int(c.get("dead_lettered") or 0) for c in consumers.values()),
         "consumer_lag": {name: c.get("lag") for name, c in consumers.items()},
         "consumer_lag_total": sum(int(x) for x in lags if isinstance(x, int)) if any(
             isinstance(x, int) for x in lags) else None,
     }
+
+
+def _reachable(producer: Any, consumers: list[Any]) -> bool | None:
+    """What the mount last saw of Kafka: the producer's view, or the consumers' before anything was produced."""
+    views = [v for v in (producer, *consumers) if isinstance(v, bool)]
+    if isinstance(producer, bool):
+        return producer
+    return all(views) if views else None
 
 
 def _scaled(fraction: Any, capacity: Any) -> int | None:
@@ -147,20 +155,28 @@ def _outcomes(outcomes: Any) -> str:
     return ", ".join(f"{n} {name}" for name, n in sorted(outcomes.items(), key=lambda kv: -kv[1]))
 
 
-def fresh_status(root: Any, patience: float = 2.0) -> dict[str, Any]:
-    """The status, with a file count younger than the first read's when the mount can make one in time (reading
-    the status asks the mount to count again when its count is old)."""
+CENSUS_MIN_AGE = 0.25  # the mount counts again when the status is read and its count is older (census.py)
+
+
+def fresh_status(root: Any, patience: float = 3.0) -> dict[str, Any]:
+    """The status with a file count begun after this call, when the mount makes one within ``patience``
+    seconds (reading the status asks the mount to count again once its count is CENSUS_MIN_AGE old);
+    otherwise the status with the count it has, which says how old it is."""
     status = read_status(root)
     age = _num(_get(status, "services", "census", "age_seconds"))
-    if age is None or age < 3:
+    if age is None:
         return status
     deadline = time.monotonic() + patience
+    if age < CENSUS_MIN_AGE:
+        time.sleep(CENSUS_MIN_AGE - age + 0.05)
+        status = read_status(root)
+    asked = time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(0.1)
-        newer = read_status(root)
-        new_age = _num(_get(newer, "services", "census", "age_seconds"))
-        if new_age is not None and new_age < age:
-            return newer
+        new_age = _num(_get(status, "services", "census", "age_seconds"))
+        if new_age is not None and new_age <= time.monotonic() - asked + 0.05:
+            return status
+        time.sleep(0.05)
+        status = read_status(root)
     return status
 
 

@@ -23,11 +23,11 @@ class Count:
     files: int
     bytes: int
     complete: bool  # False when the limit cut the count short
-    at: float  # trio time of the count
+    at: float  # trio time the count began
 
 
 class Census:
-    def __init__(self, store: Any, prefix: str, *, interval: float = 600.0, min_age: float = 2.0,
+    def __init__(self, store: Any, prefix: str, *, interval: float = 600.0, min_age: float = 0.25,
                  limit: int = 1_000_000) -> None:
         self.store = store
         self.prefix = prefix
@@ -49,6 +49,7 @@ class Census:
                 await trio.sleep_until(self.last.at + self.min_age)
 
     async def count(self) -> None:
+        started = trio.current_time()  # the count shows the bucket as it was when the listing began
         try:
             files, size, complete = await trio.to_thread.run_sync(
                 self._count_sync, limiter=self.store.limiter, abandon_on_cancel=True)
@@ -57,7 +58,7 @@ class Census:
             log.debug("counting the objects under %r failed: %s", self.prefix, exc)
             return
         self.error = None
-        self.last = Count(files, size, complete, trio.current_time())
+        self.last = Count(files, size, complete, started)
 
     def _count_sync(self) -> tuple[int, int, bool]:
         files = size = 0

@@ -41,6 +41,7 @@ class PlannerSettings:
     max_age: float = 0.0  # 0: off
     interval: float = 2.0
     dedupe_window: float = 60.0
+    growth_check: float = 0.02  # seconds between checks for new cache entries (between rounds)
 
 
 @dataclass(frozen=True)
@@ -90,19 +91,34 @@ class Planner:
         self.published = {"watermark": 0, "max-age": 0}
         self.pressure_rounds = 0
         self.unsatisfied_rounds = 0  # rounds that could not find enough to evict (all pinned or open)
+        self._episode = 0  # evictions asked since usage went over a limit (0: within limits)
 
     # -- the service ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_growth)
+            while True:
+                try:
+                    await self.round()
+                except Exception:
+                    log.exception("eviction planning failed; trying again in %.1fs", self.settings.interval)
+                with trio.move_on_after(self.settings.interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    async def _watch_growth(self) -> None:
+        """Between rounds, react within ``growth_check`` seconds to new files taking the cache over the high
+        watermark (writes tee into the cache much faster than a 2 s round): the number of entries is an O(1)
+        hint, usage is summed only when it changed."""
+        seen = len(self.cache.entries)
         while True:
-            try:
-                await self.round()
-            except Exception:
-                log.exception("eviction planning failed; trying again in %.1fs", self.settings.interval)
-            with trio.move_on_after(self.settings.interval):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            await trio.sleep(min(self.settings.growth_check, self.settings.interval))
+            count = len(self.cache.entries)
+            if count > seen:
+                self.wake_if_over()
+            seen = count
 
     def wake(self) -> None:
         """Plan now rather than at the next tick."""
@@ -150,6 +166,10 @@ class Planner:
         plan = self.plan()
         if plan.short:
             self.unsatisfied_rounds += 1
+        if self._episode and plan.target is None:
+            log.info("cache usage %s of %s is within its limits again (%d evictions asked)", _size(plan.usage),
+                     _size(self.cache.capacity), self._episode)
+            self._episode = 0
         if plan.watermark or plan.max_age:
             self._publish(plan)
         return plan
@@ -233,8 +253,10 @@ class Planner:
                 self.published[reason] += 1
         if plan.watermark:
             self.pressure_rounds += 1
-            log.info("%s: asking to evict %d files (%s), coldest first", plan.why, len(plan.watermark),
-                     _size(sum(e.size for e in plan.watermark)))
+            level = logging.DEBUG if self._episode else logging.INFO  # INFO once per episode of pressure
+            self._episode += len(plan.watermark)
+            log.log(level, "%s: asking to evict %d files (%s), coldest first", plan.why, len(plan.watermark),
+                    _size(sum(e.size for e in plan.watermark)))
         if plan.max_age:
             log.info("asking to evict %d files not read for %.0fs (%s)", len(plan.max_age), self.settings.max_age,
                      _size(sum(e.size for e in plan.max_age)))
