@@ -376,6 +376,32 @@ def test_planner_evicts_coldest_unpinned_closed_down_to_low_watermark(tmp_path: 
     run(body, tmp_path)
 
 
+def test_planner_reacts_to_growth_between_rounds(tmp_path: Path) -> None:
+    """Files teed into the cache by writes take it over the high watermark: the planner acts within
+    ``growth_check``, not at its next round."""
+
+    async def body(w: World) -> None:
+        published = trio.Event()
+
+        def publish(event: Event) -> None:
+            w.published.append(event)
+            published.set()
+
+        w.planner.publish = publish
+        async with trio.open_nursery() as nursery:
+            await nursery.start(w.planner.run)
+            await trio.sleep(1)  # the first round ran: nothing to do
+            assert w.published == []
+            started = trio.current_time()
+            for i in range(10):
+                await w.cached(f"data/f{i}", b"." * MiB)
+            await published.wait()
+            assert trio.current_time() - started < 5, "reacted within growth_check, long before the interval"
+            nursery.cancel_scope.cancel()
+
+    run(body, tmp_path, interval=600.0, growth_check=1.0)
+
+
 def test_planner_is_quiet_below_the_high_watermark(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         for i in range(9):

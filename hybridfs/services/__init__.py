@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     from hybridfs.core.filesystem import Filesystem
     from hybridfs.daemon import Mount
 
-__all__ = ["HYDRATE_CONCURRENCY", "PURGE_CONCURRENCY", "Services", "start_all"]
+__all__ = ["PURGE_CONCURRENCY", "Services", "hydrate_concurrency", "start_all"]
 
-HYDRATE_CONCURRENCY = 8  # downloads at once (each behind the S3 limiter)
+# Hydrations at once: three quarters of the mount's S3 threads (--s3-threads, default 16 -> 12), so the rest stays
+# free for reads and writes. A hydration is latency-bound (one GET per small object), so this sets its throughput.
+HYDRATE_SHARE_OF_S3_THREADS = 0.75
 PURGE_CONCURRENCY = 4
 
 
@@ -60,6 +62,10 @@ class Services:
                 "census": self.census.status(),
             }
         }
+
+
+def hydrate_concurrency(s3_threads: int) -> int:
+    return max(1, int(s3_threads * HYDRATE_SHARE_OF_S3_THREADS))
 
 
 class StaticMemberConsumer(EventConsumer):
@@ -108,7 +114,7 @@ async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Serv
                               "kafka_config": cfg.kafka_options}
     hydrate_group, evict_group = f"hybridfs-hydrate-{cfg.cache_id}", f"hybridfs-evict-{cfg.cache_id}"
     hydrate_consumer = StaticMemberConsumer(cfg.kafka, topics.hydrate, hydrate_group, hydrator.handle,
-                                            instance_id=hydrate_group, concurrency=HYDRATE_CONCURRENCY,
+                                            instance_id=hydrate_group, concurrency=hydrate_concurrency(cfg.s3_threads),
                                             name="hydrator", **common)
     evict_consumer = StaticMemberConsumer(cfg.kafka, topics.evict, evict_group, purger.handle,
                                           instance_id=evict_group, concurrency=PURGE_CONCURRENCY, name="purger",
