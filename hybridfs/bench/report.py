@@ -185,19 +185,21 @@ def charts(results: Results, out_dir: Path) -> list[Path]:
     rows_r = [(r, {b: ratio(r, b) for b in baselines}) for r in results.metrics]
     rows_r = [(r, v) for r, v in rows_r if any(x is not None for x in v.values())]
     if rows_r:
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows_r) * max(1, len(baselines)) / 2 + 1.5))
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows_r) + 1.3))
         height = 0.8 / max(1, len(baselines))
         for i, b in enumerate(baselines):
             ys = [k + i * height for k in range(len(rows_r))]
             xs = [v[b] or 0.0 for _, v in rows_r]
             ax.barh(ys, xs, height=height, color=COLORS[b], label=f"vs {b}")
-        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(rows_r))])
+        ax.set_yticks([k + (len(baselines) - 1) * height / 2 for k in range(len(rows_r))])
         ax.set_yticklabels([r.metric.name for r, _ in rows_r], fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("hybridfs relative to baseline (log scale; right of 1 = hybridfs better)", fontsize=8)
         ax.legend(fontsize=7)
+        ax.set_title(f"hybridfs relative to each baseline ({results.sizes.mode}, medians of {results.sizes.runs} "
+                     "runs)", fontsize=9)
         fig.tight_layout()
         path = out_dir / "ratios.png"
         fig.savefig(path, dpi=110)
