@@ -267,6 +267,7 @@ class Progress:
         self.tty = self.out.isatty()
         self.started = time.monotonic()
         self.quiet_interval = quiet_interval
+        self.first_bytes: int | None = None
         self._next_quiet = self.started + quiet_interval
 
     def line(self, done: int, done_bytes: int) -> str:
@@ -274,9 +275,12 @@ class Progress:
         width = 30
         filled = int(width * done / self.total) if self.total else width
         bar = "#" * filled + "-" * (width - filled)
-        rate = done_bytes / elapsed / 2**20 if elapsed > 0 else 0.0
+        if self.first_bytes is None:
+            self.first_bytes = done_bytes  # already there when we started: not part of the rate
+        moved = done_bytes - self.first_bytes
+        rate = f", {moved / elapsed / 2**20:.1f} MiB/s" if elapsed >= 0.1 and moved else ""
         return (f"{self.label} [{bar}] {done}/{self.total} files, {done_bytes / 2**20:.1f}/"
-                f"{self.total_bytes / 2**20:.1f} MiB, {elapsed:.1f}s, {rate:.1f} MiB/s")
+                f"{self.total_bytes / 2**20:.1f} MiB, {elapsed:.1f}s{rate}")
 
     def update(self, done: int, done_bytes: int) -> None:
         if self.tty:
