@@ -259,7 +259,7 @@ class Progress:
     """A one-line progress bar on stderr when it is a terminal; a line every few seconds otherwise."""
 
     def __init__(self, label: str, total: int, total_bytes: int, out: TextIO | None = None,
-                 quiet_interval: float = 10.0) -> None:
+                 quiet_interval: float = 10.0, first_bytes: int = 0) -> None:
         self.label = label
         self.total = total
         self.total_bytes = total_bytes
@@ -267,7 +267,7 @@ class Progress:
         self.tty = self.out.isatty()
         self.started = time.monotonic()
         self.quiet_interval = quiet_interval
-        self.first_bytes: int | None = None
+        self.first_bytes = first_bytes
         self._next_quiet = self.started + quiet_interval
 
     def line(self, done: int, done_bytes: int) -> str:
@@ -275,9 +275,7 @@ class Progress:
         width = 30
         filled = int(width * done / self.total) if self.total else width
         bar = "#" * filled + "-" * (width - filled)
-        if self.first_bytes is None:
-            self.first_bytes = done_bytes  # already there when we started: not part of the rate
-        moved = done_bytes - self.first_bytes
+        moved = done_bytes - self.first_bytes  # what was there already is not part of the rate
         rate = f", {moved / elapsed / 2**20:.1f} MiB/s" if elapsed >= 0.1 and moved else ""
         return (f"{self.label} [{bar}] {done}/{self.total} files, {done_bytes / 2**20:.1f}/"
                 f"{self.total_bytes / 2**20:.1f} MiB, {elapsed:.1f}s{rate}")
@@ -311,7 +309,7 @@ def wait_for_state(targets: list[Target], want: str, label: str, timeout: float)
     waiting = [t for t in targets if t.path is not None and t.state != want]
     total_bytes = sum(t.size or 0 for t in targets)
     done_bytes = sum(t.size or 0 for t in targets if t not in waiting)
-    progress = Progress(label, len(targets), total_bytes)
+    progress = Progress(label, len(targets), total_bytes, first_bytes=done_bytes)
     deadline = time.monotonic() + timeout
     with concurrent.futures.ThreadPoolExecutor(RESOLVE_THREADS) as pool:
         while waiting:
