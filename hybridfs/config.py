@@ -135,8 +135,8 @@ class MountConfig:
     part_size: int = _opt(8 * 1024**2, "multipart upload part size, e.g. 8M", kind="size")
     max_inflight_parts: int = _opt(8, "parts of one file uploading at once (bounds memory per writer)")
     write_timeout: float = _opt(60.0, "seconds after which close()/fsync() of an unfinished upload returns EIO")
-    read_chunk_size: int = _opt(4 * 1024**2, "ranged GET size for cache misses", kind="size")
-    readahead_chunks: int = _opt(8, "chunks fetched ahead of a sequential reader")
+    read_chunk_size: int = _opt(8 * 1024**2, "ranged GET size for cache misses", kind="size")
+    readahead_chunks: int = _opt(16, "chunks fetched ahead of a sequential reader")
     # Kafka
     kafka: str = _opt("", "Kafka bootstrap servers (default HYBRIDFS_KAFKA_BOOTSTRAP)")
     topic_prefix: str = _opt("hybridfs", "topic prefix: <prefix>.hydrate, <prefix>.evict, <prefix>.dead-letter")

@@ -740,6 +740,8 @@ class Filesystem:
         """The cached copy of ``key`` went away: the kernel must not keep pages of it either."""
         path = self.keys.path(key)
         node = self.inodes.existing(path) if path is not None else None
+        for asked in [a for a in self._hydrate_asked if a[0] == key]:
+            del self._hydrate_asked[asked]  # the next miss of it must raise a hydrate event again
         if node is not None:
             node.kernel_etag = None
             await self.kernel.invalidate(node.ino)

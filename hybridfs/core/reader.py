@@ -128,6 +128,21 @@ class CacheReader:
     async def read(self, offset: int, length: int) -> bytes:
         fd = self.fd
         try:
+            # Pages already in memory are read inline: a thread hop costs ~60x the copy. RWF_NOWAIT makes the
+            # kernel refuse (EAGAIN) instead of blocking the trio loop on the disk; only then use a thread.
+            buf = bytearray(length)
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+            if n == length:
+                return bytes(buf)
+            if offset + n >= os.fstat(fd).st_size:  # a short read at the end of the file
+                return bytes(buf[:n])
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EAGAIN):
+                raise FsError(exc.errno or errno.EIO, f"cache read of {self.key}: {exc}",
+                              level=logging.WARNING) from exc
+        try:
             return await trio.to_thread.run_sync(lambda: os.pread(fd, length, offset),
                                                  limiter=self.cache.limiter)
         except OSError as exc:

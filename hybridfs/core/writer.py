@@ -74,8 +74,10 @@ class StreamWriter:
         self.settings = settings
         self.spawner = spawner
         self.size = 0
-        self.buffer = bytearray()
-        self.buffer_offset = 0  # file offset of buffer[0]
+        # Incoming writes are kept as they came and joined once per part: one copy per byte, not three.
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.buffer_offset = 0  # file offset of the first buffered byte
         self.upload_id: str | None = None
         self.parts: list[tuple[int, str]] = []
         self.next_part = 1
@@ -88,17 +90,20 @@ class StreamWriter:
             raise self.error
         if offset != self.size:
             raise NeedsSpool()
-        self.buffer += data
+        self.chunks.append(data)
+        self.buffered += len(data)
         self.size += len(data)
-        while len(self.buffer) >= part_size_for(self.next_part, self.settings.part_size):
+        while self.buffered >= part_size_for(self.next_part, self.settings.part_size):
             await self._cut_part()
 
     async def _cut_part(self) -> None:
         size = part_size_for(self.next_part, self.settings.part_size)
         if self.next_part > MAX_PARTS:
             raise FsError(errno.EFBIG, f"{self.key}: more than {MAX_PARTS} parts", level=logging.WARNING)
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
+        joined = self._take_buffer()
+        data = joined[:size]  # the same object when the part is exactly the buffer
+        if len(joined) > size:
+            self.chunks, self.buffered = [joined[size:]], len(joined) - size
         offset, self.buffer_offset = self.buffer_offset, self.buffer_offset + size
         if self.upload_id is None:
             self.upload_id = await self.store.create_multipart(self.key, self.metadata)
@@ -110,8 +115,10 @@ class StreamWriter:
     async def _upload_part(self, number: int, offset: int, data: bytes) -> None:
         try:
             assert self.upload_id is not None
-            await self.tee.write(offset, data)
-            etag = await self.store.upload_part(self.key, self.upload_id, number, data)
+            upload_id = self.upload_id
+            async with trio.open_nursery() as both:  # the local copy and the upload overlap
+                both.start_soon(self.tee.write, offset, data)
+                etag = await self.store.upload_part(self.key, upload_id, number, data)
             self.parts.append((number, etag))
         except FsError as exc:
             if self.error is None:
@@ -124,6 +131,11 @@ class StreamWriter:
             await self.slots.acquire()
         for _ in range(self.settings.max_inflight):
             self.slots.release()
+
+    def _take_buffer(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks, self.buffered = [], 0
+        return data
 
     @property
     def parts_started(self) -> bool:
@@ -146,12 +158,11 @@ class StreamWriter:
 
     async def _complete(self, metadata: dict[str, str]) -> str:
         if self.upload_id is None:  # smaller than a part: one PUT
-            data = bytes(self.buffer)
+            data = self._take_buffer()
             await self.tee.write(0, data)
             return await self.store.put(self.key, data, metadata)
-        if self.buffer:
-            data, offset = bytes(self.buffer), self.buffer_offset
-            self.buffer.clear()
+        if self.buffered:
+            data, offset = self._take_buffer(), self.buffer_offset
             await self.slots.acquire()
             number, self.next_part = self.next_part, self.next_part + 1
             self.spawner.start_soon(self._upload_part, number, offset, data)
@@ -197,7 +208,10 @@ class StreamWriter:
 
     def buffered_bytes(self) -> bytes | None:
         """All content written so far when none of it has left memory yet (the cheap way to spool)."""
-        return bytes(self.buffer) if self.upload_id is None else None
+        if self.upload_id is not None:
+            return None
+        data = b"".join(self.chunks)
+        return data
 
 
 class SpoolWriter:

@@ -60,6 +60,7 @@ def is_unreachable_error(err: KafkaError | None) -> bool:
 # its end once), so these are DEBUG: a log line per reconnect attempt is noise.
 _TRANSIENT_MARKERS = (
     "coordinator load in progress",
+    "not found in cache",  # "new leader-1 not found in cache" right after a broker restart
     "coordinator_load_in_progress",
     "coordinator is loading",
     "not coordinator",
