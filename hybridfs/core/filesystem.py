@@ -131,6 +131,7 @@ class Filesystem:
         self.cache = cache
         self.keys = keys
         self.ns = namespace
+        namespace.spawner = spawner
         self.settings = settings
         self.spawner = spawner
         self.hydration = hydration

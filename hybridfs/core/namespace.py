@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import trio
 from cachetools import LRUCache, TTLCache
 
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
@@ -23,6 +25,8 @@ from hybridfs.tiers.s3 import CloudStore
 log = logging.getLogger("hybridfs.namespace")
 
 CACHE_ENTRIES = 200_000
+PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
+PREFETCH_PARALLEL = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Namespace:
         self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(4096, dir_cache_time)
         self.pending: dict[str, Stat] = {}
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
+        # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
+        self.spawner: trio.Nursery | None = None
+        self._prefetching: dict[str, trio.Event] = {}
         self._s3_down = False
         self.root_stat = implicit_dir(defaults, time.time_ns())
 
@@ -59,6 +66,12 @@ class Namespace:
             return cached.stat
         if max_age is None and path in self.missing:
             raise not_found(path)
+        prefetch = self._prefetching.get(path)
+        if prefetch is not None:  # a HEAD for it is already under way: wait for that one
+            await prefetch.wait()
+            cached = self.stats.get(path)
+            if cached is not None and cached.stat.complete and max_age is None:
+                return cached.stat
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
         try:
@@ -110,12 +123,51 @@ class Namespace:
         if listing is None:
             listing = await self._fetch_listing(path)
             self.listings[path] = listing
+            self._prefetch(path, listing)
         merged = dict(listing)
         prefix = f"{path}/" if path else ""
         for p, st in self.pending.items():
             if parent_of(p) == path and p.startswith(prefix):
                 merged[name_of(p)] = st
         return merged
+
+    def _prefetch(self, path: str, listing: dict[str, Stat]) -> None:
+        """A listing has no metadata; `ls -l` then stats every entry one by one. Fetch the attributes of
+        the entries in parallel in the background, so those stats find them cached."""
+        if self.spawner is None:
+            return
+        todo = [f"{path}/{name}" if path else name for name, st in listing.items() if not st.complete]
+        todo = [p for p in todo[:PREFETCH_MAX] if p not in self._prefetching]
+        if not todo:
+            return
+        for child in todo:
+            self._prefetching[child] = trio.Event()
+        self.spawner.start_soon(self._prefetch_all, todo, name=f"prefetch attributes of {path!r}")
+
+    async def _prefetch_all(self, paths: Sequence[str]) -> None:
+        limiter = trio.CapacityLimiter(PREFETCH_PARALLEL)
+        try:
+            async with trio.open_nursery() as nursery:
+                for child in paths:
+                    nursery.start_soon(self._prefetch_one, child, limiter)
+        finally:
+            for child in paths:  # also when cancelled: nobody may wait forever
+                event = self._prefetching.pop(child, None)
+                if event is not None:
+                    event.set()
+
+    async def _prefetch_one(self, path: str, limiter: trio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                info = await self.store.head(self.keys.key(path))
+            if info is not None and path not in self.pending:
+                self.remember(path, stat_from_object(info, self.defaults))
+        except FsError as exc:
+            log.debug("prefetching attributes of %s: %s", path, exc)
+        finally:
+            event = self._prefetching.pop(path, None)
+            if event is not None:
+                event.set()
 
     async def _fetch_listing(self, path: str) -> dict[str, Stat]:
         result = await self.store.list_dir(self.keys.dir_prefix(path))
