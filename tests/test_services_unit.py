@@ -21,7 +21,8 @@ from hybridfs.commands.status import render, summarize
 from hybridfs.core.attrs import Stat
 from hybridfs.errors import FsError
 from hybridfs.events.schema import Event, RejectEvent
-from hybridfs.services.common import KeyLocks, S3Waiter
+from hybridfs.keylocks import KeyLocks
+from hybridfs.services.common import S3Waiter
 from hybridfs.services.hydrator import Hydrator, HydratorSettings
 from hybridfs.services.planner import DiskSpace, Planner, PlannerSettings
 from hybridfs.services.purger import PRESERVED_DIR, Purger

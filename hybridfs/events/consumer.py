@@ -35,6 +35,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from hybridfs.events.schema import Event, InvalidEvent, RejectEvent, decode
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
+from hybridfs.keylocks import KeyLocks
 
 __all__ = ["ConsumerStats", "EventConsumer", "Handler", "InvalidEvent", "RejectEvent"]
 
@@ -118,7 +119,7 @@ class EventConsumer:
         self._outstanding_lock = threading.Lock()
         self._epoch = 0  # bumped by every rebalance (thread); tags messages
         self._tracks: dict[tuple[str, int, int], _PartitionTrack] = {}
-        self._key_locks: dict[bytes, tuple[trio.Lock, int]] = {}
+        self._key_locks: KeyLocks[bytes] = KeyLocks()
         self._dlq_producer: Producer | None = None
 
         self._received = 0
@@ -255,8 +256,8 @@ class EventConsumer:
             with self._outstanding_lock:
                 self._outstanding -= 1
 
-    def _key_lock(self, key: bytes) -> _KeyLock:
-        return _KeyLock(self._key_locks, key)
+    def _key_lock(self, key: bytes) -> Any:
+        return self._key_locks(key)
 
     async def _handle(self, msg: Message) -> bool:
         """Decode and handle one message; True when it may be committed."""
@@ -526,37 +527,6 @@ def _rejection(exc: BaseException) -> RejectEvent | None:
                 leaf = leaf.exceptions[0]
             return leaf if isinstance(leaf, RejectEvent) else None
     return None
-
-
-class _KeyLock:
-    """``async with``: one handler at a time per object key (two events for one key never race)."""
-
-    def __init__(self, table: dict[bytes, tuple[trio.Lock, int]], key: bytes) -> None:
-        self._table = table
-        self._key = key
-
-    async def __aenter__(self) -> None:
-        lock, users = self._table.get(self._key, (None, 0))
-        if lock is None:
-            lock = trio.Lock()
-        self._table[self._key] = (lock, users + 1)
-        self._lock = lock
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._forget()
-            raise
-
-    def _forget(self) -> None:
-        lock, users = self._table[self._key]
-        if users <= 1:
-            del self._table[self._key]
-        else:
-            self._table[self._key] = (lock, users - 1)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-        self._forget()
 
 
 def _dispose_producer(producer: Producer) -> None:

@@ -23,8 +23,9 @@ from confluent_kafka import Consumer
 
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import topic_names
+from hybridfs.keylocks import KeyLocks
 from hybridfs.services.census import Census
-from hybridfs.services.common import FilesystemHooks, KeyLocks
+from hybridfs.services.common import FilesystemHooks
 from hybridfs.services.hydrator import Hydrator
 from hybridfs.services.planner import Planner, PlannerSettings
 from hybridfs.services.purger import Purger, PurgerSettings
@@ -98,7 +99,7 @@ async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Serv
     assert bus is not None, "services need the event bus"
     topics = topic_names(cfg.topic_prefix)
     hooks = FilesystemHooks(fs)
-    locks = KeyLocks()
+    locks: KeyLocks[str] = KeyLocks()
     planner = Planner(
         mount.cache,
         PlannerSettings(high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark, min_free=cfg.min_free,

@@ -82,47 +82,6 @@ def clean_etag(etag: str | None) -> str | None:
     return None if etag is None else etag.strip('"')
 
 
-class KeyLocks:
-    """One lock per object key, shared by the hydrator and the purger: a hydration and a purge of the same
-    object never interleave. Entries exist only while someone holds or waits for them."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}
-
-    def held(self, key: str) -> bool:
-        return key in self._locks
-
-    def __call__(self, key: str) -> _Held:
-        return _Held(self._locks, key)
-
-
-class _Held:
-    def __init__(self, table: dict[str, tuple[trio.Lock, int]], key: str) -> None:
-        self._table = table
-        self._key = key
-
-    async def __aenter__(self) -> None:
-        lock, users = self._table.get(self._key, (trio.Lock(), 0))
-        self._table[self._key] = (lock, users + 1)
-        self._lock = lock
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._release_entry()
-            raise
-
-    def _release_entry(self) -> None:
-        lock, users = self._table[self._key]
-        if users <= 1:
-            del self._table[self._key]
-        else:
-            self._table[self._key] = (lock, users - 1)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-        self._release_entry()
-
-
 def is_transient(exc: BaseException) -> bool:
     """S3 could not be reached or answered 5xx after botocore's retries: worth waiting for."""
     if isinstance(exc, FsError):

@@ -41,7 +41,8 @@ import trio
 
 from hybridfs.errors import FsError
 from hybridfs.events.schema import Event, RejectEvent
-from hybridfs.services.common import KeyLocks, S3Waiter, Store, clean_etag
+from hybridfs.keylocks import KeyLocks
+from hybridfs.services.common import S3Waiter, Store, clean_etag
 from hybridfs.services.planner import Planner, PlannerSettings
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import ObjectInfo

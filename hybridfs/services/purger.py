@@ -48,7 +48,8 @@ from hybridfs.core.attrs import metadata_for
 from hybridfs.core.paths import KEY_MAX
 from hybridfs.errors import FsError
 from hybridfs.events.schema import MAX_SEGMENT_BYTES, Event, RejectEvent
-from hybridfs.services.common import PLANNER_REASONS, FsHooks, KeyLocks, S3Waiter, Store, clean_etag
+from hybridfs.keylocks import KeyLocks
+from hybridfs.services.common import PLANNER_REASONS, FsHooks, S3Waiter, Store, clean_etag
 from hybridfs.services.planner import Planner
 from hybridfs.tiers.cache import CacheEntry, LocalCache
 from hybridfs.tiers.s3 import ObjectInfo
