@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -20,7 +20,7 @@ from cachetools import LRUCache, TTLCache
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
-from hybridfs.tiers.s3 import CloudStore
+from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 
 log = logging.getLogger("hybridfs.namespace")
 
@@ -105,17 +105,35 @@ class Namespace:
         return listing is not None and name_of(path) not in listing
 
     async def _fetch(self, path: str) -> Stat | None:
-        key = self.keys.key(path)
-        info = await self.store.head(key)
-        if info is not None:
+        """A file (HEAD key) or a directory (keys under key/) — asked at once, so a missing path, the common
+        case before every create, costs one round trip instead of three."""
+        key, marker = self.keys.key(path), self.keys.dir_prefix(path)
+        found: dict[str, object] = {}
+
+        errors: list[FsError] = []
+
+        async def ask(name: str, request: Callable[[], Awaitable[object]]) -> None:
+            try:
+                found[name] = await request()
+            except FsError as exc:  # raised below as itself, not wrapped in an exception group
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "file", lambda: self.store.head(key))
+            nursery.start_soon(ask, "below", lambda: self.store.first_keys(marker, 1))
+        if errors:
+            raise errors[0]
+        info = found["file"]
+        if isinstance(info, ObjectInfo):
             return stat_from_object(info, self.defaults)
-        marker = self.keys.dir_prefix(path)
-        info = await self.store.head(marker)
-        if info is not None:
-            return stat_from_object(info, self.defaults, is_dir=True)
-        if await self.store.has_children(marker):
-            return implicit_dir(self.defaults, self.root_stat.mtime_ns)
-        return None
+        below_keys = found["below"]
+        if not below_keys:
+            return None
+        if below_keys == [marker]:  # a marker object, which carries the directory's attributes
+            info = await self.store.head(marker)
+            if info is not None:
+                return stat_from_object(info, self.defaults, is_dir=True)
+        return implicit_dir(self.defaults, self.root_stat.mtime_ns)
 
     async def list(self, path: str) -> dict[str, Stat]:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""

@@ -182,6 +182,12 @@ class CloudStore:
                                 Prefix=prefix, MaxKeys=2)
         return any(obj["Key"] != prefix for obj in resp.get("Contents", []))
 
+    async def first_keys(self, prefix: str, limit: int = 2) -> list[str]:
+        """The first keys under ``prefix`` (the marker ``prefix`` itself sorts first when it exists)."""
+        resp = await self._call(f"LIST {prefix}", self.client.list_objects_v2, Bucket=self.bucket,
+                                Prefix=prefix, MaxKeys=limit)
+        return [obj["Key"] for obj in resp.get("Contents", [])]
+
     async def list_keys(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix``, recursively (used for directory renames and warm-up)."""
         def collect() -> list[ObjectInfo]:
