@@ -95,8 +95,13 @@ class EventConsumer:
         poll_timeout: float = 0.1,
         close_timeout: float = 10.0,
         name: str | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # Static group membership (KIP-345): a restarted member takes its partitions back at once instead of
+        # waiting out the dead member's session. Given to the consumer only (the dead-letter producer shares
+        # kafka_config and would warn about it); a group.instance.id in kafka_config wins.
+        self.instance_id = instance_id
         self.topic = topic
         self.group_id = group_id
         self.handler = handler
@@ -182,9 +187,12 @@ class EventConsumer:
                     await trio.to_thread.run_sync(_dispose_producer, producer)
 
     def _new_consumer(self) -> Consumer:
+        settings = dict(self.kafka_config)
+        if self.instance_id:
+            settings = {"group.instance.id": self.instance_id, **settings}
         conf = client_config(
             self.bootstrap,
-            self.kafka_config,
+            settings,
             client_id=f"hybridfs-{self.name}",
             logger=RdKafkaLogger(),
             defaults={

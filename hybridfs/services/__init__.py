@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
-from confluent_kafka import Consumer
 
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import topic_names
@@ -69,29 +68,6 @@ def hydrate_concurrency(s3_threads: int) -> int:
     return max(1, int(s3_threads * HYDRATE_SHARE_OF_S3_THREADS))
 
 
-class StaticMemberConsumer(EventConsumer):
-    """An EventConsumer with static group membership (KIP-345, ``group.instance.id``): one cache is the one
-    member of its group, so a mount restarted after a crash takes its partitions back at once instead of
-    waiting out the dead member's session (45 s). Only the consumer gets the setting (the consumer's
-    dead-letter producer shares ``kafka_config`` and would warn about it); a ``group.instance.id`` in the
-    user's kafka_options wins.
-
-    TODO(events): an ``instance_id`` argument of EventConsumer would make this subclass unnecessary.
-    """
-
-    def __init__(self, *args: Any, instance_id: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.instance_id = instance_id
-
-    def _new_consumer(self) -> Consumer:
-        shared = self.kafka_config
-        self.kafka_config = {"group.instance.id": self.instance_id, **shared}
-        try:
-            return super()._new_consumer()
-        finally:
-            self.kafka_config = shared
-
-
 async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Services:
     """Build the services of ``mount`` and start them in ``nursery``; returns them for the status."""
     cfg = mount.cfg
@@ -114,10 +90,10 @@ async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Serv
     common: dict[str, Any] = {"allowed_prefix": mount.keys.prefix, "dead_letter_topic": topics.dead_letter,
                               "kafka_config": cfg.kafka_options}
     hydrate_group, evict_group = f"hybridfs-hydrate-{cfg.cache_id}", f"hybridfs-evict-{cfg.cache_id}"
-    hydrate_consumer = StaticMemberConsumer(cfg.kafka, topics.hydrate, hydrate_group, hydrator.handle,
+    hydrate_consumer = EventConsumer(cfg.kafka, topics.hydrate, hydrate_group, hydrator.handle,
                                             instance_id=hydrate_group, concurrency=hydrate_concurrency(cfg.s3_threads),
                                             name="hydrator", **common)
-    evict_consumer = StaticMemberConsumer(cfg.kafka, topics.evict, evict_group, purger.handle,
+    evict_consumer = EventConsumer(cfg.kafka, topics.evict, evict_group, purger.handle,
                                           instance_id=evict_group, concurrency=PURGE_CONCURRENCY, name="purger",
                                           **common)
     census = Census(mount.store, mount.keys.prefix)
