@@ -363,13 +363,19 @@ def _summary(verb: str, published: int, skipped: dict[str, int]) -> None:
           file=sys.stderr)
 
 
+def _targets(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The Kafka options and the resolved PATH arguments of a verb; --wait needs paths inside a mount."""
+    opts = _options(args)
+    targets = resolve(args.paths, opts)
+    if getattr(args, "wait", False) and any(t.path is None for t in targets):
+        raise CliError("--wait needs paths inside a mount (an s3:// URL cannot be watched)")
+    return opts, targets
+
+
 def cmd_hydrate(args: argparse.Namespace) -> int:
     from hybridfs.events.schema import Event
 
-    opts = _options(args)
-    targets = resolve(args.paths, opts)
-    if args.wait and any(t.path is None for t in targets):
-        raise CliError("--wait needs paths inside a mount (an s3:// URL cannot be watched)")
+    opts, targets = _targets(args)
     too_large = [t for t in targets if t.mount is not None and t.mount.capacity is not None and t.size is not None
                  and t.size > t.mount.capacity]
     todo = [t for t in targets if t.state != "cached" and t not in too_large]
@@ -386,10 +392,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
 def cmd_evict(args: argparse.Namespace) -> int:
     from hybridfs.events.schema import Event
 
-    opts = _options(args)
-    targets = resolve(args.paths, opts)
-    if args.wait and any(t.path is None for t in targets):
-        raise CliError("--wait needs paths inside a mount (an s3:// URL cannot be watched)")
+    opts, targets = _targets(args)
     todo = [t for t in targets if t.state != "cloud" or args.unpin]
     me = origin()
     pin = False if args.unpin else None
@@ -404,10 +407,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
 def cmd_pin(args: argparse.Namespace) -> int:
     from hybridfs.events.schema import Event
 
-    opts = _options(args)
-    targets = resolve(args.paths, opts)
-    if args.wait and any(t.path is None for t in targets):
-        raise CliError("--wait needs paths inside a mount (an s3:// URL cannot be watched)")
+    opts, targets = _targets(args)
     me = origin()
     published = publish(targets, lambda t: Event.hydrate(t.key, t.etag, t.size, "pin", me, pin=True,
                                                          bucket=t.bucket), opts, args.kafka_timeout)
@@ -420,8 +420,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 def cmd_unpin(args: argparse.Namespace) -> int:
     from hybridfs.events.schema import Event
 
-    opts = _options(args)
-    targets = resolve(args.paths, opts)
+    opts, targets = _targets(args)
     me = origin()
     published = publish(targets, lambda t: Event.hydrate(t.key, t.etag, t.size, "unpin", me, pin=False,
                                                          bucket=t.bucket), opts, args.kafka_timeout)
