@@ -39,7 +39,7 @@ from hybridfs.events.bus import EventBus
 from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
-from hybridfs.tasks import Supervisor
+from hybridfs.tasks import Supervisor, failpoint
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore, S3Settings
 from hybridfs.tiers.uploads import UploadJournal
@@ -151,7 +151,7 @@ class Mount:
         if grace <= 0:
             return
         try:
-            stale = await self.store.stale_uploads(self.keys.prefix + "/" if self.keys.prefix else "", grace)
+            stale = await self.store.stale_uploads(self.keys.prefix, grace)
         except Exception as exc:
             log.info("could not list multipart uploads to clean up: %s", exc)
             return
@@ -251,6 +251,7 @@ class Mount:
         task_status.started()
         while True:
             await trio.sleep(5)
+            failpoint("housekeeping")
             await self.cache.flush_touched()
             if not self.draining:
                 notify(f"STATUS={self._status_line()}")

@@ -13,6 +13,7 @@ supervisor is what nobody waits for: part uploads, read-ahead fetches, prefetche
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -22,6 +23,32 @@ log = logging.getLogger("hybridfs.tasks")
 
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 60.0
+
+
+def _parse_failpoints(text: str) -> dict[str, int]:
+    points: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = item.partition(":")
+        points[name] = int(count) if count.isdigit() else 1
+    return points
+
+
+# Fault injection for the test suite: HYBRIDFS_FAILPOINTS="part:1,fetch:2" makes the next 1 part upload and the
+# next 2 chunk fetches raise an unexpected exception (a stand-in for any bug), to prove that no task can end the
+# mount. Unset in production; each site is one dictionary lookup.
+_FAILPOINTS = _parse_failpoints(os.environ.get("HYBRIDFS_FAILPOINTS", ""))
+
+
+class FailpointError(RuntimeError):
+    """Raised by an armed failpoint."""
+
+
+def failpoint(name: str) -> None:
+    left = _FAILPOINTS.get(name)
+    if left:
+        _FAILPOINTS[name] = left - 1
+        log.info("failpoint %s fires", name)
+        raise FailpointError(f"failpoint {name}")
 
 
 class Spawner(Protocol):

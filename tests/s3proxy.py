@@ -68,6 +68,8 @@ class Rule:
     times: int | None = None
     after: int = 0
     hits: int = 0
+    # "delay": S3's status for each request forwarded after its delay (None: S3 did not answer), in order.
+    answers: list[int | None] = field(default_factory=list)
     matched: int = 0  # requests that matched, including those skipped by ``after``
     _released: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -289,7 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif rule.action == "delay":
             time.sleep(rule.delay)
-            self._forward()
+            status = self._forward()
+            with proxy._lock:
+                rule.answers.append(status)
         else:
             if rule.delay > 0:
                 time.sleep(rule.delay)
@@ -314,7 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _forward(self) -> None:
+    def _forward(self) -> int | None:
+        """Forward the request; S3's status (None when S3 failed to answer)."""
         proxy = self.server.proxy
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=300)
         try:
@@ -329,11 +334,14 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.close()
             log.debug("s3proxy: upstream failed for %s %s", self.command, self.path, exc_info=True)
             self._reset()  # the client sees S3 drop the connection, as it would without the proxy
-            return
+            return None
         try:
             self._relay(response)
+        except OSError:  # the client is gone (it gave up waiting): S3 answered all the same
+            log.debug("s3proxy: client gone for %s %s", self.command, self.path, exc_info=True)
         finally:
             upstream.close()
+        return response.status
 
     def _copy_body(self, sink: socket.socket | None) -> None:
         """Copy (or with no sink, discard) the request body as it came: Content-Length, or the raw chunked framing."""

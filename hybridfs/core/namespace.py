@@ -20,7 +20,7 @@ from cachetools import LRUCache, TTLCache
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
-from hybridfs.tasks import Spawner
+from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 
 log = logging.getLogger("hybridfs.namespace")
@@ -177,12 +177,15 @@ class Namespace:
 
     async def _prefetch_one(self, path: str, limiter: trio.CapacityLimiter) -> None:
         try:
+            failpoint("prefetch")
             async with limiter:
                 info = await self.store.head(self.keys.key(path))
             if info is not None and path not in self.pending:
                 self.remember(path, stat_from_object(info, self.defaults))
         except FsError as exc:
             log.debug("prefetching attributes of %s: %s", path, exc)
+        except Exception:  # a bug: this entry is just not prefetched; its stat asks S3 itself
+            log.exception("prefetching attributes of %s: internal error", path)
         finally:
             event = self._prefetching.pop(path, None)
             if event is not None:

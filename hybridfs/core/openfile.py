@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,17 @@ class OpenFile:
         return self.writer.size if self.writer is not None else self.stat.size
 
 
+# The errnos a failed close()/fsync() may report as they are; anything else (NoSuchUpload's ENOENT, a refused
+# conditional write's ESTALE) means "not stored" to the caller, which is EIO.
+WRITE_ERRNOS = frozenset({errno.EIO, errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ENAMETOOLONG})
+
+
+def as_write_error(exc: FsError) -> FsError:
+    if exc.errno in WRITE_ERRNOS:
+        return exc
+    return FsError(errno.EIO, f"{exc.message} (this version is not stored)", level=max(exc.level, logging.ERROR))
+
+
 Stored = Callable[[OpenFile, str, Uploaded], None]
 Hydrate = Callable[[str, str, int, str], None]
 
@@ -117,7 +129,7 @@ class WritePath:
         self.key_of = key_of
         self.stored = stored  # called after every commit: the namespace and the events learn the new version
         self.hydrate = hydrate
-        self.fence = WriteFence()
+        self.fence = WriteFence(store)
 
     def stream_writer(self, of: OpenFile, key: str) -> StreamWriter:
         return StreamWriter(self.store, self.cache, key, metadata_for(of.stat), self.settings, self.spawner,
@@ -266,14 +278,17 @@ class WritePath:
                 writer = await self._to_spool(of)
                 writer.key = key
                 done = await writer.finish(metadata_for(st), condition, deadline)
-        except FsError as exc:
+        except Exception as exc:
             of.flush_failed = True
+            if not isinstance(exc, FsError):  # a bug: still a failed flush, with every byte kept
+                log.exception("flush of %s: internal error", key)
+                exc = io_error(f"flush of {key}: internal error {exc!r}")
             if isinstance(of.writer, StreamWriter):
                 with contextlib.suppress(FsError):
                     await self._to_spool(of)  # keep every byte for the next flush (or LOST)
             if isinstance(exc, WriteConflict):
                 await self._learn_current(of, key)
-            raise
+            raise as_write_error(exc) from None
         if moved_from is not None:
             done = await self._move(moved_from, key, st, done)
         if isinstance(writer, StreamWriter):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from hybridfs.errors import FsError
-from hybridfs.tasks import Spawner
+from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore
 
@@ -91,11 +91,12 @@ class CloudReader:
         cs = self.settings.chunk_size
         start = index * cs
         try:
+            failpoint("fetch")
             chunk.data = await self.store.get_range(self.key, start, min(cs, self.size - start), self.etag)
         except FsError as exc:
             chunk.error = exc
         except Exception as exc:  # a bug must reach the reader as EIO, never as a silently short chunk
-            log.exception("fetching %s chunk %d", self.key, index)
+            log.exception("fetching %s chunk %d: internal error", self.key, index)
             chunk.error = FsError(errno.EIO, f"GET {self.key} chunk {index}: internal error {exc!r}",
                                   level=logging.ERROR)
         finally:

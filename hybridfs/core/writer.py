@@ -36,7 +36,7 @@ from pathlib import Path
 import trio
 
 from hybridfs.errors import FsError, io_error
-from hybridfs.tasks import Spawner
+from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache, TeeFile
 from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, WriteConflict
 
@@ -82,10 +82,14 @@ def timeout_error(key: str, timeout: float) -> FsError:
 @dataclass
 class _Send:
     key: str
+    token: str
     done: trio.Event = field(default_factory=trio.Event)
     etag: str | None = None
     error: BaseException | None = None
     abandoned: bool = False  # the flush that started it gave up (timeout): nobody waits for the answer
+
+
+Send = Callable[[Condition], Awaitable[str]]
 
 
 class WriteFence:
@@ -93,74 +97,87 @@ class WriteFence:
 
     A commit runs in a task of its own, so a flush that times out stops waiting without cancelling it (a
     cancelled boto3 call goes on in its thread anyway, unseen). The next flush of the same key first waits for it
-    (``settle``): if it landed after all, the new version is based on it; if it was refused, nothing changed.
-    Owned by the trio thread.
+    (``settle``). A commit that S3 refuses because the object is no longer the version it was based on is
+    recognised as ours when the object carries the token of this commit (a botocore retry whose first attempt
+    did land: success) or of an earlier commit of ours that failed or gave up (it landed late: this commit
+    replaces it). Any other refusal is a conflict with another writer, reported to the caller. Owned by the trio
+    thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store: CloudStore) -> None:
+        self.store = store
         self._open: dict[str, list[_Send]] = {}
         self._landed: dict[str, str] = {}
+        self._unacknowledged: dict[str, set[str]] = {}  # key -> tokens of commits whose caller heard "failed"
 
-    async def commit(self, spawner: Spawner, key: str, call: Callable[[], Awaitable[str]]) -> str:
-        send = _Send(key)
-        self._open.setdefault(key, []).append(send)
-        spawner.start_soon(self._run, send, call, name=f"commit {key}")
+    async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
+        pending = _Send(key, token)
+        self._open.setdefault(key, []).append(pending)
+        spawner.start_soon(self._run, pending, condition, send, name=f"commit {key}")
         try:
-            await send.done.wait()
+            await pending.done.wait()
         except trio.Cancelled:
-            send.abandoned = True
+            pending.abandoned = True
+            self._unacknowledged.setdefault(key, set()).add(token)
             raise
-        if send.error is not None:
-            raise send.error
-        if send.etag is None:
+        if pending.error is not None:
+            self._unacknowledged.setdefault(key, set()).add(token)
+            raise pending.error
+        if pending.etag is None:
             raise io_error(f"commit of {key} was cancelled (shutting down)")
-        return send.etag
+        self._unacknowledged.pop(key, None)  # anything earlier of ours is replaced now
+        return pending.etag
 
-    async def _run(self, send: _Send, call: Callable[[], Awaitable[str]]) -> None:
+    async def _run(self, pending: _Send, condition: Condition, send: Send) -> None:
         try:
-            send.etag = await call()
-        except Exception as exc:
-            send.error = exc
+            failpoint("commit")
+            pending.etag = await self._attempt(pending, condition, send)
+        except FsError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
+            log.exception("commit of %s: internal error", pending.key)
+            pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
-            send.done.set()
-            sends = self._open.get(send.key, [])
+            pending.done.set()
+            sends = self._open.get(pending.key, [])
             with contextlib.suppress(ValueError):
-                sends.remove(send)
+                sends.remove(pending)
             if not sends:
-                self._open.pop(send.key, None)
-        if send.abandoned:
-            if send.etag is not None:
-                self._landed[send.key] = send.etag
+                self._open.pop(pending.key, None)
+        if pending.abandoned:
+            if pending.etag is not None:
+                self._landed[pending.key] = pending.etag
                 log.info("an upload of %s whose caller was told it failed landed later (ETag %s); the next "
-                         "flush of the file replaces it", send.key, send.etag)
+                         "flush of the file replaces it", pending.key, pending.etag)
             else:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
-                         send.key, send.error)
+                         pending.key, pending.error)
+
+    async def _attempt(self, pending: _Send, condition: Condition, send: Send) -> str:
+        try:
+            return await send(condition)
+        except WriteConflict:
+            info = await self.store.head(pending.key)
+            found = (info.metadata or {}).get(WRITE_TOKEN) if info is not None else None
+            if info is not None and found == pending.token:
+                return info.etag  # our own retried attempt had landed
+            if info is not None and found in self._unacknowledged.get(pending.key, ()):
+                log.info("%s: an earlier upload of ours that was reported failed landed late (ETag %s); "
+                         "replacing it", pending.key, info.etag)
+                try:
+                    return await send(Condition(info.etag))
+                except WriteConflict:
+                    info = await self.store.head(pending.key)
+            now = f"ETag {info.etag}" if info is not None else "no object"
+            raise WriteConflict(errno.EIO, f"{pending.key} changed in S3 while this file was open (expected "
+                                f"{condition}, found {now}); not overwritten — the changes stay open for "
+                                "another fsync/close", level=logging.WARNING) from None
 
     async def settle(self, key: str) -> str | None:
         """Wait for the key's earlier commits; the ETag of one that landed after its caller gave up, if any."""
         while sends := self._open.get(key):
             await sends[0].done.wait()
         return self._landed.pop(key, None)
-
-    def forget(self, key: str) -> None:
-        self._landed.pop(key, None)
-
-
-async def guarded(store: CloudStore, key: str, condition: Condition, token: str,
-                  send: Callable[[], Awaitable[str]]) -> str:
-    """``send`` a conditional write; a refusal caused by our own earlier attempt (a botocore retry after the
-    first try did land) is success, any other refusal is a conflict the caller hears about."""
-    try:
-        return await send()
-    except WriteConflict:
-        info = await store.head(key)
-        if info is not None and (info.metadata or {}).get(WRITE_TOKEN) == token:
-            return info.etag
-        now = f"ETag {info.etag}" if info is not None else "no object"
-        raise WriteConflict(errno.EIO, f"{key} changed in S3 while this file was open (expected {condition}, "
-                            f"found {now}); not overwritten — the changes stay open for another fsync/close",
-                            level=logging.WARNING) from None
 
 
 def with_token(metadata: dict[str, str], token: str) -> dict[str, str]:
@@ -254,14 +271,22 @@ class StreamWriter:
                 both.start_soon(self._tee_part, offset, data, teed)
                 if upload_id is None:  # handed over meanwhile
                     return
-                try:
+                try:  # caught here, so that a failing upload never cancels the local copy beside it
+                    failpoint("part")
                     etag = await self.store.upload_part(self.key, upload_id, number, data)
                 except FsError as exc:
-                    self._fail(exc)
+                    if self.upload_id != upload_id:  # handed over or aborted meanwhile: nobody needs this part
+                        log.debug("part %d of %s after its upload was dropped: %s", number, self.key, exc)
+                    else:
+                        self._fail(exc)
+                except Exception as exc:  # a bug: the part is not stored, the stream fails, the mount goes on
+                    log.exception("part %d of %s: internal error", number, self.key)
+                    self._fail(io_error(f"part {number} of {self.key}: internal error {exc!r}"))
                 else:
                     self.parts.append((number, etag))
-        except Exception as exc:  # a bug; the part is not stored, the stream fails, the mount goes on
-            log.exception("part %d of %s", number, self.key)
+        except Exception as exc:  # a bug in the local copy: the stream can no longer be handed over safely
+            log.exception("local copy of part %d of %s: internal error", number, self.key)
+            await self.tee.discard(f"internal error {exc!r}")
             self._fail(io_error(f"part {number} of {self.key}: internal error {exc!r}"))
         finally:
             teed.set()
@@ -311,9 +336,8 @@ class StreamWriter:
             await self.tee.write(0, data)
             token = new_token()
             meta = with_token(metadata, token)
-            return await self.fence.commit(self.spawner, self.key, lambda: guarded(
-                self.store, self.key, condition, token,
-                lambda: self.store.put(self.key, data, meta, condition=condition)))
+            return await self.fence.commit(self.spawner, self.key, condition, token,
+                                           lambda cond: self.store.put(self.key, data, meta, condition=cond))
         if self.buffered:
             await self.slots.acquire()
             data, offset = self._take_buffer(), self.buffer_offset
@@ -323,9 +347,9 @@ class StreamWriter:
         if self.failed is not None:
             raise NeedsSpool()
         upload_id, parts = self.upload_id, list(self.parts)
-        etag = await self.fence.commit(self.spawner, self.key, lambda: guarded(
-            self.store, self.key, condition, self.token,
-            lambda: self.store.complete_multipart(self.key, upload_id, parts, condition=condition)))
+        etag = await self.fence.commit(
+            self.spawner, self.key, condition, self.token,
+            lambda cond: self.store.complete_multipart(self.key, upload_id, parts, condition=cond))
         self.upload_id = None
         if metadata != self.metadata:  # attributes changed while streaming (utimens, chmod)
             await self.store.copy(self.key, self.key, metadata)
@@ -501,18 +525,17 @@ class SpoolWriter:
         tee_error = await self._tee(etag)
         return Uploaded(etag, self.size, tee_error is None, tee_error)
 
-    async def _commit(self, call: Callable[[], Awaitable[str]]) -> str:
-        if self.fence is None or self.spawner is None:
-            return await call()
-        return await self.fence.commit(self.spawner, self.key, call)
+    async def _commit(self, condition: Condition, token: str, send: Send) -> str:
+        if self.fence is None or self.spawner is None:  # a one-off upload (truncate of a closed file)
+            return await send(condition)
+        return await self.fence.commit(self.spawner, self.key, condition, token, send)
 
     async def _put(self, metadata: dict[str, str], condition: Condition) -> str:
         data = await self.read(0, self.size)
         token = new_token()
         meta = with_token(metadata, token)
-        return await self._commit(lambda: guarded(self.store, self.key, condition, token,
-                                                  lambda: self.store.put(self.key, data, meta,
-                                                                         condition=condition)))
+        return await self._commit(condition, token,
+                                  lambda cond: self.store.put(self.key, data, meta, condition=cond))
 
     async def _multipart(self, metadata: dict[str, str], condition: Condition) -> str:
         """Parts read from the spool, ``max_inflight`` at a time; the commit is fenced like a stream's."""
@@ -532,9 +555,9 @@ class SpoolWriter:
                     offset, number = offset + size, number + 1
             if errors:
                 raise errors[0]
-            etag = await self._commit(lambda: guarded(
-                self.store, self.key, condition, token,
-                lambda: self.store.complete_multipart(self.key, upload_id, parts, condition=condition)))
+            etag = await self._commit(
+                condition, token,
+                lambda cond: self.store.complete_multipart(self.key, upload_id, parts, condition=cond))
             completed = True
             return etag
         finally:

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -291,9 +292,30 @@ class CloudStore:
     # -- streamed multipart upload --------------------------------------------------------------------------
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
-        resp = await self._call(f"CreateMultipartUpload {key}", self.client.create_multipart_upload,
-                                Bucket=self.bucket, Key=key, Metadata=metadata)
-        upload_id = str(resp["UploadId"])
+        """Start a multipart upload. A caller that gives up (timeout) while S3 has not answered yet leaves the
+        request running in its thread; an upload it creates then is aborted at once, never left behind."""
+        lock = threading.Lock()
+        box: dict[str, Any] = {}
+
+        def create() -> str:
+            resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)
+            with lock:
+                box["id"] = upload_id = str(resp["UploadId"])
+                abandoned = box.get("abandoned", False)
+            if abandoned:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return upload_id
+
+        try:
+            upload_id = await self._call(f"CreateMultipartUpload {key}", create)
+        except trio.Cancelled:
+            with lock:
+                box["abandoned"] = True
+                late = box.get("id")
+            if late is not None:  # created just as we gave up: nobody else will ever abort it
+                self.schedule_abort(key, late)
+            raise
         await self._journal("record", key, upload_id)
         return upload_id
 
@@ -401,10 +423,15 @@ class CloudStore:
             found: list[tuple[str, str]] = []
             for scope in ([prefix, ""] if prefix else [""]):
                 kwargs: dict[str, Any] = {"Bucket": self.bucket, **({"Prefix": scope} if scope else {})}
-                for page in self.client.get_paginator("list_multipart_uploads").paginate(**kwargs):
-                    for upload in page.get("Uploads", []):
-                        if upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff:
-                            found.append((upload["Key"], upload["UploadId"]))
+                try:
+                    for page in self.client.get_paginator("list_multipart_uploads").paginate(**kwargs):
+                        for upload in page.get("Uploads", []):
+                            if upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff:
+                                found.append((upload["Key"], upload["UploadId"]))
+                except botocore.exceptions.ClientError:
+                    if not scope:
+                        raise
+                    continue  # MinIO refuses a prefix that is not an object name: list the bucket instead
                 if found:
                     break
             return found
