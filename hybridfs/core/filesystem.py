@@ -451,7 +451,7 @@ class Filesystem:
             return await self.writes.read(of, offset, length)
         if of.stat.etag is None or of.stat.size == 0:
             return b""
-        if handle.reader is None:
+        if handle.reader is None or self._hydrated_since_open(handle):
             handle.reader = await self._reader_for(of)
         try:
             return await handle.reader.read(offset, length)
@@ -463,6 +463,15 @@ class Filesystem:
             await self.cache.remove(handle.reader.key)
             handle.reader = self._cloud_reader(of)
             return await handle.reader.read(offset, length)
+
+    def _hydrated_since_open(self, handle: Handle) -> bool:
+        """A handle opened while its file was cloud-only switches to the cache once the same version is there
+        (a dictionary lookup per read; the cached copy is keyed by the ETag the handle is pinned to)."""
+        reader = handle.reader
+        if not isinstance(reader, CloudReader) or self.cache.lookup(reader.key, reader.etag) is None:
+            return False
+        reader.close()
+        return True
 
     async def _reader_for(self, of: OpenFile) -> CacheReader | CloudReader:
         key = self._key_of(of.node)
@@ -570,6 +579,8 @@ class Filesystem:
         path = self.inodes.path(ino)
         if path == "" and name == XATTR_STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
+        if name not in FILE_XATTRS:  # e.g. security.capability, asked before every write: no S3 round trip
+            raise FsError(errno.ENODATA, f"no attribute {name} on {path!r}")
         st = await self.getattr(ino)
         if not st.is_file or name not in FILE_XATTRS:
             raise FsError(errno.ENODATA, f"no attribute {name} on {path!r}")
