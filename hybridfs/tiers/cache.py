@@ -379,6 +379,7 @@ class Layout:
         for leftover in self.tmp.iterdir():  # partial writes of a previous run
             _reclaim(leftover, reclaimed)
         rebuilt = force_rebuild
+        missing = not self.index.exists()
         index: Index | None = None
         if rebuilt is None:
             try:
@@ -394,6 +395,8 @@ class Layout:
         try:
             rows, pins = index.rows()
             entries, dropped = self._reconcile(rows, reclaimed)
+            if missing and rebuilt is None and entries:  # a lost index, not a new cache
+                rebuilt = "index.sqlite missing"
             if dropped:
                 index.delete(dropped)
             indexed = {(r.key, r.etag) for r in rows}
@@ -653,6 +656,12 @@ class LocalCache:
             return self._index_broken
         if self._index is not None and self._index.replaced():
             return "index.sqlite deleted or replaced"
+        try:  # overwritten in place: SQLite may not notice before it reads the page again
+            with open(self.layout.index, "rb") as fh:
+                if fh.read(16) != b"SQLite format 3\0":
+                    return "index.sqlite corrupt (not an SQLite file)"
+        except OSError as exc:
+            return f"index.sqlite unreadable ({exc})"
         return None
 
     async def _recover(self) -> None:
@@ -664,7 +673,7 @@ class LocalCache:
                     os.close(self._lock_fd)
                 self._lock_fd = None
             index, self._index = self._index, None
-            lost = self._index_broken
+            lost = self._index_broken or await self._run(self._index_garbled)
             if index is not None:
                 if await self._run(index.replaced):
                     lost = lost or "index.sqlite was deleted or replaced"
@@ -682,6 +691,14 @@ class LocalCache:
         self._apply_open(opened)
         self.recoveries += 1
         log.warning("cache %s is usable again: %d files, %d bytes", self.root, len(self.entries), self.usage())
+
+    def _index_garbled(self) -> str | None:
+        try:
+            with open(self.layout.index, "rb") as fh:
+                head = fh.read(16)
+        except OSError:
+            return None
+        return None if head in (b"", b"SQLite format 3\0") else "index.sqlite corrupt (not an SQLite file)"
 
     def _same_root(self) -> bool:
         try:
