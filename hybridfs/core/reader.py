@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from hybridfs.core.writer import Spawner
 from hybridfs.errors import FsError
+from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache, Sums, verify_blocks
 from hybridfs.tiers.s3 import CloudStore
 
@@ -94,6 +94,10 @@ class CloudReader:
             chunk.data = await self.store.get_range(self.key, start, min(cs, self.size - start), self.etag)
         except FsError as exc:
             chunk.error = exc
+        except Exception as exc:  # a bug must reach the reader as EIO, never as a silently short chunk
+            log.exception("fetching %s chunk %d", self.key, index)
+            chunk.error = FsError(errno.EIO, f"GET {self.key} chunk {index}: internal error {exc!r}",
+                                  level=logging.ERROR)
         finally:
             chunk.done.set()
 

@@ -1128,6 +1128,22 @@ class TeeFile:
             return False
         return True
 
+    async def detach(self) -> Path:
+        """Hand the file written so far over to the caller (closed, not removed); the tee is done with it."""
+        path = self.path
+        if path is None:
+            raise OSError(errno.ENOENT, "no local copy was written")
+
+        def close() -> None:
+            with self._open_lock:
+                self._closed = True
+            self._close_sync()
+
+        await self.cache._run(close)
+        self.path = None
+        self.failed = "handed over"
+        return path
+
     def _close_sync(self) -> None:
         with self._open_lock:
             fd, self._fd = self._fd, None
