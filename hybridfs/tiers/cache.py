@@ -675,7 +675,7 @@ class LocalCache:
             index, self._index = self._index, None
             lost = self._index_broken or await self._run(self._index_garbled)
             if index is not None:
-                if await self._run(index.replaced):
+                if same_dir and await self._run(index.replaced):  # a new directory is a new cache
                     lost = lost or "index.sqlite was deleted or replaced"
                 await self._run(index.close)
             lock_fd = self._lock_fd
@@ -690,7 +690,7 @@ class LocalCache:
                 return
         self._apply_open(opened)
         self.recoveries += 1
-        log.warning("cache %s is usable again: %d files, %d bytes", self.root, len(self.entries), self.usage())
+        log.info("cache %s is usable again: %d files, %d bytes", self.root, len(self.entries), self.usage())
 
     def _index_garbled(self) -> str | None:
         try:
