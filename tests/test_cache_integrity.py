@@ -212,7 +212,7 @@ def test_parallel_cold_reads_of_thousands_of_fresh_files(mounted: Mount, s3: Any
     def put(name: str) -> None:
         s3.put_object(Bucket=mounted.bucket, Key=mounted.key(name), Body=name.encode() * 50)
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(8) as pool:  # the client keeps 10 connections
         list(pool.map(put, names))
     result = subprocess.run("find . -type f -print0 | xargs -0 -P 8 -n 20 cat | wc -c", shell=True,
                             cwd=mounted.path / "many", capture_output=True, text=True, timeout=600, check=False)

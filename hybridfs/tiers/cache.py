@@ -632,17 +632,21 @@ class LocalCache:
         """Called every few seconds (housekeeping): finish deferred work, notice a lost index or a replaced,
         gone or read-only directory, and bring an unavailable cache back once its disk works again."""
         if self.available:
-            problem = await self._run(self._health_sync)
+            if self._index_broken is not None:
+                problem: str | None = self._index_broken
+            else:
+                root_id, index = self._root_id, self._index
+                problem = await self._run(lambda: self._health_sync(root_id, index))
             if problem is None:
                 await self._retry_deferred()
                 return
             self._disable(f"cache {self.root}: {problem}")
         await self._recover()
 
-    def _health_sync(self) -> str | None:
+    def _health_sync(self, root_id: tuple[int, int] | None, index: Index | None) -> str | None:
         """Blocking: why the open cache can no longer be trusted as it is, or None."""
         try:
-            if self.layout.root_id() != self._root_id:
+            if self.layout.root_id() != root_id:
                 return "directory replaced"
             for directory in (self.layout.objects, self.layout.sums, self.layout.tmp):
                 if not directory.is_dir():
@@ -652,9 +656,7 @@ class LocalCache:
             probe.unlink()
         except OSError as exc:
             return os.strerror(exc.errno or errno.EIO)
-        if self._index_broken is not None:
-            return self._index_broken
-        if self._index is not None and self._index.replaced():
+        if index is not None and index.replaced():
             return "index.sqlite deleted or replaced"
         try:  # overwritten in place: SQLite may not notice before it reads the page again
             with open(self.layout.index, "rb") as fh:
