@@ -9,6 +9,9 @@ e.g. ``git worktree add /tmp/base 23083eb``) side by side on the local stack, wi
 * sequential: the whole file with 1 MiB reads (the kernel sends 128 KiB FUSE reads);
 * random: 4,000 preads of 4 KiB at random offsets (POSIX_FADV_RANDOM: no kernel read-ahead).
 
+Wall-clock rates are at the mercy of a shared machine, so the daemon's CPU time per pass (utime + stime from
+/proc) is reported too: CPU microseconds per MiB read sequentially and per random 4 KiB read.
+
 Before each pass the FUSE file's page cache is dropped (POSIX_FADV_DONTNEED), so every read reaches the daemon,
 while the cache file stays in the host's page cache: "warm". Prints MiB/s and reads/s per pass and the median
 ratio new/base. Not a test: run it by hand on a quiet machine.
@@ -80,6 +83,11 @@ def randomly(path: Path, count: int = 4000) -> float:
         os.close(fd)
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     base_tree, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5
     env = {**os.environ, **stack_env()}
@@ -93,15 +101,24 @@ def main() -> None:
                 files[name] = mnt / "big.bin"
                 files[name].write_bytes(os.urandom(SIZE))
                 assert os.getxattr(files[name], "user.hybridfs.state") == b"cached", name
-            results: dict[str, dict[str, list[float]]] = {n: {"seq": [], "rand": []} for n in trees}
+            results: dict[str, dict[str, list[float]]] = {
+                n: {"seq": [], "rand": [], "seq_cpu": [], "rand_cpu": []} for n in trees}
             for _ in range(rounds):
                 for name in trees:
+                    pid = procs[name].pid
+                    before = cpu_seconds(pid)
                     results[name]["seq"].append(sequential(files[name]))
+                    middle = cpu_seconds(pid)
                     results[name]["rand"].append(randomly(files[name]))
+                    after = cpu_seconds(pid)
+                    results[name]["seq_cpu"].append((middle - before) * 1e6 / (SIZE / MiB))
+                    results[name]["rand_cpu"].append((after - middle) * 1e6 / 4000)
             for name in trees:
                 print(f"{name:5} sequential MiB/s {[round(x) for x in results[name]['seq']]}  "
                       f"random 4K reads/s {[round(x) for x in results[name]['rand']]}")
-            for kind in ("seq", "rand"):
+                print(f"{name:5} daemon CPU us/MiB sequential {[round(x) for x in results[name]['seq_cpu']]}  "
+                      f"us per random 4K read {[round(x) for x in results[name]['rand_cpu']]}")
+            for kind in ("seq", "rand", "seq_cpu", "rand_cpu"):
                 ratio = statistics.median(results["new"][kind]) / statistics.median(results["base"][kind])
                 print(f"{kind}: median new/base = {ratio:.3f}")
         finally:

@@ -114,7 +114,7 @@ class CacheReader:
     returns against the checksums stored with it. A block that fails raises FsError (the filesystem then reads
     from S3 instead and logs why) after the copy was dropped and a new hydration asked for.
 
-    Only whole blocks are read (a 128 KiB FUSE read is one block), so every byte served was verified."""
+    Only whole blocks are read (a 128 KiB FUSE read is four), so every byte served was verified."""
 
     def __init__(self, cache: LocalCache, key: str, etag: str, fd: int, sums: Sums) -> None:
         self.cache = cache

@@ -63,7 +63,9 @@ log = logging.getLogger("hybridfs.cache")
 
 T = TypeVar("T")
 
-BLOCK_SIZE = 128 * 1024  # the unit a checksum covers: a FUSE read (128 KiB) verifies one block
+# The unit a checksum covers. A random 4 KiB read must read (and checksum) its whole block, so blocks are small;
+# a 128 KiB FUSE read verifies four. Measured: 128 KiB blocks halved random 4 KiB reads through the mount.
+BLOCK_SIZE = 32 * 1024
 SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
