@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from hybridfs.config import MountConfig, bucket_and_prefix
-from hybridfs.core.attrs import Defaults
+from hybridfs.core.attrs import Defaults, metadata_for
 from hybridfs.core.filesystem import Filesystem, FsSettings
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.paths import KeyMapper
@@ -40,7 +40,7 @@ from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
 from hybridfs.tasks import Supervisor, failpoint
-from hybridfs.tiers.cache import LocalCache
+from hybridfs.tiers.cache import DirectoryInUse, LocalCache, lock_directory
 from hybridfs.tiers.s3 import CloudStore, S3Settings
 from hybridfs.tiers.uploads import UploadJournal
 
@@ -91,6 +91,12 @@ class Mount:
         )
         self.fs: Filesystem | None = None
         self.settings = settings
+        # The cache persists what the namespace knows of cached files (offline lookups after a restart) and
+        # asks for a new copy of one that failed its checksums.
+        self.namespace.cache = self.cache
+        self.cache.attributes_of = self._known_attributes
+        self.cache.on_corrupt = BusHydration(self.bus, self.origin).request_hydration
+        self._state_lock: int | None = None
         self.draining = False  # a stop signal arrived: refusing opens, waiting for uploads
         self.terminated = False  # we ended the FUSE loop ourselves: the mount is still attached
         self._stopping_sent = False
@@ -111,6 +117,7 @@ class Mount:
             if self.bus is not None:
                 await supervisor.start(self.bus.run, name="event bus")
             await self._start_services(supervisor, fs)
+            supervisor.start_soon(self.store.breaker.run, self.store.probe, name="S3 probe")
             ops = FuseOperations(fs, attr_timeout=self.cfg.attr_timeout, entry_timeout=self.cfg.attr_timeout)
             fsname = f"hybridfs:{self.cfg.source}"
             pyfuse3.init(ops, self.cfg.mountpoint, mount_options(fsname, allow_other=self.cfg.allow_other))
@@ -138,6 +145,7 @@ class Mount:
         log.info("unmounted %s", self.cfg.mountpoint)
 
     def _prepare_dirs(self) -> None:
+        self._state_lock = lock_directory(self.state_dir, "state directory")  # before clearing its spool
         (self.state_dir / "spool").mkdir(parents=True, exist_ok=True)
         for leftover in (self.state_dir / "spool").iterdir():
             leftover.unlink(missing_ok=True)
@@ -253,6 +261,7 @@ class Mount:
             await trio.sleep(5)
             failpoint("housekeeping")
             await self.cache.flush_touched()
+            await self.cache.check()  # comes back by itself when its disk does; rebuilds a lost index
             if not self.draining:
                 notify(f"STATUS={self._status_line()}")
 
@@ -267,7 +276,8 @@ class Mount:
     def status_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"mountpoint": self.cfg.mountpoint, "cache_id": self.cfg.cache_id,
                                  "topic_prefix": self.cfg.topic_prefix, "kafka": self.cfg.kafka,
-                                 "events": self.bus is not None}
+                                 "events": self.bus is not None, "cache_health": self.cache.status(),
+                                 "s3": {"breaker": self.store.breaker.status()}}
         if self.bus is not None:
             extra["bus"] = dataclass_dict(self.bus.stats())
         services = getattr(self, "services", None)  # set once the background services run
@@ -279,6 +289,11 @@ class Mount:
         extra["uploads"] = {"aborts_pending": len(self.store.pending_aborts)}
         return extra
 
+    def _known_attributes(self, key: str, etag: str) -> dict[str, str] | None:
+        path = self.keys.path(key)
+        st = self.namespace.last_known.get(path) if path is not None else None
+        return metadata_for(st) if st is not None and st.etag == etag else None
+
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     with contextlib.suppress(TypeError):
@@ -289,4 +304,9 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 
 
 def run_mount(cfg: MountConfig) -> None:
-    trio.run(Mount(cfg).run)
+    try:
+        trio.run(Mount(cfg).run)
+    except DirectoryInUse as exc:  # a second mount on one cache or state directory
+        from hybridfs.cli import CliError
+
+        raise CliError(str(exc)) from None

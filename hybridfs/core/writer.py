@@ -451,15 +451,12 @@ class SpoolWriter:
             return
         if etag is None or size == 0:
             return
-        entry = self.cache.lookup(self.key, etag)
-        if entry is not None:
-            src = self.cache.data_path(self.key, etag)
-            try:
-                await self._run(lambda: shutil.copyfile(src, self.path))
+        try:  # only bytes that match their checksums; a corrupt copy is dropped (and logged) by the cache
+            if await self.cache.copy_verified(self.key, etag, self.path):
                 self.size = size
                 return
-            except OSError as exc:
-                log.warning("cache copy of %s unreadable (%s); fetching from S3", self.key, exc)
+        except OSError as exc:
+            log.warning("cache copy of %s unreadable (%s); fetching from S3", self.key, exc)
         await self.store.download_file(self.key, etag, str(self.path))
         self.size = size
 

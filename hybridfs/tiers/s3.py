@@ -16,6 +16,7 @@ Multipart uploads are recorded in an ``UploadJournal`` while open; aborts run in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -31,6 +32,7 @@ import trio
 from boto3.s3.transfer import TransferConfig
 
 from hybridfs.errors import FsError
+from hybridfs.tiers.breaker import Breaker, is_outage
 from hybridfs.tiers.uploads import UploadJournal
 
 log = logging.getLogger("hybridfs.s3")
@@ -149,6 +151,8 @@ class CloudStore:
         self.pending_aborts: list[tuple[str, str]] = []
         self.journal: UploadJournal | None = None  # set by the mount: open multipart uploads, durably
         self._aborts_wanted = trio.Event()
+        self.breaker = Breaker()
+        self._probe_client: Any | None = None
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.part_size,
             multipart_chunksize=settings.part_size,
@@ -159,10 +163,27 @@ class CloudStore:
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking boto3 call in a thread behind the s3 limiter and map its errors."""
         bound = functools.partial(fn, *args, **kwargs)
+        self.breaker.check(what)  # S3 known to be down: EIO at once, not after a retry cycle
         try:
-            return await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
+            result = await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.breaker.observe(exc)
             raise map_client_error(exc, what) from exc
+        self.breaker.success()
+        return result
+
+    async def probe(self) -> bool:
+        """The breaker's probe: does S3 answer one HEAD of the bucket (no retries, short timeouts)?"""
+        if self._probe_client is None:
+            self._probe_client = make_client(dataclasses.replace(
+                self.settings, max_attempts=1, connect_timeout=min(self.settings.connect_timeout, 2.0),
+                read_timeout=min(self.settings.read_timeout, 5.0)))
+        client = self._probe_client
+        try:
+            await trio.to_thread.run_sync(lambda: client.head_bucket(Bucket=self.bucket), abandon_on_cancel=True)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            return is_outage(exc) is False
+        return True
 
     # -- metadata -------------------------------------------------------------------------------------------
 
