@@ -138,9 +138,8 @@ class Mount:
             leftover.unlink(missing_ok=True)
 
     async def _start_services(self, nursery: trio.Nursery, fs: Filesystem) -> None:
-        """Background services that consume events (hydrator, eviction planner, purger)."""
-        if self.bus is None:
-            return
+        """Background services: hydrator, eviction planner, purger (without events: planner and purger only,
+        the planner's decisions purged locally, so the cache keeps its bound)."""
         from hybridfs import services
 
         self.services = await services.start_all(nursery, self, fs)
