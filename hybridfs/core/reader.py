@@ -160,6 +160,10 @@ class CloudReader:
             chunk.done.set()
             if chunk.dropped:  # nobody will read it: its memory goes back now
                 self._release(chunk)
+            elif self.budget.shortfall:
+                # Reads wait for memory that idle chunks hold (this reader's or another's, perhaps of a file
+                # nobody reads now): a chunk landing is when they may become reclaimable, so ask now.
+                self.budget.reclaim(self.budget.shortfall)
 
     def _release(self, chunk: Chunk) -> None:
         chunk.data = b""
