@@ -20,6 +20,7 @@ from cachetools import LRUCache, TTLCache
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
+from hybridfs.tasks import Spawner
 from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 
 log = logging.getLogger("hybridfs.namespace")
@@ -47,7 +48,7 @@ class Namespace:
         self.pending: dict[str, Stat] = {}
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
-        self.spawner: trio.Nursery | None = None
+        self.spawner: Spawner | None = None
         self._prefetching: dict[str, trio.Event] = {}
         self._s3_down = False
         self.root_stat = implicit_dir(defaults, time.time_ns())

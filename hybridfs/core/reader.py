@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import trio
 
 from hybridfs.core.budget import MemoryBudget
-from hybridfs.core.writer import Spawner
 from hybridfs.errors import FsError
+from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore
 
@@ -156,6 +156,10 @@ class CloudReader:
             chunk.data = await self.store.get_range(self.key, start, self._length(index), self.etag)
         except FsError as exc:
             chunk.error = exc
+        except Exception as exc:  # a bug must reach the reader as EIO, never as a silently short chunk
+            log.exception("fetching %s chunk %d", self.key, index)
+            chunk.error = FsError(errno.EIO, f"GET {self.key} chunk {index}: internal error {exc!r}",
+                                  level=logging.ERROR)
         finally:
             chunk.done.set()
             if chunk.dropped:  # nobody will read it: its memory goes back now

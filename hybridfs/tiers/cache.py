@@ -14,6 +14,7 @@ threads behind the ``disk`` CapacityLimiter; the in-memory mirror of the index a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -322,6 +323,16 @@ class TeeFile:
             self.failed = "could not store the finished file in the cache"
             return False
         return True
+
+    async def detach(self) -> Path:
+        """Hand the file written so far over to the caller (closed, not removed); the tee is done with it."""
+        path = self.path
+        if path is None:
+            raise OSError(errno.ENOENT, "no local copy was written")
+        await self.cache._run(self._close_sync)
+        self.path = None
+        self.failed = "handed over"
+        return path
 
     def _close_sync(self) -> None:
         if self._fd is not None:
