@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import Mount, Stack, is_mounted, run_hybridfs
 
 
@@ -72,3 +73,14 @@ def test_verbs_refuse_a_bucket_no_mount_serves(mounted: Mount, stack: Stack) -> 
     # The mount's own bucket and prefix: accepted, and published to the mount's Kafka and topics by default.
     result = run_hybridfs("hydrate", f"s3://{mounted.bucket}/{key}")
     assert "1 event published" in result.stderr
+
+
+@pytest.mark.slow
+def test_mount_of_a_stalled_endpoint_fails_within_the_check_timeout(tmp_path: Path, stack: Stack,
+                                                                    s3_proxy: Any) -> None:
+    """An endpoint that accepts connections and never answers: the check gives up at its bound (15 s)."""
+    s3_proxy.down("stall")
+    line, took = mount_fails(tmp_path, f"s3://{stack.bucket}/p", "--endpoint-url", s3_proxy.url)
+    assert f"S3 endpoint {s3_proxy.url} did not answer within 15s" in line
+    assert 14 < took < 25
+    s3_proxy.clear()
