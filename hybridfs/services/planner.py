@@ -107,6 +107,7 @@ class Planner:
         self.wanted: dict[int, int] = {}  # hydrations waiting for room: token -> bytes
         self.reserved = 0  # bytes of hydrations granted room and still downloading (kept by the hydrator)
         self.disk: DiskSpace | None = None
+        self._usage_at_disk = 0  # cache usage when ``disk`` was measured
         self._next_token = 0
         self._wake = trio.Event()
         self._changed = trio.Event()
@@ -151,8 +152,13 @@ class Planner:
         self._wake.set()
 
     def wake_if_over(self) -> None:
-        """Something was added to the cache: plan now if that took it over the high watermark."""
-        if self.cache.usage() > self.settings.high_watermark * self.cache.capacity:
+        """Something was added to the cache: plan now if that took it over the high watermark, or (estimated
+        from the last statvfs and what was added since, without a system call) the disk under ``min_free``."""
+        usage = self.cache.usage()
+        disk = self.disk
+        if usage > self.settings.high_watermark * self.cache.capacity or (
+                disk is not None and disk.total > 0
+                and disk.free - (usage - self._usage_at_disk) < self.settings.min_free * disk.total):
             self.wake()
 
     # -- room for hydrations --------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ class Planner:
         if not self.cache.available:
             return None
         self.disk = await self._disk_space()
+        self._usage_at_disk = self.cache.usage()
         if self._go_local():
             for event in list(self.unsent.values()):  # waited for the bus long enough
                 self._purge_locally(event)
