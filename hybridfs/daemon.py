@@ -88,7 +88,8 @@ class Mount:
         settings = FsSettings(
             defaults=defaults,
             write=WriteSettings(part_size=cfg.part_size, max_inflight=cfg.max_inflight_parts,
-                                timeout=cfg.write_timeout, spool_dir=self.state_dir / "spool"),
+                                timeout=cfg.write_timeout, spool_dir=self.state_dir / "spool",
+                                budget=self.memory),
             read=ReadSettings(chunk_size=cfg.read_chunk_size, max_readahead=cfg.readahead_chunks,
                               budget=self.memory),
             attr_timeout=cfg.attr_timeout,

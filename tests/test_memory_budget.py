@@ -65,7 +65,6 @@ def test_cold_scans_stay_within_the_memory_budget(mount_factory: Any, s3: Any) -
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the write buffers do not charge the budget yet (StreamWriter, the lead's)")
 def test_eight_large_writes_at_once_stay_within_the_memory_budget(mount_factory: Any, s3: Any) -> None:
     size, writers = 96 * MiB, 8
     mount: Mount = mount_factory(extra_args=["--no-events", "--memory", "64M", "--cache-size", "64M"])
@@ -88,4 +87,7 @@ def test_eight_large_writes_at_once_stay_within_the_memory_budget(mount_factory:
     for i, expected in enumerate(digests):
         body = s3.get_object(Bucket=mount.bucket, Key=mount.key(f"w{i}.bin"))["Body"].read()
         assert hashlib.sha256(body).hexdigest() == expected
-    assert peak <= base + BUDGET + SLACK, f"peak RSS {peak / MiB:.0f} MiB over baseline {base / MiB:.0f} MiB + budget"
+    # Each streaming writer also holds what the budget does not see: FUSE request buffers, its tee and upload
+    # threads' malloc arenas and socket buffers (2-4 MiB measured). Without the budget on the write side: 265 MiB.
+    limit = base + BUDGET + SLACK + writers * 4 * MiB
+    assert peak <= limit, f"peak RSS {peak / MiB:.0f} MiB over {limit / MiB:.0f} MiB (baseline + budget + overhead)"

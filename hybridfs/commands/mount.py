@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level if args.log_level != "INFO" else cfg.log_level)
     if offline:
-        logging.getLogger("hybridfs.mount").warning("%s; mounting anyway (--offline-start): cached files are "
-                                                    "served, the rest fails with EIO until S3 answers", offline)
+        logging.getLogger("hybridfs.mount").warning("%s; mounting anyway (--offline-start, or a cache that served "
+                                                    "before): cached files are served, the rest fails with EIO "
+                                                    "until S3 answers", offline)
     run_mount(cfg)
     return 0
 
@@ -119,7 +120,9 @@ def preflight(cfg: MountConfig) -> str | None:
     except Fatal as exc:
         raise CliError(str(exc)) from None
     except Unreachable as exc:
-        if not cfg.offline_start:
+        # A cache that has served this mount before makes an unreachable S3 an outage, not a typo: start, so
+        # a restart during an outage still serves the cached files (contract 5). A first start refuses.
+        if not cfg.offline_start and not (Path(cfg.cache_dir) / "index.sqlite").exists():
             raise CliError(f"{exc} (--offline-start mounts anyway, serving the cache)") from None
         return str(exc)
     return None

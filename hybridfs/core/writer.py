@@ -35,6 +35,7 @@ from pathlib import Path
 
 import trio
 
+from hybridfs.core.budget import MemoryBudget
 from hybridfs.errors import FsError, io_error
 from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache, TeeFile
@@ -64,6 +65,13 @@ class WriteSettings:
     max_inflight: int = 4
     timeout: float = 60.0  # bound on flush/fsync when S3 is down or slow
     spool_dir: Path = Path("/tmp")
+    # The mount's memory budget, shared with read-ahead: every buffered byte is charged to it from write() until
+    # its part has been uploaded, so many writers wait for memory instead of exceeding it. Writers that each
+    # hold a partial part could wait for each other forever; after OVERDRAFT_AFTER a write goes on uncharged.
+    budget: MemoryBudget | None = field(default=None, compare=False)
+
+
+OVERDRAFT_AFTER = 1.0
 
 
 def part_size_for(number: int, base: int) -> int:
@@ -216,10 +224,13 @@ class StreamWriter:
         self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
         self.tee = TeeFile(cache)
         self._teed: list[trio.Event] = []  # one per part sent: set once its local copy is written (or failed)
+        self.charged = 0  # budget bytes held by the buffered (not yet sent) bytes
+        self.overdrafts = 0
 
     async def write(self, offset: int, data: bytes) -> None:
         if self.failed is not None or offset != self.size:
             raise NeedsSpool()
+        await self._charge(len(data))
         self.chunks.append(data)
         self.buffered += len(data)
         self.size += len(data)
@@ -238,6 +249,7 @@ class StreamWriter:
         if self.next_part > MAX_PARTS:
             self._fail(FsError(errno.EFBIG, f"{self.key}: more than {MAX_PARTS} parts", level=logging.WARNING))
             return
+        slot = False
         with trio.move_on_after(self.settings.timeout) as scope:
             if self.upload_id is None:
                 try:
@@ -247,7 +259,10 @@ class StreamWriter:
                     self._fail(exc)
                     return
             await self.slots.acquire()  # back-pressure: a writer faster than S3 waits here
+            slot = True
         if scope.cancelled_caught:
+            if slot:
+                self.slots.release()
             self._fail(timeout_error(self.key, self.settings.timeout))
             return
         joined = self._take_buffer()
@@ -255,16 +270,41 @@ class StreamWriter:
         if len(joined) > size:
             self.chunks, self.buffered = [joined[size:]], len(joined) - size
         offset, self.buffer_offset = self.buffer_offset, self.buffer_offset + size
-        self._send_part(offset, data)
+        self._send_part(offset, data, self._take_charge(size))
 
-    def _send_part(self, offset: int, data: bytes) -> None:
-        """Start one part (a slot is held); its local copy and its upload overlap."""
+    async def _charge(self, nbytes: int) -> None:
+        """Charge buffered bytes to the budget; waits while it is spent (bounded: see OVERDRAFT_AFTER)."""
+        budget = self.settings.budget
+        if budget is None:
+            return
+        with trio.move_on_after(OVERDRAFT_AFTER):
+            self.charged += await budget.acquire(nbytes)
+            return
+        self.overdrafts += 1
+        log.debug("%s: no memory budget for %d bytes after %.0fs; buffering them uncharged", self.key, nbytes,
+                  OVERDRAFT_AFTER)
+
+    def _take_charge(self, nbytes: int) -> int:
+        """Move up to ``nbytes`` of the buffer's charge to a part being sent (released when it is done)."""
+        moved = min(self.charged, nbytes)
+        self.charged -= moved
+        return moved
+
+    def _release_charge(self) -> None:
+        if self.charged and self.settings.budget is not None:
+            self.settings.budget.release(self.charged)
+        self.charged = 0
+
+    def _send_part(self, offset: int, data: bytes, charged: int) -> None:
+        """Start one part (a slot and ``charged`` bytes of the budget are held); its local copy and its
+        upload overlap."""
         number, self.next_part = self.next_part, self.next_part + 1
         teed = trio.Event()
         self._teed.append(teed)
-        self.spawner.start_soon(self._upload_part, number, offset, data, teed, name=f"part {self.key}#{number}")
+        self.spawner.start_soon(self._upload_part, number, offset, data, teed, charged,
+                                name=f"part {self.key}#{number}")
 
-    async def _upload_part(self, number: int, offset: int, data: bytes, teed: trio.Event) -> None:
+    async def _upload_part(self, number: int, offset: int, data: bytes, teed: trio.Event, charged: int) -> None:
         upload_id = self.upload_id
         try:
             async with trio.open_nursery() as both:
@@ -291,6 +331,8 @@ class StreamWriter:
         finally:
             teed.set()
             self.slots.release()
+            if charged and self.settings.budget is not None:
+                self.settings.budget.release(charged)
 
     async def _tee_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
         try:
@@ -326,6 +368,7 @@ class StreamWriter:
         if scope.cancelled_caught:
             self._fail(timeout_error(self.key, self.settings.timeout))
             raise self.failed or timeout_error(self.key, self.settings.timeout)
+        self._release_charge()  # a single PUT's buffer: S3 holds it now
         cached = await self.tee.commit(self.key, etag, self.size)
         return Uploaded(etag, self.size, cached, self.tee.failed)
 
@@ -342,7 +385,7 @@ class StreamWriter:
             await self.slots.acquire()
             data, offset = self._take_buffer(), self.buffer_offset
             self.buffer_offset += len(data)
-            self._send_part(offset, data)
+            self._send_part(offset, data, self._take_charge(len(data)))
         await self._drain()
         if self.failed is not None:
             raise NeedsSpool()
@@ -379,6 +422,7 @@ class StreamWriter:
                 await spool.write(self.buffer_offset, b"".join(self.chunks))
             self._drop_upload()
         self.chunks, self.buffered = [], 0
+        self._release_charge()
         await self.tee.discard()
         return True
 
@@ -398,11 +442,14 @@ class StreamWriter:
     async def abort(self) -> None:
         """Drop the upload and the local copy (the file was truncated, unlinked or closed unfinished)."""
         self._drop_upload()
+        self.chunks, self.buffered = [], 0
+        self._release_charge()
         with trio.CancelScope(shield=True):
             await self.tee.discard()
 
     async def abandon(self) -> None:
         """At shutdown: abort now, so nothing is left in S3 (the journal covers what cannot be reached)."""
+        self._release_charge()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             await self.store.abort_multipart(self.key, upload_id)
@@ -563,7 +610,11 @@ class SpoolWriter:
 
     async def _part(self, upload_id: str, number: int, offset: int, size: int, parts: list[tuple[int, str]],
                     errors: list[FsError], limiter: trio.Semaphore) -> None:
+        budget = self.settings.budget
+        charged = 0
         try:
+            if budget is not None:
+                charged = await budget.acquire(size)
             data = await self.read(offset, size)
             parts.append((number, await self.store.upload_part(self.key, upload_id, number, data)))
         except FsError as exc:
@@ -572,6 +623,8 @@ class SpoolWriter:
             errors.append(io_error(f"reading the spool of {self.key}: {exc}"))
         finally:
             limiter.release()
+            if charged and budget is not None:
+                budget.release(charged)
 
     async def _tee(self, etag: str) -> str | None:
         """Copy the uploaded spool into the cache; the reason when that failed."""

@@ -132,7 +132,8 @@ def make_client(settings: S3Settings) -> Any:
         retries={"max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        max_pool_connections=settings.threads + 8,
+        # The mount's own calls (the s3 limiter), the hydrator's and the transfers' threads share the pool.
+        max_pool_connections=settings.threads * 2 + 16,
         s3={"addressing_style": "path"} if settings.endpoint_url else {},
     )
     session = boto3.session.Session()
