@@ -8,6 +8,7 @@ attempts and short timeouts so that "after botocore's retries" takes millisecond
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import threading
@@ -360,8 +361,9 @@ def test_unexpected_exceptions_in_background_tasks_never_end_the_mount(mount_fac
     cold = os.urandom(3 * MiB)
     s3.put_object(Bucket=stack.bucket, Key=f"{prefix}/cold.bin", Body=cold)
     mount = mount_factory(extra_args=["--part-size", "5M"],
-                          env={"HYBRIDFS_FAILPOINTS": "part:1,fetch:1,commit:1,prefetch:1"})
-    mount.allow_log(r"failpoint|streamed upload of .* failed|internal error|-> EIO|closed with changes that are not")
+                          env={"HYBRIDFS_FAILPOINTS": "part:1,fetch:1,commit:1,prefetch:1,housekeeping:1"})
+    mount.allow_log(r"failpoint|streamed upload of .* failed|internal error|-> EIO|closed with changes that are not|"
+                    r"background task housekeeping failed")
     with pytest.raises(OSError) as failure:  # the commit fails once: this close is EIO, nothing stored
         (mount.path / "small.txt").write_bytes(b"first try")
     assert failure.value.errno == errno.EIO
@@ -382,3 +384,11 @@ def test_unexpected_exceptions_in_background_tasks_never_end_the_mount(mount_fac
     assert_serving(mount)
     for point in ("part", "fetch", "commit", "prefetch"):
         assert f"failpoint {point} fires" in mount.log_text()
+    # A service that fails is restarted by its supervisor: housekeeping runs again after its failure.
+    def restarts() -> int:
+        status = json.loads(os.getxattr(mount.path, "user.hybridfs.status"))
+        return int(status["tasks"]["restarts"])
+
+    wait_until(lambda: restarts() >= 1, 20, message="the supervisor to restart housekeeping after its failure")
+    assert "background task housekeeping failed" in mount.log_text()
+    assert_serving(mount)
