@@ -100,7 +100,9 @@ def _make_tree(root: Path) -> None:
 
 def _check_tree(root: Path) -> None:
     t = root / "t"
-    kinds = {e.name: (e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in os.scandir(t)}
+    entries = list(os.scandir(t))
+    kinds = {e.name: (e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in entries}
+    assert {e.name: e.inode() for e in entries} == {e.name: os.lstat(e.path).st_ino for e in entries}
     assert kinds == {"file": (False, False), "rel": (True, False), "dangling": (True, False),
                      "private": (False, True)}
     assert stat.S_ISLNK(os.lstat(t / "rel").st_mode) and os.readlink(t / "rel") == "file"
