@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
 import time
 from typing import Any
 
+import pytest
 from conftest import MountFactory
 from helpers import Mount
 
@@ -110,3 +112,14 @@ def test_objects_from_s3fs_with_times_show_them(mounted: Mount, s3: Any) -> None
     st = os.stat(mounted.path / "s3fs-made")
     assert (int(st.st_mtime), int(st.st_ctime), int(st.st_atime)) == (1_600_000_000, 1_600_000_100,
                                                                        1_600_000_200)
+
+
+def test_a_symlink_object_longer_than_path_max_is_refused_not_read(mounted: Mount, s3: Any) -> None:
+    mounted.allow_log(r"longer than PATH_MAX")
+    put(s3, mounted, "long-link", {"mode": str(stat.S_IFLNK | 0o777)}, body=b"x" * 5000)
+    put(s3, mounted, "max-link", {"mode": str(stat.S_IFLNK | 0o777)}, body=b"y" * 4095)
+    assert os.lstat(mounted.path / "long-link").st_size == 5000
+    with pytest.raises(OSError) as err:
+        os.readlink(mounted.path / "long-link")
+    assert err.value.errno == errno.EIO
+    assert os.readlink(mounted.path / "max-link") == "y" * 4095
