@@ -135,6 +135,8 @@ class MountConfig:
     part_size: int = _opt(8 * 1024**2, "multipart upload part size, e.g. 8M", kind="size")
     max_inflight_parts: int = _opt(8, "parts of one file uploading at once (bounds memory per writer)")
     write_timeout: float = _opt(60.0, "seconds after which close()/fsync() of an unfinished upload returns EIO")
+    abort_uploads_after: float = _opt(86400.0, "abort multipart uploads under the prefix older than this many "
+                                                "seconds, left by crashed mounts (0: never)")
     read_chunk_size: int = _opt(8 * 1024**2, "ranged GET size for cache misses", kind="size")
     readahead_chunks: int = _opt(16, "chunks fetched ahead of a sequential reader")
     # Kafka

@@ -29,18 +29,20 @@ import pyfuse3
 import trio
 
 from hybridfs.config import MountConfig, bucket_and_prefix
-from hybridfs.core.attrs import Defaults
+from hybridfs.core.attrs import Defaults, metadata_for
 from hybridfs.core.filesystem import Filesystem, FsSettings
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.paths import KeyMapper
 from hybridfs.core.reader import ReadSettings
-from hybridfs.core.writer import SpoolWriter, StreamWriter, WriteSettings
+from hybridfs.core.writer import WriteSettings
 from hybridfs.events.bus import EventBus
 from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
-from hybridfs.tiers.cache import LocalCache
+from hybridfs.tasks import Supervisor, failpoint
+from hybridfs.tiers.cache import DirectoryInUse, LocalCache, lock_directory
 from hybridfs.tiers.s3 import CloudStore, S3Settings
+from hybridfs.tiers.uploads import UploadJournal
 
 log = logging.getLogger("hybridfs.daemon")
 
@@ -89,21 +91,33 @@ class Mount:
         )
         self.fs: Filesystem | None = None
         self.settings = settings
+        # The cache persists what the namespace knows of cached files (offline lookups after a restart) and
+        # asks for a new copy of one that failed its checksums.
+        self.namespace.cache = self.cache
+        self.cache.attributes_of = self._known_attributes
+        self.cache.on_corrupt = BusHydration(self.bus, self.origin).request_hydration
+        self._state_lock: int | None = None
         self.draining = False  # a stop signal arrived: refusing opens, waiting for uploads
         self.terminated = False  # we ended the FUSE loop ourselves: the mount is still attached
         self._stopping_sent = False
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._prepare_dirs)
+        self.store.journal = await trio.to_thread.run_sync(UploadJournal, self.state_dir / "uploads.sqlite")
         await self.cache.open()
         async with trio.open_nursery() as nursery:
-            fs = Filesystem(self.store, self.cache, self.keys, self.namespace, self.settings, nursery,
+            # Every background task runs supervised: its failure is logged and contained, never an unmount.
+            supervisor = self.supervisor = Supervisor(nursery)
+            fs = Filesystem(self.store, self.cache, self.keys, self.namespace, self.settings, supervisor,
                             BusHydration(self.bus, self.origin), PyfuseKernel())
             self.fs = fs
             fs.status_extra = self.status_extra
+            await supervisor.start(self.store.run_aborts, name="multipart aborts")
+            supervisor.start_soon(self._clean_uploads, name="stale multipart uploads")
             if self.bus is not None:
-                await nursery.start(self.bus.run)
-            await self._start_services(nursery, fs)
+                await supervisor.start(self.bus.run, name="event bus")
+            await self._start_services(supervisor, fs)
+            supervisor.start_soon(self.store.breaker.run, self.store.probe, name="S3 probe")
             ops = FuseOperations(fs, attr_timeout=self.cfg.attr_timeout, entry_timeout=self.cfg.attr_timeout)
             fsname = f"hybridfs:{self.cfg.source}"
             pyfuse3.init(ops, self.cfg.mountpoint, mount_options(fsname, allow_other=self.cfg.allow_other))
@@ -112,9 +126,9 @@ class Mount:
                      "off" if self.bus is None else f"{self.cfg.kafka} {self.cfg.topic_prefix}.*")
             unmounted = False
             try:
-                nursery.start_soon(self._announce_ready)
-                nursery.start_soon(self._handle_signals)
-                nursery.start_soon(self._housekeeping)
+                supervisor.start_soon(self._announce_ready, name="readiness")
+                nursery.start_soon(self._handle_signals)  # not supervised: without it the mount cannot stop
+                await supervisor.start(self._housekeeping, name="housekeeping")
                 await pyfuse3.main()
                 unmounted = not self.terminated  # main() also returns after terminate(): still mounted then
             finally:
@@ -126,14 +140,34 @@ class Mount:
                     await self._abandon_uploads(fs)
                 nursery.cancel_scope.cancel()
         self.cache.close()
+        if self.store.journal is not None:
+            self.store.journal.close()
         log.info("unmounted %s", self.cfg.mountpoint)
 
     def _prepare_dirs(self) -> None:
+        self._state_lock = lock_directory(self.state_dir, "state directory")  # before clearing its spool
         (self.state_dir / "spool").mkdir(parents=True, exist_ok=True)
         for leftover in (self.state_dir / "spool").iterdir():
             leftover.unlink(missing_ok=True)
 
-    async def _start_services(self, nursery: trio.Nursery, fs: Filesystem) -> None:
+    async def _clean_uploads(self) -> None:
+        """Abort the multipart uploads a previous run of this mount left open, then those under the prefix
+        that are older than ``--abort-uploads-after`` (left by crashed hosts; a live mount never keeps one
+        that long)."""
+        await self.store.abort_journaled()
+        grace = self.cfg.abort_uploads_after
+        if grace <= 0:
+            return
+        try:
+            stale = await self.store.stale_uploads(self.keys.prefix, grace)
+        except Exception as exc:
+            log.info("could not list multipart uploads to clean up: %s", exc)
+            return
+        for key, upload_id in stale:
+            log.info("aborting multipart upload of %s: older than %.0fs and owned by no live mount", key, grace)
+            self.store.schedule_abort(key, upload_id)
+
+    async def _start_services(self, nursery: Supervisor, fs: Filesystem) -> None:
         """Background services that consume events (hydrator, eviction planner, purger)."""
         if self.bus is None:
             return
@@ -218,18 +252,16 @@ class Mount:
         for of in list(fs.open_files.values()):
             if not of.dirty:
                 continue
-            writer, of.writer = of.writer, None
             log.info("%s: dropping its unfinished upload", of.node.path)
-            if isinstance(writer, StreamWriter):
-                await writer.abandon()
-            elif isinstance(writer, SpoolWriter):
-                await writer.close()
+            await fs.writes.abandon(of)
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
         while True:
             await trio.sleep(5)
+            failpoint("housekeeping")
             await self.cache.flush_touched()
-            await self.store.retry_aborts()
+            await self.cache.check()  # comes back by itself when its disk does; rebuilds a lost index
             if not self.draining:
                 notify(f"STATUS={self._status_line()}")
 
@@ -244,13 +276,23 @@ class Mount:
     def status_extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"mountpoint": self.cfg.mountpoint, "cache_id": self.cfg.cache_id,
                                  "topic_prefix": self.cfg.topic_prefix, "kafka": self.cfg.kafka,
-                                 "events": self.bus is not None}
+                                 "events": self.bus is not None, "cache_health": self.cache.status(),
+                                 "s3": {"breaker": self.store.breaker.status()}}
         if self.bus is not None:
             extra["bus"] = dataclass_dict(self.bus.stats())
         services = getattr(self, "services", None)  # set once the background services run
         if services is not None:
             extra.update(services.status())
+        supervisor = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            extra["tasks"] = supervisor.status()
+        extra["uploads"] = {"aborts_pending": len(self.store.pending_aborts)}
         return extra
+
+    def _known_attributes(self, key: str, etag: str) -> dict[str, str] | None:
+        path = self.keys.path(key)
+        st = self.namespace.last_known.get(path) if path is not None else None
+        return metadata_for(st) if st is not None and st.etag == etag else None
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
@@ -262,4 +304,9 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 
 
 def run_mount(cfg: MountConfig) -> None:
-    trio.run(Mount(cfg).run)
+    try:
+        trio.run(Mount(cfg).run)
+    except DirectoryInUse as exc:  # a second mount on one cache or state directory
+        from hybridfs.cli import CliError
+
+        raise CliError(str(exc)) from None

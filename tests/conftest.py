@@ -10,6 +10,9 @@ Fixtures
   mount_factory  mounts with `python -m hybridfs mount ...` in a subprocess; see ``Mount``.
   mounted        one mount with the defaults.
   allow_log      allow_log(regex): this test may log a matching WARNING+ in-process (or use the marker).
+  s3_proxy       a started ``S3FaultProxy`` (tests/s3proxy.py) in front of the stack's MinIO, closed afterwards:
+                 mount through it with ``mount_factory(extra_args=["--endpoint-url", s3_proxy.url])``. Name it
+                 before ``mount_factory``/``mounted`` in the test's arguments so that it outlives the mounts.
 
 Every test fails if its in-process logging produced a WARNING or above that no ``allow_log`` pattern matches,
 and a mount fails its test if it logged an unexpected WARNING+ or exited non-zero after a clean unmount.
@@ -29,6 +32,7 @@ from typing import Any
 
 import pytest
 from helpers import MOUNT_TIMEOUT, Mount, Stack, wait_until
+from s3proxy import S3FaultProxy
 
 from hybridfs.stack import BUCKET, KAFKA_BOOTSTRAP, S3_ENDPOINT, stack_env
 
@@ -258,3 +262,13 @@ def _wait_mounted(mount: Mount) -> None:
 @pytest.fixture
 def mounted(mount_factory: MountFactory) -> Mount:
     return mount_factory()
+
+
+# -- S3 fault injection
+
+
+@pytest.fixture
+def s3_proxy(stack: Stack) -> Iterator[S3FaultProxy]:
+    """A fault-injection proxy in front of MinIO for this test (see tests/s3proxy.py)."""
+    with S3FaultProxy(upstream=stack.endpoint) as proxy:
+        yield proxy

@@ -30,7 +30,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 def fill(directory: Path) -> None:
     """Write until the filesystem says ENOSPC."""
-    with open(directory / "filler", "wb") as fh:
+    with open(directory / "filler", "wb", buffering=0) as fh:  # unbuffered: close() has nothing left to flush
         with contextlib.suppress(OSError):
             while True:
                 fh.write(b"\0" * 65536)

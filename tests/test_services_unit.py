@@ -491,9 +491,9 @@ def test_purge_preserves_a_cached_version_s3_replaced(tmp_path: Path) -> None:
 def test_purge_same_bytes_under_another_etag_uploads_nothing(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         await w.cached("data/a", b"bytes")
-        w.cache.entries["data/a"] = w.cache.entries["data/a"].__class__("data/a", "x", 5, 0.0)
-        w.cache.data_path("data/a", "x").parent.mkdir(parents=True, exist_ok=True)
-        w.cache.data_path("data/a", "x").write_bytes(b"bytes")
+        temp = w.cache.new_temp_path()
+        temp.write_bytes(b"bytes")
+        assert await w.cache.commit(temp, "data/a", "x", 5)  # the same bytes cached under another ETag
         await w.purger.handle(evict("data/a"))
         assert w.cache.lookup("data/a") is None and w.store.calls["upload"] == 0
 

@@ -2,7 +2,8 @@
 
 The numbers come from ``user.hybridfs.status`` on the mount root (JSON, assembled by the mount): cache usage
 against its limits, files cached / cloud-only / pinned, events produced, consumed and waiting in the outbox,
-consumer lag, hit ratio. ``--json`` prints that document as it is, plus a ``summary`` of the derived figures.
+consumer lag, hit ratio, the cache's integrity (checksum failures, index rebuilds, recoveries) and whether S3 is
+marked down (the circuit breaker). ``--json`` prints that document as it is, plus a ``summary`` of the derived figures.
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ def summarize(status: dict[str, Any]) -> dict[str, Any]:
     total = _num(census.get("files"))
     consumers = {name: (services.get(name) or {}).get("consumer") or {} for name in ("hydrator", "purger")}
     lags = [c.get("lag") for c in consumers.values()]
+    health = status.get("cache_health") or {}
+    breaker = _get(status, "s3", "breaker") or {}
     return {
+        "cache_available": health.get("available", cache.get("available")),
+        "cache_unavailable_reason": health.get("unavailable_reason"),
+        "checksum_failures": health.get("checksum_failures"),
+        "index_rebuilds": health.get("index_rebuilds"),
+        "cache_recoveries": health.get("recoveries"),
+        "s3_breaker": breaker.get("state"),
         "cache_used_bytes": cache.get("used_bytes"),
         "cache_capacity_bytes": cache.get("capacity_bytes"),
         "high_watermark_bytes": _scaled(planner.get("high_watermark"), cache.get("capacity_bytes")),
@@ -100,7 +109,9 @@ def render(status: dict[str, Any]) -> str:
     source = f"s3://{status.get('bucket', '?')}/{status.get('prefix', '')}".rstrip("/")
     lines.append(f"mount      {status.get('mountpoint', '?')}  <-  {source}")
     cap = s["cache_capacity_bytes"]
-    avail = "" if cache.get("available", True) else "  UNAVAILABLE (serving from S3 only)"
+    reason = s["cache_unavailable_reason"]
+    avail = "" if s["cache_available"] in (True, None) else (
+        f"  UNAVAILABLE (serving from S3 only{': ' + reason if reason else ''})")
     lines.append(f"cache      {human_size(_num(s['cache_used_bytes']))} of {human_size(_num(cap))} "
                  f"({_pct(s['cache_used_bytes'], cap)}); evicts above {human_size(_num(s['high_watermark_bytes']))} "
                  f"down to {human_size(_num(s['low_watermark_bytes']))}{avail}")
@@ -119,6 +130,19 @@ def render(status: dict[str, Any]) -> str:
         if census.get("age_seconds") is not None:
             counted += f" (counted {census['age_seconds']:.0f}s ago)"
     lines.append(f"files      {s['files_cached']} cached, {counted}, {s['files_pinned']} pinned")
+    health = status.get("cache_health") or {}
+    if health:
+        lines.append(f"integrity  {health.get('checksum_failures', 0)} checksum failures, "
+                     f"{health.get('index_rebuilds', 0)} index rebuilds, {health.get('recoveries', 0)} recoveries, "
+                     f"{health.get('reclaimed_files', 0)} orphan files reclaimed "
+                     f"({human_size(_num(health.get('reclaimed_bytes')))})")
+    breaker = _get(status, "s3", "breaker") or {}
+    if breaker:
+        if breaker.get("state") == "open":
+            lines.append(f"s3         MARKED DOWN for {breaker.get('down_seconds')}s ({breaker.get('last_error')}); "
+                         f"{breaker.get('refused_calls', 0)} calls failed at once, probing")
+        else:
+            lines.append(f"s3         up (marked down {breaker.get('trips', 0)} times so far)")
     ratio = s["hit_ratio"]
     lines.append(f"reads      hit ratio {'-' if ratio is None else f'{ratio:.1%}'} "
                  f"({cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses)")

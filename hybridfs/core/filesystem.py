@@ -21,22 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import trio
 from cachetools import TTLCache
 
 from hybridfs.core.attrs import SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
+from hybridfs.core.openfile import OpenFile, WritePath
 from hybridfs.core.paths import KeyMapper, child_path
 from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
-from hybridfs.core.writer import (
-    NeedsSpool,
-    Spawner,
-    SpoolWriter,
-    StreamWriter,
-    Uploaded,
-    WriteSettings,
-)
+from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
+from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore
 
@@ -78,27 +74,6 @@ class AttrChanges:
     size: int | None = None
     mtime_ns: int | None = None
     atime_ns: int | None = None
-
-
-@dataclass
-class OpenFile:
-    """State shared by every handle open on one inode."""
-
-    node: Node
-    stat: Stat
-    writer: StreamWriter | SpoolWriter | None = None
-    handles: int = 0
-    created: bool = False  # created by us and not uploaded yet: the first flush must upload even if empty
-
-    @property
-    def dirty(self) -> bool:
-        if isinstance(self.writer, SpoolWriter):
-            return self.writer.dirty
-        return self.writer is not None or self.created
-
-    @property
-    def size(self) -> int:
-        return self.writer.size if self.writer is not None else self.stat.size
 
 
 @dataclass
@@ -149,6 +124,8 @@ class Filesystem:
         self.reads_from_cache = 0
         self.reads_from_cloud = 0
         self.refuse_opens = False  # set while shutting down: in-flight work finishes, nothing new starts
+        self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
+                                self.ask_hydration)
 
     def _check_accepting(self) -> None:
         if self.refuse_opens:
@@ -246,6 +223,7 @@ class Filesystem:
     async def _change_metadata(self, node: Node, path: str, changes: dict[str, int], of: OpenFile | None) -> None:
         if of is not None and of.dirty:  # applied by the upload at flush
             of.stat = of.stat.with_(**changes)
+            of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
             return
         st = await self.ns.stat(path)
         if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
@@ -269,10 +247,7 @@ class Filesystem:
 
     async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
         if of is not None:
-            writer = await self._spool_of(of) if not (
-                isinstance(of.writer, StreamWriter) and of.writer.size == size) else of.writer
-            if isinstance(writer, SpoolWriter):
-                await writer.truncate(size)
+            await self.writes.truncate(of, size)
             node.kernel_etag = None
             return
         st = await self.ns.stat(path)
@@ -289,7 +264,8 @@ class Filesystem:
         try:
             await spool.load(st.etag, st.size)
             await spool.truncate(size)
-            done = await spool.finish(metadata_for(new))
+            done = await spool.finish(metadata_for(new), Condition(st.etag),
+                                      trio.current_time() + self.settings.write.timeout)
         finally:
             await spool.close()
         self._after_upload(key, path, done)
@@ -409,7 +385,7 @@ class Filesystem:
         if of is not None and of.dirty:
             # S3 must hold the current bytes before we copy them (this also ends a streamed upload, whose
             # multipart upload is bound to the old key).
-            await self._flush_file(of)
+            await self.writes.flush(of)
             src = of.stat
         await self.store.copy(old_key, new_key, metadata_for(src))
         await self.store.delete(old_key)
@@ -465,14 +441,10 @@ class Filesystem:
         self.ns.set_pending(path, st)
         of = OpenFile(node, st, created=True)
         self.open_files[node.ino] = of
-        of.writer = self._stream_writer(of, key)
+        of.writer = self.writes.stream_writer(of, key)
         fh = self._open_handle(of, writable=True)
         node.kernel_etag = None
         return fh, node, st
-
-    def _stream_writer(self, of: OpenFile, key: str) -> StreamWriter:
-        return StreamWriter(self.store, self.cache, key, metadata_for(of.stat), self.settings.write,
-                            self.spawner)
 
     def _open_handle(self, of: OpenFile, *, writable: bool) -> int:
         fh = self._fh()
@@ -503,34 +475,20 @@ class Filesystem:
                 raise FsError(errno.ESTALE, f"{path!r} changed in S3 while open; reopening the new version",
                               level=logging.DEBUG)
         if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
-            await self._truncate_open(of)
+            await self.writes.truncate_open(of)
         fh = self._open_handle(of, writable=writable)
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
 
-    async def _truncate_open(self, of: OpenFile) -> None:
-        """Empty the file; the next flush uploads the new content even if nothing is written."""
-        if isinstance(of.writer, SpoolWriter):
-            await of.writer.truncate(0)
-        else:
-            if isinstance(of.writer, StreamWriter):
-                await of.writer.abort()
-            of.stat = of.stat.with_(size=0)
-            of.writer = self._stream_writer(of, self._key_of(of.node))
-        of.created = True
-        of.node.kernel_etag = None
-
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handle(fh)
         of = handle.file
-        if isinstance(of.writer, StreamWriter):
-            await self._spool_of(of)  # read-back of a file being streamed: switch to the spool
-        if isinstance(of.writer, SpoolWriter):
-            return await of.writer.read(offset, length)
+        if of.writer is not None or of.lost is not None:  # local changes: read them back
+            return await self.writes.read(of, offset, length)
         if of.stat.etag is None or of.stat.size == 0:
             return b""
-        if handle.reader is None:
+        if handle.reader is None or self._hydrated_since_open(handle):
             handle.reader = await self._reader_for(of)
         try:
             return await handle.reader.read(offset, length)
@@ -542,6 +500,15 @@ class Filesystem:
             await self.cache.remove(handle.reader.key)
             handle.reader = self._cloud_reader(of)
             return await handle.reader.read(offset, length)
+
+    def _hydrated_since_open(self, handle: Handle) -> bool:
+        """A handle opened while its file was cloud-only switches to the cache once the same version is there
+        (a dictionary lookup per read; the cached copy is keyed by the ETag the handle is pinned to)."""
+        reader = handle.reader
+        if not isinstance(reader, CloudReader) or self.cache.lookup(reader.key, reader.etag) is None:
+            return False
+        reader.close()
+        return True
 
     async def _reader_for(self, of: OpenFile) -> CacheReader | CloudReader:
         key = self._key_of(of.node)
@@ -572,99 +539,30 @@ class Filesystem:
             raise FsError(errno.EBADF, "file not open for writing")
         of = handle.file
         of.node.kernel_etag = None
-        writer = of.writer
-        if writer is None:
-            writer = await self._start_writer(of, offset)
-        if isinstance(writer, StreamWriter):
-            try:
-                await writer.write(offset, data)
-                return len(data)
-            except NeedsSpool:
-                writer = await self._spool_of(of)
-        await writer.write(offset, data)
+        await self.writes.write(of, offset, data)
         return len(data)
 
-    async def _start_writer(self, of: OpenFile, offset: int) -> StreamWriter | SpoolWriter:
-        if of.size == 0 and offset == 0:
-            of.writer = self._stream_writer(of, self._key_of(of.node))
-            return of.writer
-        return await self._spool_of(of)
-
-    async def _spool_of(self, of: OpenFile) -> SpoolWriter:
-        """The open file's spool, made from whatever holds its current content."""
-        writer = of.writer
-        if isinstance(writer, SpoolWriter):
-            return writer
-        key = self._key_of(of.node)
-        spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
-        if isinstance(writer, StreamWriter):
-            buffered = writer.buffered_bytes()
-            if buffered is not None:
-                await writer.abort()
-                of.writer = None
-                await spool.load(None, 0, initial=buffered)
-                of.writer = spool
-                return spool
-            await self._flush_file(of)  # parts already left: finish the object, then spool from it
-        await spool.load(of.stat.etag, of.stat.size)
-        spool.dirty = of.created
-        of.writer = spool
-        return spool
-
     async def flush(self, fh: int) -> None:
-        """close(2): returns once S3 holds the object (contract 1)."""
-        of = self._handle(fh).file
-        if of.dirty:
-            await self._flush_file(of)
+        """close(2): returns once S3 holds the object (contract 1). A read-only handle publishes nothing."""
+        handle = self._handle(fh)
+        of = handle.file
+        if handle.writable and (of.dirty or of.lost is not None):
+            await self.writes.flush(of)
 
     async def fsync(self, fh: int) -> None:
         await self.flush(fh)
 
-    async def _flush_file(self, of: OpenFile) -> None:
-        node = of.node
-        if node.unlinked:
-            await self._drop_writer(of)
-            return
-        path = node.path
-        key = self.keys.key(path)
-        st = of.stat.with_(mtime_ns=of.stat.mtime_ns if of.writer is None else now_ns())
-        writer = of.writer
-        if writer is None:  # created and never written: an empty object
-            writer = self._stream_writer(of, key)
-        moved_from = None
-        if isinstance(writer, StreamWriter) and writer.parts_started and writer.key != key:
-            moved_from = writer.key  # its directory was renamed mid-upload: finish there, then move it
-        else:
-            writer.key = key
-        done = await writer.finish(metadata_for(st))
-        if moved_from is not None:
-            await self.store.copy(moved_from, key, metadata_for(st))
-            await self.store.delete(moved_from)
-            info = await self.store.head(key)
-            done = Uploaded(info.etag if info else done.etag, done.size, False)
-            await self.cache.remove(moved_from)
-            self.ask_hydration(key, done.etag, done.size, "moved")
-        if isinstance(writer, StreamWriter):
-            of.writer = None
-        of.created = False
-        of.stat = st.with_(size=done.size, etag=done.etag, complete=True)
-        if not node.unlinked:
-            self.ns.settle(node.path, of.stat)
-        self._after_upload(key, path, done)
+    def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
+        """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
+        if not of.node.unlinked:
+            self.ns.settle(of.node.path, of.stat)
+        self._after_upload(key, of.node.path, done)
 
     def _after_upload(self, key: str, path: str, done: Uploaded) -> None:
         if done.tee_error is not None and done.tee_error != "larger than the cache":
             log.warning("cache copy of %s failed (%s); the object is safe in S3, a hydrate event will "
                         "bring it back", key, done.tee_error)
             self.ask_hydration(key, done.etag, done.size, "tee-failed")
-
-    async def _drop_writer(self, of: OpenFile) -> None:
-        writer, of.writer = of.writer, None
-        of.created = False
-        if isinstance(writer, StreamWriter):
-            await writer.abort()
-        elif isinstance(writer, SpoolWriter):
-            await writer.close()
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
@@ -675,14 +573,10 @@ class Filesystem:
         of = handle.file
         of.handles -= 1
         try:
-            if of.handles == 0 and of.dirty:  # written after the last flush (mmap, dup'ed fd): upload now
-                await self._flush_file(of)
-        except FsError as exc:
-            log.error("%s: upload at release failed, changes since the last successful close are lost: %s",
-                      of.node.path, exc)
-        finally:
             if of.handles == 0:
-                await self._drop_writer(of)
+                await self.writes.release(of)  # uploads what no flush tried (mmap, dup'ed fds), then drops
+        finally:
+            if of.handles == 0 and self.open_files.get(of.node.ino) is of:
                 self.open_files.pop(of.node.ino, None)
             self.inodes.release(of.node)
 
@@ -725,6 +619,8 @@ class Filesystem:
         path = self.inodes.path(ino)
         if path == "" and name == XATTR_STATUS:
             return json.dumps(self.status(), sort_keys=True).encode()
+        if name not in FILE_XATTRS:  # e.g. security.capability, asked before every write: no S3 round trip
+            raise FsError(errno.ENODATA, f"no attribute {name} on {path!r}")
         st = await self.getattr(ino)
         if not st.is_file or name not in FILE_XATTRS:
             raise FsError(errno.ENODATA, f"no attribute {name} on {path!r}")
@@ -828,7 +724,7 @@ class Filesystem:
     @staticmethod
     def _is_local(of: OpenFile) -> bool:
         """The open file is being written here (or was unlinked): its own state is the truth, not S3's."""
-        return of.dirty or of.writer is not None or of.created or of.node.unlinked
+        return of.dirty or of.writer is not None or of.created or of.lost is not None or of.node.unlinked
 
     async def _revalidate(self, ino: int, path: str) -> Stat:
         """The attributes an open uses: no older than --attr-timeout. A file deleted elsewhere fails the open

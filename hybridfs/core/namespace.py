@@ -20,6 +20,8 @@ from cachetools import LRUCache, TTLCache
 from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
+from hybridfs.tasks import Spawner, failpoint
+from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 
 log = logging.getLogger("hybridfs.namespace")
@@ -51,7 +53,8 @@ class Namespace:
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self._reported: LRUCache[tuple[str, str | None], bool] = LRUCache(REPORTED_ENTRIES)
         # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
-        self.spawner: trio.Nursery | None = None
+        self.spawner: Spawner | None = None
+        self.cache: LocalCache | None = None  # set by the mount: its index keeps cached files' attributes
         self._prefetching: dict[str, trio.Event] = {}
         self._s3_down = False
         self.root_stat = implicit_dir(defaults, time.time_ns())
@@ -96,13 +99,25 @@ class Namespace:
 
     def _fallback(self, path: str, exc: FsError) -> Stat | None:
         """While S3 is unreachable, the last attributes we saw keep cached files readable (contract 5)."""
-        known = self.last_known.get(path)
+        known = self.last_known.get(path) or self._cached_stat(path)
         if exc.errno != errno.EIO or known is None:
             return None
         if not self._s3_down:
             self._s3_down = True
             log.warning("S3 unreachable (%s); serving last known attributes and cached data", exc.message)
         return known
+
+    def _cached_stat(self, path: str) -> Stat | None:
+        """After a restart nothing is in ``last_known``: the cache index kept the attributes of cached files,
+        and a directory with cached files below it exists."""
+        if self.cache is None:
+            return None
+        info = self.cache.known_object(self.keys.key(path))
+        if info is not None:
+            return stat_from_object(info, self.defaults)
+        if self.cache.has_below(self.keys.dir_prefix(path)):
+            return implicit_dir(self.defaults, self.root_stat.mtime_ns)
+        return None
 
     def _absent_from_listing(self, path: str) -> bool:
         listing = self.listings.get(parent_of(path))
@@ -190,6 +205,7 @@ class Namespace:
 
     async def _prefetch_one(self, path: str, is_dir: bool, limiter: trio.CapacityLimiter) -> None:
         try:
+            failpoint("prefetch")
             async with limiter:
                 key = self.keys.dir_prefix(path) if is_dir else self.keys.key(path)
                 info = await self.store.head(key)
@@ -201,8 +217,8 @@ class Namespace:
                 self.remember(path, implicit_dir(self.defaults, self.root_stat.mtime_ns))
         except FsError as exc:
             log.debug("prefetching attributes of %s: %s", path, exc)
-        except Exception:  # it runs in the mount's nursery: a bug here must not end the mount
-            log.exception("prefetching attributes of %s failed", path)
+        except Exception:  # a bug: this entry is just not prefetched; its stat asks S3 itself
+            log.exception("prefetching attributes of %s: internal error", path)
         finally:
             event = self._prefetching.pop(path, None)
             if event is not None:

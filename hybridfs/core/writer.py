@@ -1,18 +1,24 @@
-"""The write path: cloud first, cache second.
-
-Two ways a file's new content reaches S3:
+"""The write path's two writers: how a file's new content reaches S3, cloud first and cache second.
 
 * ``StreamWriter`` — for files written from the start in order (new files, ``O_TRUNC``, ``cp``, ``dd``):
   bytes collect in a part-sized buffer; each full part is teed to the cache and uploaded in the background as
   part of a multipart upload, at most ``max_inflight`` parts at a time, so a writer faster than S3 waits for it
   and memory stays bounded. A file smaller than one part is one PUT at close.
-* ``SpoolWriter`` — for everything else (random writes, appends to an existing object, truncation): the file
-  is copied to a spool file outside the cache directory (from the cache when it holds that version, else from
-  S3), changed there, and uploaded whole at flush.
+* ``SpoolWriter`` — for everything else (random writes, appends to an existing object, truncation, and any
+  file whose streamed upload failed): the whole file lives in a spool file in the state directory (never the
+  cache directory), is changed there, and is uploaded whole at flush (multipart above one part).
 
-Either way ``finish()`` returns only when S3 holds the object, and fails with EIO within ``timeout`` seconds,
-aborting a multipart upload so no partial object remains. The cache copy is a tee whose failure is reported,
-never raised.
+A stream never loses bytes when S3 fails: a failed part or a failed/timed-out finish hands every byte written so
+far over to a spool (``StreamWriter.hand_over``: the local copy of the parts already sent, plus what is still in
+memory), the multipart upload is aborted in the background, and the next flush uploads the whole file again. Only
+when the local copy is gone too (cache disk failing, or the file is larger than the cache) are the bytes lost;
+the open file then refuses every write and flush with EIO (``hybridfs.core.openfile`` documents the states).
+
+Commits are fenced: the PUT or CompleteMultipartUpload that makes a version visible is conditional on S3 still
+holding the version the content was based on (``Condition``), and runs in a task of its own that outlives a
+timed-out flush (``WriteFence``). A flush that gave up therefore either lands before anything newer (harmless:
+the next flush of the file waits for it and replaces it) or is refused by S3 — it can never overwrite a newer
+version. ``finish()`` returns within its deadline: aborts run in the background.
 """
 
 from __future__ import annotations
@@ -23,16 +29,21 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from hybridfs.errors import FsError, io_error
+from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache, TeeFile
-from hybridfs.tiers.s3 import MAX_PARTS, CloudStore
+from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, WriteConflict
 
 log = logging.getLogger("hybridfs.writer")
+
+__all__ = ["Condition", "NeedsSpool", "Spawner", "SpoolWriter", "StreamWriter", "Uploaded", "WriteFence",
+           "WriteSettings"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,7 @@ class Uploaded:
 
 
 class NeedsSpool(Exception):
-    """A write the streaming path cannot take (not at the end of what was written)."""
-
-
-# Background work (part uploads, read-ahead) runs in the mount's nursery, so it is cancelled with the mount.
-Spawner = trio.Nursery
+    """The stream cannot take this (a write not at its end, or its upload failed): hand it over to a spool."""
 
 
 @dataclass(frozen=True)
@@ -64,67 +71,232 @@ def part_size_for(number: int, base: int) -> int:
     return base * (2 ** ((number - 1) // 1000))
 
 
+def timeout_error(key: str, timeout: float) -> FsError:
+    return io_error(f"upload of {key} did not finish within {timeout:.0f}s (S3 slow or unreachable); "
+                    "this version is not stored")
+
+
+# -- fenced commits -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Send:
+    key: str
+    token: str
+    done: trio.Event = field(default_factory=trio.Event)
+    etag: str | None = None
+    error: BaseException | None = None
+    abandoned: bool = False  # the flush that started it gave up (timeout): nobody waits for the answer
+
+
+Send = Callable[[Condition], Awaitable[str]]
+
+
+class WriteFence:
+    """The commit requests (PUT, CompleteMultipartUpload) of each key that may still be on their way to S3.
+
+    A commit runs in a task of its own, so a flush that times out stops waiting without cancelling it (a
+    cancelled boto3 call goes on in its thread anyway, unseen). The next flush of the same key first waits for it
+    (``settle``). A commit that S3 refuses because the object is no longer the version it was based on is
+    recognised as ours when the object carries the token of this commit (a botocore retry whose first attempt
+    did land: success) or of an earlier commit of ours that failed or gave up (it landed late: this commit
+    replaces it). Any other refusal is a conflict with another writer, reported to the caller. Owned by the trio
+    thread.
+    """
+
+    def __init__(self, store: CloudStore) -> None:
+        self.store = store
+        self._open: dict[str, list[_Send]] = {}
+        self._landed: dict[str, str] = {}
+        self._unacknowledged: dict[str, set[str]] = {}  # key -> tokens of commits whose caller heard "failed"
+
+    async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
+        pending = _Send(key, token)
+        self._open.setdefault(key, []).append(pending)
+        spawner.start_soon(self._run, pending, condition, send, name=f"commit {key}")
+        try:
+            await pending.done.wait()
+        except trio.Cancelled:
+            pending.abandoned = True
+            self._unacknowledged.setdefault(key, set()).add(token)
+            raise
+        if pending.error is not None:
+            self._unacknowledged.setdefault(key, set()).add(token)
+            raise pending.error
+        if pending.etag is None:
+            raise io_error(f"commit of {key} was cancelled (shutting down)")
+        self._unacknowledged.pop(key, None)  # anything earlier of ours is replaced now
+        return pending.etag
+
+    async def _run(self, pending: _Send, condition: Condition, send: Send) -> None:
+        try:
+            failpoint("commit")
+            pending.etag = await self._attempt(pending, condition, send)
+        except FsError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
+            log.exception("commit of %s: internal error", pending.key)
+            pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
+        finally:
+            pending.done.set()
+            sends = self._open.get(pending.key, [])
+            with contextlib.suppress(ValueError):
+                sends.remove(pending)
+            if not sends:
+                self._open.pop(pending.key, None)
+        if pending.abandoned:
+            if pending.etag is not None:
+                self._landed[pending.key] = pending.etag
+                log.info("an upload of %s whose caller was told it failed landed later (ETag %s); the next "
+                         "flush of the file replaces it", pending.key, pending.etag)
+            else:
+                log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
+                         pending.key, pending.error)
+
+    async def _attempt(self, pending: _Send, condition: Condition, send: Send) -> str:
+        try:
+            return await send(condition)
+        except WriteConflict:
+            info = await self.store.head(pending.key)
+            found = (info.metadata or {}).get(WRITE_TOKEN) if info is not None else None
+            if info is not None and found == pending.token:
+                return info.etag  # our own retried attempt had landed
+            if info is not None and found in self._unacknowledged.get(pending.key, ()):
+                log.info("%s: an earlier upload of ours that was reported failed landed late (ETag %s); "
+                         "replacing it", pending.key, info.etag)
+                try:
+                    return await send(Condition(info.etag))
+                except WriteConflict:
+                    info = await self.store.head(pending.key)
+            now = f"ETag {info.etag}" if info is not None else "no object"
+            raise WriteConflict(errno.EIO, f"{pending.key} changed in S3 while this file was open (expected "
+                                f"{condition}, found {now}); not overwritten — the changes stay open for "
+                                "another fsync/close", level=logging.WARNING) from None
+
+    async def settle(self, key: str) -> str | None:
+        """Wait for the key's earlier commits; the ETag of one that landed after its caller gave up, if any."""
+        while sends := self._open.get(key):
+            await sends[0].done.wait()
+        return self._landed.pop(key, None)
+
+
+def with_token(metadata: dict[str, str], token: str) -> dict[str, str]:
+    return {**metadata, WRITE_TOKEN: token}
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+# -- the streamed multipart upload ----------------------------------------------------------------------------
+
+
 class StreamWriter:
+    """Sequential writes streamed into a multipart upload. Owned by the trio thread; parts run as tasks."""
+
     def __init__(self, store: CloudStore, cache: LocalCache, key: str, metadata: dict[str, str],
-                 settings: WriteSettings, spawner: Spawner) -> None:
+                 settings: WriteSettings, spawner: Spawner, fence: WriteFence) -> None:
         self.store = store
         self.cache = cache
         self.key = key
         self.metadata = metadata
         self.settings = settings
         self.spawner = spawner
+        self.fence = fence
         self.size = 0
         # Incoming writes are kept as they came and joined once per part: one copy per byte, not three.
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.buffer_offset = 0  # file offset of the first buffered byte
         self.upload_id: str | None = None
+        self.token = new_token()
         self.parts: list[tuple[int, str]] = []
         self.next_part = 1
         self.slots = trio.Semaphore(settings.max_inflight)
-        self.error: FsError | None = None
+        self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
         self.tee = TeeFile(cache)
+        self._teed: list[trio.Event] = []  # one per part sent: set once its local copy is written (or failed)
 
     async def write(self, offset: int, data: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        if offset != self.size:
+        if self.failed is not None or offset != self.size:
             raise NeedsSpool()
         self.chunks.append(data)
         self.buffered += len(data)
         self.size += len(data)
-        while self.buffered >= part_size_for(self.next_part, self.settings.part_size):
+        # From here the bytes are ours: a failure below marks the stream failed, it never loses them.
+        while self.failed is None and self.buffered >= part_size_for(self.next_part, self.settings.part_size):
             await self._cut_part()
+
+    def _fail(self, exc: FsError) -> None:
+        if self.failed is None:
+            self.failed = exc
+            log.warning("streamed upload of %s failed (%s); its bytes go to a spool and the whole file is "
+                        "uploaded again at the next flush", self.key, exc.message)
 
     async def _cut_part(self) -> None:
         size = part_size_for(self.next_part, self.settings.part_size)
         if self.next_part > MAX_PARTS:
-            raise FsError(errno.EFBIG, f"{self.key}: more than {MAX_PARTS} parts", level=logging.WARNING)
+            self._fail(FsError(errno.EFBIG, f"{self.key}: more than {MAX_PARTS} parts", level=logging.WARNING))
+            return
+        with trio.move_on_after(self.settings.timeout) as scope:
+            if self.upload_id is None:
+                try:
+                    self.upload_id = await self.store.create_multipart(self.key, with_token(self.metadata,
+                                                                                           self.token))
+                except FsError as exc:
+                    self._fail(exc)
+                    return
+            await self.slots.acquire()  # back-pressure: a writer faster than S3 waits here
+        if scope.cancelled_caught:
+            self._fail(timeout_error(self.key, self.settings.timeout))
+            return
         joined = self._take_buffer()
         data = joined[:size]  # the same object when the part is exactly the buffer
         if len(joined) > size:
             self.chunks, self.buffered = [joined[size:]], len(joined) - size
         offset, self.buffer_offset = self.buffer_offset, self.buffer_offset + size
-        if self.upload_id is None:
-            self.upload_id = await self.store.create_multipart(self.key, self.metadata)
-        number = self.next_part
-        self.next_part += 1
-        await self.slots.acquire()  # back-pressure: a writer faster than S3 waits here
-        self.spawner.start_soon(self._upload_part, number, offset, data, name=f"part {self.key}#{number}")
+        self._send_part(offset, data)
 
-    async def _upload_part(self, number: int, offset: int, data: bytes) -> None:
+    def _send_part(self, offset: int, data: bytes) -> None:
+        """Start one part (a slot is held); its local copy and its upload overlap."""
+        number, self.next_part = self.next_part, self.next_part + 1
+        teed = trio.Event()
+        self._teed.append(teed)
+        self.spawner.start_soon(self._upload_part, number, offset, data, teed, name=f"part {self.key}#{number}")
+
+    async def _upload_part(self, number: int, offset: int, data: bytes, teed: trio.Event) -> None:
+        upload_id = self.upload_id
         try:
-            assert self.upload_id is not None
-            upload_id = self.upload_id
-            async with trio.open_nursery() as both:  # the local copy and the upload overlap
-                both.start_soon(self.tee.write, offset, data)
-                etag = await self.store.upload_part(self.key, upload_id, number, data)
-            self.parts.append((number, etag))
-        except FsError as exc:
-            if self.error is None:
-                self.error = exc
+            async with trio.open_nursery() as both:
+                both.start_soon(self._tee_part, offset, data, teed)
+                if upload_id is None:  # handed over meanwhile
+                    return
+                try:  # caught here, so that a failing upload never cancels the local copy beside it
+                    failpoint("part")
+                    etag = await self.store.upload_part(self.key, upload_id, number, data)
+                except FsError as exc:
+                    if self.upload_id != upload_id:  # handed over or aborted meanwhile: nobody needs this part
+                        log.debug("part %d of %s after its upload was dropped: %s", number, self.key, exc)
+                    else:
+                        self._fail(exc)
+                except Exception as exc:  # a bug: the part is not stored, the stream fails, the mount goes on
+                    log.exception("part %d of %s: internal error", number, self.key)
+                    self._fail(io_error(f"part {number} of {self.key}: internal error {exc!r}"))
+                else:
+                    self.parts.append((number, etag))
+        except Exception as exc:  # a bug in the local copy: the stream can no longer be handed over safely
+            log.exception("local copy of part %d of %s: internal error", number, self.key)
+            await self.tee.discard(f"internal error {exc!r}")
+            self._fail(io_error(f"part {number} of {self.key}: internal error {exc!r}"))
         finally:
+            teed.set()
             self.slots.release()
+
+    async def _tee_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
+        try:
+            await self.tee.write(offset, data)
+        finally:
+            teed.set()
 
     async def _drain(self) -> None:
         for _ in range(self.settings.max_inflight):
@@ -141,35 +313,43 @@ class StreamWriter:
     def parts_started(self) -> bool:
         return self.upload_id is not None
 
-    async def finish(self, metadata: dict[str, str]) -> Uploaded:
-        """Upload what remains and make the object whole in S3."""
-        try:
-            with trio.fail_after(self.settings.timeout):
-                etag = await self._complete(metadata)
-        except trio.TooSlowError:
-            await self.abort()
-            raise io_error(f"upload of {self.key} did not finish within {self.settings.timeout:.0f}s "
-                           "(S3 slow or unreachable); the write is not stored") from None
-        except FsError:
-            await self.abort()
-            raise
+    async def finish(self, metadata: dict[str, str], condition: Condition, deadline: float) -> Uploaded:
+        """Upload what remains and make the object whole in S3, by ``deadline`` (trio time).
+
+        Raises NeedsSpool when the upload had already failed, FsError when it fails now; either way every byte
+        is still here for ``hand_over``.
+        """
+        if self.failed is not None:
+            raise NeedsSpool()
+        with trio.move_on_at(deadline) as scope:
+            etag = await self._complete(metadata, condition)
+        if scope.cancelled_caught:
+            self._fail(timeout_error(self.key, self.settings.timeout))
+            raise self.failed or timeout_error(self.key, self.settings.timeout)
         cached = await self.tee.commit(self.key, etag, self.size)
         return Uploaded(etag, self.size, cached, self.tee.failed)
 
-    async def _complete(self, metadata: dict[str, str]) -> str:
-        if self.upload_id is None:  # smaller than a part: one PUT
-            data = self._take_buffer()
+    async def _complete(self, metadata: dict[str, str], condition: Condition) -> str:
+        if self.upload_id is None:  # smaller than a part: one PUT; the buffer stays until S3 has it
+            data = b"".join(self.chunks)
+            self.chunks, self.buffered = [data], len(data)
             await self.tee.write(0, data)
-            return await self.store.put(self.key, data, metadata)
+            token = new_token()
+            meta = with_token(metadata, token)
+            return await self.fence.commit(self.spawner, self.key, condition, token,
+                                           lambda cond: self.store.put(self.key, data, meta, condition=cond))
         if self.buffered:
-            data, offset = self._take_buffer(), self.buffer_offset
             await self.slots.acquire()
-            number, self.next_part = self.next_part, self.next_part + 1
-            self.spawner.start_soon(self._upload_part, number, offset, data)
+            data, offset = self._take_buffer(), self.buffer_offset
+            self.buffer_offset += len(data)
+            self._send_part(offset, data)
         await self._drain()
-        if self.error is not None:
-            raise self.error
-        etag = await self.store.complete_multipart(self.key, self.upload_id, self.parts)
+        if self.failed is not None:
+            raise NeedsSpool()
+        upload_id, parts = self.upload_id, list(self.parts)
+        etag = await self.fence.commit(
+            self.spawner, self.key, condition, self.token,
+            lambda cond: self.store.complete_multipart(self.key, upload_id, parts, condition=cond))
         self.upload_id = None
         if metadata != self.metadata:  # attributes changed while streaming (utimens, chmod)
             await self.store.copy(self.key, self.key, metadata)
@@ -180,48 +360,70 @@ class StreamWriter:
     def _parts_in_flight(self) -> bool:
         return self.slots.value < self.settings.max_inflight
 
-    async def abort(self) -> None:
-        """Drop the upload now. S3 may still complete a part that was in flight during the abort and keep it,
-        so when parts are in flight a background task aborts once more after they have ended."""
-        if self.upload_id is not None:
-            upload_id, self.upload_id = self.upload_id, None
-            await self.store.abort_multipart(self.key, upload_id)
-            if self._parts_in_flight():
-                self.spawner.start_soon(self._abort_after_parts, upload_id, name=f"re-abort {self.key}")
-        with trio.CancelScope(shield=True):
-            await self.tee.discard()
+    async def hand_over(self, spool: SpoolWriter) -> bool:
+        """Move every byte written so far into ``spool`` and drop the upload (aborted in the background).
+
+        False when the bytes that already left memory cannot be recovered (their local copy failed): the
+        caller must then refuse the file's writes and flushes, since nothing complete can be stored.
+        """
+        for teed in self._teed:  # local copies are disk-bound: wait for them, not for S3
+            await teed.wait()
+        if self.upload_id is None and self.buffer_offset == 0:
+            await spool.load(None, 0, initial=b"".join(self.chunks))
+        else:
+            if self.tee.failed is not None or self.tee.path is None:
+                return False
+            path = await self.tee.detach()
+            await spool.adopt(path, self.buffer_offset)
+            if self.chunks:
+                await spool.write(self.buffer_offset, b"".join(self.chunks))
+            self._drop_upload()
+        self.chunks, self.buffered = [], 0
+        await self.tee.discard()
+        return True
+
+    def _drop_upload(self) -> None:
+        if self.upload_id is None:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        self.store.schedule_abort(self.key, upload_id)
+        if self._parts_in_flight():  # a part landing after the abort could keep storage: abort once more
+            self.spawner.start_soon(self._abort_after_parts, upload_id, name=f"re-abort {self.key}")
 
     async def _abort_after_parts(self, upload_id: str) -> None:
-        with trio.move_on_after(self.settings.timeout):
+        with trio.move_on_after(max(self.settings.timeout, 60)):
             await self._drain()
-        await self.store.abort_multipart(self.key, upload_id)
+        self.store.schedule_abort(self.key, upload_id)
+
+    async def abort(self) -> None:
+        """Drop the upload and the local copy (the file was truncated, unlinked or closed unfinished)."""
+        self._drop_upload()
+        with trio.CancelScope(shield=True):
+            await self.tee.discard()
 
     async def abandon(self) -> None:
-        """At shutdown: wait (bounded) for the parts in flight, then abort, so nothing is left in S3."""
-        with trio.move_on_after(self.settings.timeout):
-            await self._drain()
+        """At shutdown: abort now, so nothing is left in S3 (the journal covers what cannot be reached)."""
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             await self.store.abort_multipart(self.key, upload_id)
         with trio.CancelScope(shield=True):
             await self.tee.discard()
 
-    def buffered_bytes(self) -> bytes | None:
-        """All content written so far when none of it has left memory yet (the cheap way to spool)."""
-        if self.upload_id is not None:
-            return None
-        data = b"".join(self.chunks)
-        return data
+
+# -- the spool ------------------------------------------------------------------------------------------------
 
 
 class SpoolWriter:
-    """A private local copy of the file, changed in place and uploaded whole."""
+    """A private local copy of the whole file, changed in place and uploaded whole. Owned by the trio thread."""
 
-    def __init__(self, store: CloudStore, cache: LocalCache, key: str, settings: WriteSettings) -> None:
+    def __init__(self, store: CloudStore, cache: LocalCache, key: str, settings: WriteSettings,
+                 spawner: Spawner | None = None, fence: WriteFence | None = None) -> None:
         self.store = store
         self.cache = cache
         self.key = key
         self.settings = settings
+        self.spawner = spawner
+        self.fence = fence
         self.path = settings.spool_dir / f"{uuid.uuid4().hex}.spool"
         self.fd: int | None = None
         self.size = 0
@@ -230,8 +432,7 @@ class SpoolWriter:
     async def _run(self, fn: object) -> object:
         return await trio.to_thread.run_sync(fn, limiter=self.cache.limiter)  # type: ignore[arg-type]
 
-    async def load(self, etag: str | None, size: int, initial: bytes | None = None) -> None:
-        """Fill the spool with the current content: ``initial`` bytes, the cached copy, or S3."""
+    async def _create(self) -> None:
         def create() -> None:
             self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -240,23 +441,43 @@ class SpoolWriter:
             await self._run(create)
         except OSError as exc:
             raise io_error(f"cannot create spool file in {self.settings.spool_dir}: {exc}") from exc
+
+    async def load(self, etag: str | None, size: int, initial: bytes | None = None) -> None:
+        """Fill the spool with the current content: ``initial`` bytes, the cached copy, or S3."""
+        await self._create()
         if initial is not None:
             await self.write(0, initial)
             self.size = len(initial)
             return
         if etag is None or size == 0:
             return
-        entry = self.cache.lookup(self.key, etag)
-        if entry is not None:
-            src = self.cache.data_path(self.key, etag)
-            try:
-                await self._run(lambda: shutil.copyfile(src, self.path))
+        try:  # only bytes that match their checksums; a corrupt copy is dropped (and logged) by the cache
+            if await self.cache.copy_verified(self.key, etag, self.path):
                 self.size = size
                 return
-            except OSError as exc:
-                log.warning("cache copy of %s unreadable (%s); fetching from S3", self.key, exc)
+        except OSError as exc:
+            log.warning("cache copy of %s unreadable (%s); fetching from S3", self.key, exc)
         await self.store.download_file(self.key, etag, str(self.path))
         self.size = size
+
+    async def adopt(self, source: Path, size: int) -> None:
+        """Take ``source`` (the local copy of a stream's first ``size`` bytes) as the spool's content."""
+        def take() -> None:
+            self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(source, self.path)
+            except OSError:  # another filesystem (EXDEV): copy it
+                shutil.copyfile(source, self.path)
+                source.unlink(missing_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR)
+            os.ftruncate(self.fd, size)
+
+        try:
+            await self._run(take)
+        except OSError as exc:
+            raise io_error(f"cannot move the local copy of {self.key} into the spool: {exc}") from exc
+        self.size = size
+        self.dirty = True
 
     async def write(self, offset: int, data: bytes) -> None:
         fd = self._fd()
@@ -270,7 +491,12 @@ class SpoolWriter:
 
     async def truncate(self, size: int) -> None:
         fd = self._fd()
-        await self._run(lambda: os.ftruncate(fd, size))
+        try:
+            await self._run(lambda: os.ftruncate(fd, size))
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise FsError(code, f"truncating the spool of {self.key} to {size}: {exc}",
+                          level=logging.INFO if code == errno.EFBIG else logging.ERROR) from exc
         self.size = size
         self.dirty = True
 
@@ -283,20 +509,69 @@ class SpoolWriter:
             raise io_error(f"spool of {self.key} is closed")
         return self.fd
 
-    async def finish(self, metadata: dict[str, str]) -> Uploaded:
-        try:
-            with trio.fail_after(self.settings.timeout):
-                if self.size <= self.settings.part_size:
-                    data = await self.read(0, self.size)
-                    etag = await self.store.put(self.key, data, metadata)
-                else:
-                    etag = (await self.store.upload_file(self.key, str(self.path), metadata)).etag
-        except trio.TooSlowError:
-            raise io_error(f"upload of {self.key} did not finish within {self.settings.timeout:.0f}s "
-                           "(S3 slow or unreachable); the write is not stored") from None
+    async def finish(self, metadata: dict[str, str], condition: Condition, deadline: float) -> Uploaded:
+        """Upload the whole spool by ``deadline``; the spool stays dirty (every byte kept) when that fails."""
+        with trio.move_on_at(deadline) as scope:
+            if self.size <= self.settings.part_size:
+                etag = await self._put(metadata, condition)
+            else:
+                etag = await self._multipart(metadata, condition)
+        if scope.cancelled_caught:
+            raise timeout_error(self.key, self.settings.timeout)
         self.dirty = False
         tee_error = await self._tee(etag)
         return Uploaded(etag, self.size, tee_error is None, tee_error)
+
+    async def _commit(self, condition: Condition, token: str, send: Send) -> str:
+        if self.fence is None or self.spawner is None:  # a one-off upload (truncate of a closed file)
+            return await send(condition)
+        return await self.fence.commit(self.spawner, self.key, condition, token, send)
+
+    async def _put(self, metadata: dict[str, str], condition: Condition) -> str:
+        data = await self.read(0, self.size)
+        token = new_token()
+        meta = with_token(metadata, token)
+        return await self._commit(condition, token,
+                                  lambda cond: self.store.put(self.key, data, meta, condition=cond))
+
+    async def _multipart(self, metadata: dict[str, str], condition: Condition) -> str:
+        """Parts read from the spool, ``max_inflight`` at a time; the commit is fenced like a stream's."""
+        token = new_token()
+        upload_id = await self.store.create_multipart(self.key, with_token(metadata, token))
+        parts: list[tuple[int, str]] = []
+        errors: list[FsError] = []
+        completed = False
+        try:
+            limiter = trio.Semaphore(self.settings.max_inflight)
+            async with trio.open_nursery() as nursery:
+                offset, number = 0, 1
+                while offset < self.size and not errors:
+                    size = min(part_size_for(number, self.settings.part_size), self.size - offset)
+                    await limiter.acquire()
+                    nursery.start_soon(self._part, upload_id, number, offset, size, parts, errors, limiter)
+                    offset, number = offset + size, number + 1
+            if errors:
+                raise errors[0]
+            etag = await self._commit(
+                condition, token,
+                lambda cond: self.store.complete_multipart(self.key, upload_id, parts, condition=cond))
+            completed = True
+            return etag
+        finally:
+            if not completed:
+                self.store.schedule_abort(self.key, upload_id)
+
+    async def _part(self, upload_id: str, number: int, offset: int, size: int, parts: list[tuple[int, str]],
+                    errors: list[FsError], limiter: trio.Semaphore) -> None:
+        try:
+            data = await self.read(offset, size)
+            parts.append((number, await self.store.upload_part(self.key, upload_id, number, data)))
+        except FsError as exc:
+            errors.append(exc)
+        except OSError as exc:
+            errors.append(io_error(f"reading the spool of {self.key}: {exc}"))
+        finally:
+            limiter.release()
 
     async def _tee(self, etag: str) -> str | None:
         """Copy the uploaded spool into the cache; the reason when that failed."""

@@ -348,7 +348,8 @@ class EventBus:
             # The state directory is failing. Keep the events in memory (in order) and try again shortly.
             self._queue.extendleft(reversed(batch))
             if "outbox" not in self._warned_state:
-                log.error("cannot write events to the outbox %s: %s (keeping them in memory)", self.outbox_path, exc)
+                log.error("%s; keeping %d events in memory only, NOT durable (lost if the mount stops) until the "
+                          "outbox can be written", exc, len(self._queue))
                 self._warned_state.add("outbox")
             await trio.sleep(self.retry_interval)
             return

@@ -12,10 +12,15 @@ share between threads as long as only one thread uses it at a time, which the lo
 
 Durability: WAL mode with ``synchronous=FULL``, so a committed ``add`` survives a crash of the process
 (SIGKILL) and of the machine. The relay batches events into one transaction: one fsync a batch, not an event.
+
+Failures: a write that fails (a full or read-only state disk) raises ``OutboxError`` carrying SQLite's own
+reason ("database or disk is full"); the rollback that follows is best effort and never replaces that reason
+(after a failed COMMIT SQLite has usually rolled back already, and ROLLBACK itself then fails).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Outbox", "OutboxRow"]
+__all__ = ["Outbox", "OutboxError", "OutboxRow"]
 
 _SCHEMA_VERSION = 1
 
@@ -35,6 +40,10 @@ class OutboxRow(NamedTuple):
     key: bytes
     value: bytes
     created: float
+
+
+class OutboxError(Exception):
+    """The outbox could not store or delete rows; the message says why (SQLite's reason)."""
 
 
 class Outbox:
@@ -76,9 +85,10 @@ class Outbox:
         """Append rows in one transaction (one fsync); return their ids in order."""
         now = time.time()
         ids: list[int] = []
+        rows = list(rows)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 for topic, key, value in rows:
                     cur = self._db.execute(
                         "INSERT INTO outbox (topic, key, value, created) VALUES (?, ?, ?, ?)",
@@ -87,10 +97,19 @@ class Outbox:
                     assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot store {len(rows)} events in {self.path}: {exc}") from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return ids
+
+    def _rollback(self) -> None:
+        """Best effort, under ``_lock``: never let a failing ROLLBACK hide the error that caused it."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def pending(self, limit: int = 1000, *, after_id: int = 0) -> list[OutboxRow]:
         """The oldest rows with id > ``after_id``, at most ``limit`` of them, oldest first."""
@@ -107,15 +126,18 @@ class Outbox:
             return 0
         deleted = 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
                     chunk = list(ids[start : start + 500])
                     marks = ",".join("?" * len(chunk))
                     deleted += self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"cannot delete {len(ids)} delivered events from {self.path}: {exc}") from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return deleted
 

@@ -18,8 +18,6 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import topic_names
 from hybridfs.keylocks import KeyLocks
@@ -32,6 +30,7 @@ from hybridfs.services.purger import Purger, PurgerSettings
 if TYPE_CHECKING:
     from hybridfs.core.filesystem import Filesystem
     from hybridfs.daemon import Mount
+    from hybridfs.tasks import Supervisor
 
 __all__ = ["PURGE_CONCURRENCY", "Services", "hydrate_concurrency", "start_all"]
 
@@ -68,7 +67,7 @@ def hydrate_concurrency(s3_threads: int) -> int:
     return max(1, int(s3_threads * HYDRATE_SHARE_OF_S3_THREADS))
 
 
-async def start_all(nursery: trio.Nursery, mount: Mount, fs: Filesystem) -> Services:
+async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Services:
     """Build the services of ``mount`` and start them in ``nursery``; returns them for the status."""
     cfg = mount.cfg
     bus = mount.bus

@@ -187,6 +187,8 @@ class Purger:
             return False
         if not self._still_ours(entry):
             return False
+        if not await self.cache.verify(key, entry.etag):  # never upload bytes that fail their checksums
+            return False  # the corrupt copy is dropped (logged once): nothing is left to evict
         if info is None:
             metadata = self._metadata(entry, st.st_mtime)
             log.warning("evicting %s: S3 does not hold it (any more); uploading the cached copy first", key)

@@ -3,13 +3,24 @@
 Every boto3 call is blocking, so each runs in a worker thread behind the ``s3`` CapacityLimiter; the trio loop
 never waits on the network. Retries of throttling, 5xx and connection failures are botocore's (standard mode,
 exponential backoff with jitter); once they are used up the error maps to an errno here, in one place.
+
+Writes that replace an object are conditional (``Condition``: If-Match the ETag the new content was based on, or
+If-None-Match for a new file), so an upload whose caller was already told it failed, and which S3 only processes
+later, can never overwrite a newer version. Each such write carries a token in its metadata, so a retry whose
+first attempt did land (botocore retries after a reset) is recognised as ours rather than as a conflict.
+
+Multipart uploads are recorded in an ``UploadJournal`` while open; aborts run in the background
+(``run_aborts``), retried until S3 answers, so a failing close never waits for one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,6 +32,8 @@ import trio
 from boto3.s3.transfer import TransferConfig
 
 from hybridfs.errors import FsError
+from hybridfs.tiers.breaker import Breaker, is_outage
+from hybridfs.tiers.uploads import UploadJournal
 
 log = logging.getLogger("hybridfs.s3")
 
@@ -30,6 +43,24 @@ T = TypeVar("T")
 MAX_SINGLE_OBJECT = 5 * 1024**3
 MIN_PART_SIZE = 5 * 1024**2
 MAX_PARTS = 10_000
+WRITE_TOKEN = "hybridfs-write"  # x-amz-meta-hybridfs-write: which upload stored this version
+
+
+class WriteConflict(FsError):
+    """S3 refused a conditional write: the object is no longer the version the write was based on."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What S3 must hold for a write to land: exactly ``etag``, or (``etag`` None) no object at all."""
+
+    etag: str | None
+
+    def args(self) -> dict[str, str]:
+        return {"IfMatch": f'"{self.etag}"'} if self.etag else {"IfNoneMatch": "*"}
+
+    def __str__(self) -> str:
+        return f"ETag {self.etag}" if self.etag else "no object"
 
 
 @dataclass(frozen=True)
@@ -79,8 +110,8 @@ def map_client_error(exc: Exception, what: str) -> FsError:
             return FsError(errno.ENOENT, text)
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return FsError(errno.EACCES, text, level=logging.WARNING)
-        if code == "PreconditionFailed" or status == 412:
-            return FsError(errno.ESTALE, f"{what}: object changed remotely", level=logging.INFO)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return WriteConflict(errno.ESTALE, f"{what}: object changed remotely", level=logging.INFO)
         if code == "KeyTooLongError":
             return FsError(errno.ENAMETOOLONG, text, level=logging.INFO)
         if code in ("EntityTooLarge",):
@@ -118,6 +149,10 @@ class CloudStore:
         self.limiter = trio.CapacityLimiter(settings.threads)
         self.limiter_name = "s3"
         self.pending_aborts: list[tuple[str, str]] = []
+        self.journal: UploadJournal | None = None  # set by the mount: open multipart uploads, durably
+        self._aborts_wanted = trio.Event()
+        self.breaker = Breaker()
+        self._probe_client: Any | None = None
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.part_size,
             multipart_chunksize=settings.part_size,
@@ -128,10 +163,27 @@ class CloudStore:
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking boto3 call in a thread behind the s3 limiter and map its errors."""
         bound = functools.partial(fn, *args, **kwargs)
+        self.breaker.check(what)  # S3 known to be down: EIO at once, not after a retry cycle
         try:
-            return await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
+            result = await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self.breaker.observe(exc)
             raise map_client_error(exc, what) from exc
+        self.breaker.success()
+        return result
+
+    async def probe(self) -> bool:
+        """The breaker's probe: does S3 answer one HEAD of the bucket (no retries, short timeouts)?"""
+        if self._probe_client is None:
+            self._probe_client = make_client(dataclasses.replace(
+                self.settings, max_attempts=1, connect_timeout=min(self.settings.connect_timeout, 2.0),
+                read_timeout=min(self.settings.read_timeout, 5.0)))
+        client = self._probe_client
+        try:
+            await trio.to_thread.run_sync(lambda: client.head_bucket(Bucket=self.bucket), abandon_on_cancel=True)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            return is_outage(exc) is False
+        return True
 
     # -- metadata -------------------------------------------------------------------------------------------
 
@@ -218,9 +270,12 @@ class CloudStore:
                 return b""
             raise
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> str:
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], *,
+                  condition: Condition | None = None) -> str:
+        """One PUT; with ``condition``, only if S3 still holds what the condition names (else WriteConflict)."""
+        extra = condition.args() if condition is not None else {}
         resp = await self._call(f"PUT {key}", self.client.put_object, Bucket=self.bucket, Key=key,
-                                Body=data, Metadata=metadata)
+                                Body=data, Metadata=metadata, **extra)
         return _clean_etag(resp["ETag"])
 
     async def upload_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
@@ -258,51 +313,151 @@ class CloudStore:
     # -- streamed multipart upload --------------------------------------------------------------------------
 
     async def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
-        resp = await self._call(f"CreateMultipartUpload {key}", self.client.create_multipart_upload,
-                                Bucket=self.bucket, Key=key, Metadata=metadata)
-        return str(resp["UploadId"])
+        """Start a multipart upload. A caller that gives up (timeout) while S3 has not answered yet leaves the
+        request running in its thread; an upload it creates then is aborted at once, never left behind."""
+        lock = threading.Lock()
+        box: dict[str, Any] = {}
+
+        def create() -> str:
+            resp = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)
+            with lock:
+                box["id"] = upload_id = str(resp["UploadId"])
+                abandoned = box.get("abandoned", False)
+            if abandoned:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return upload_id
+
+        try:
+            upload_id = await self._call(f"CreateMultipartUpload {key}", create)
+        except trio.Cancelled:
+            with lock:
+                box["abandoned"] = True
+                late = box.get("id")
+            if late is not None:  # created just as we gave up: nobody else will ever abort it
+                self.schedule_abort(key, late)
+            raise
+        await self._journal("record", key, upload_id)
+        return upload_id
+
+    async def _journal(self, action: str, key: str, upload_id: str) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        fn = journal.record if action == "record" else journal.forget
+        try:
+            await trio.to_thread.run_sync(fn, key, upload_id)
+        except Exception as exc:  # sqlite3.Error, OSError: the upload itself is fine, only its record is not
+            log.warning("could not %s multipart upload %s of %s in the upload journal: %s", action, upload_id,
+                        key, exc)
 
     async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
         resp = await self._call(f"UploadPart {key} #{number}", self.client.upload_part, Bucket=self.bucket,
                                 Key=key, UploadId=upload_id, PartNumber=number, Body=data)
         return str(resp["ETag"])
 
-    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
+                                 condition: Condition | None = None) -> str:
+        extra = condition.args() if condition is not None else {}
         resp = await self._call(
             f"CompleteMultipartUpload {key}", self.client.complete_multipart_upload, Bucket=self.bucket,
             Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]},
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]}, **extra,
         )
+        await self._journal("forget", key, upload_id)
         return _clean_etag(resp["ETag"])
 
+    def schedule_abort(self, key: str, upload_id: str) -> None:
+        """Abort in the background (``run_aborts``): a failing close must not wait for S3 to answer an abort."""
+        if (key, upload_id) not in self.pending_aborts:
+            self.pending_aborts.append((key, upload_id))
+        self._aborts_wanted.set()
+
     async def abort_multipart(self, key: str, upload_id: str) -> bool:
-        """Abort, shielded (runs even while the caller is being cancelled). When S3 cannot be reached the
-        upload is remembered and ``retry_aborts`` tries again, so no incomplete upload is left behind."""
+        """Abort now (shielded, bounded); when S3 cannot be reached the abort is left to ``run_aborts``."""
         with trio.CancelScope(shield=True), trio.move_on_after(30):
-            try:
-                await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
-                                 Bucket=self.bucket, Key=key, UploadId=upload_id)
+            if await self._abort_once(key, upload_id):
                 return True
-            except FsError as exc:
-                if exc.errno == errno.ENOENT:  # NoSuchUpload: already gone
-                    return True
-                if (key, upload_id) not in self.pending_aborts:
-                    log.warning("could not abort multipart upload of %s (%s); will retry", key, exc)
-                    self.pending_aborts.append((key, upload_id))
+        self.schedule_abort(key, upload_id)
         return False
 
+    async def _abort_once(self, key: str, upload_id: str) -> bool:
+        try:
+            await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
+                             Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:  # NoSuchUpload: already gone
+                log.debug("abort of %s (%s) failed: %s", key, upload_id, exc)
+                return False
+        await self._journal("forget", key, upload_id)
+        return True
+
     async def retry_aborts(self) -> None:
-        """Retry the aborts that failed while S3 was unreachable (called periodically by the mount)."""
+        """Try every pending abort once."""
         for key, upload_id in list(self.pending_aborts):
-            try:
-                await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
-                                 Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except FsError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.debug("abort of %s still failing: %s", key, exc)
-                    return
-            self.pending_aborts.remove((key, upload_id))
-            log.info("aborted the incomplete multipart upload of %s", key)
+            if await self._abort_once(key, upload_id):
+                with contextlib.suppress(ValueError):
+                    self.pending_aborts.remove((key, upload_id))
+                log.info("aborted the incomplete multipart upload of %s", key)
+
+    async def run_aborts(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Service: aborts scheduled uploads, retrying with backoff (1 s doubling to 60 s) while S3 is down."""
+        task_status.started()
+        delay = 1.0
+        warned = False
+        while True:
+            await self._aborts_wanted.wait()
+            self._aborts_wanted = trio.Event()
+            await self.retry_aborts()
+            if not self.pending_aborts:
+                delay, warned = 1.0, False
+                continue
+            if not warned:
+                warned = True
+                log.warning("could not abort %d multipart upload(s) (first: %s); retrying until S3 answers",
+                            len(self.pending_aborts), self.pending_aborts[0][0])
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+            self._aborts_wanted.set()
+
+    async def abort_journaled(self) -> int:
+        """At start: schedule the abort of every upload a previous run left open (SIGKILL, power cut)."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        left = await trio.to_thread.run_sync(journal.pending)
+        for key, upload_id in left:
+            log.info("aborting multipart upload of %s left open by a previous run", key)
+            self.schedule_abort(key, upload_id)
+        return len(left)
+
+    async def stale_uploads(self, prefix: str, older_than: float) -> list[tuple[str, str]]:
+        """Multipart uploads under ``prefix`` started more than ``older_than`` seconds ago.
+
+        AWS lists uploads by prefix; MinIO answers a prefix only when it is an exact key (and the whole bucket
+        when there is none), so an empty answer for the prefix is followed by a bucket-wide listing filtered here.
+        """
+        def collect() -> list[tuple[str, str]]:
+            import datetime
+
+            cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=older_than)
+            found: list[tuple[str, str]] = []
+            for scope in ([prefix, ""] if prefix else [""]):
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, **({"Prefix": scope} if scope else {})}
+                try:
+                    for page in self.client.get_paginator("list_multipart_uploads").paginate(**kwargs):
+                        for upload in page.get("Uploads", []):
+                            if upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff:
+                                found.append((upload["Key"], upload["UploadId"]))
+                except botocore.exceptions.ClientError:
+                    if not scope:
+                        raise
+                    continue  # MinIO refuses a prefix that is not an object name: list the bucket instead
+                if found:
+                    break
+            return found
+
+        return await self._call("ListMultipartUploads", collect)
 
     async def list_multipart_uploads(self, prefix: str) -> list[str]:
         resp = await self._call("ListMultipartUploads", self.client.list_multipart_uploads,

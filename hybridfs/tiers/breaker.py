@@ -1,0 +1,121 @@
+"""A circuit breaker in front of S3: once S3 is down, say so at once instead of paying a retry cycle per call.
+
+After ``threshold`` consecutive calls failed for outage reasons (connection refused or reset, timeouts, 5xx once
+botocore's retries are used up), the breaker *opens*: every call fails at once with EIO, which the namespace
+turns into last-known attributes for cached files (contract 5) and writes turn into their bounded EIO. A
+background task (``run``) probes S3 every ``probe_interval`` seconds with one request without retries; the
+first answer closes the breaker. An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
+
+Threads: all state belongs to the trio thread (``CloudStore._call`` reports outcomes after its worker thread
+returned); nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import botocore.exceptions
+import trio
+
+from hybridfs.errors import FsError
+
+log = logging.getLogger("hybridfs.s3")
+
+_OUTAGE_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ProxyConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+
+
+def is_outage(exc: BaseException) -> bool | None:
+    """True: S3 did not answer usably (count it); False: S3 answered (it is up); None: says nothing about S3."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return bool(isinstance(status, int) and status >= 500)
+    if isinstance(exc, _OUTAGE_ERRORS):
+        return True
+    return None
+
+
+class Breaker:
+    def __init__(self, *, threshold: int = 2, probe_interval: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.probe_interval = probe_interval
+        self.clock = clock
+        self.failures = 0  # consecutive outage failures
+        self.is_open = False
+        self.opened_at: float | None = None
+        self.trips = 0
+        self.refused = 0  # calls failed at once while open
+        self.last_error = ""
+        self._opened = trio.Event()
+
+    def check(self, what: str) -> None:
+        """Before a call: EIO at once while S3 is known to be down."""
+        if self.is_open:
+            self.refused += 1
+            raise FsError(errno.EIO, f"{what}: S3 is down ({self.last_error}); not asking it until it answers a "
+                                     "probe", level=logging.INFO)
+
+    def success(self) -> None:
+        self.failures = 0
+        if self.is_open:
+            self._close()
+
+    def observe(self, exc: BaseException) -> None:
+        """After a failed call (botocore's retries used up)."""
+        outage = is_outage(exc)
+        if outage is None:
+            return
+        if not outage:
+            self.success()
+            return
+        self.failures += 1
+        self.last_error = str(exc)[:200]
+        if not self.is_open and self.failures >= self.threshold:
+            self.is_open = True
+            self.opened_at = self.clock()
+            self.trips += 1
+            self._opened.set()
+            log.warning("S3 marked down after %d failed calls in a row (%s); calls fail at once until a probe "
+                        "answers (every %.0fs)", self.failures, self.last_error, self.probe_interval)
+
+    def _close(self) -> None:
+        down = self.clock() - self.opened_at if self.opened_at is not None else 0.0
+        self.is_open = False
+        self.opened_at = None
+        self.failures = 0
+        self._opened = trio.Event()
+        log.info("S3 answers again (it was marked down for %.1fs)", down)
+
+    async def run(self, probe: Callable[[], Awaitable[bool]]) -> None:
+        """Background task: while open, probe every ``probe_interval`` seconds; close on the first answer."""
+        while True:
+            await self._opened.wait()
+            while self.is_open:
+                await trio.sleep(self.probe_interval)
+                try:
+                    answered = await probe()
+                except Exception as exc:  # a probe must never end the mount
+                    log.debug("S3 probe failed: %s", exc)
+                    answered = False
+                if answered and self.is_open:
+                    self._close()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": "open" if self.is_open else "closed",
+            "down_seconds": round(self.clock() - self.opened_at, 1) if self.opened_at is not None else None,
+            "consecutive_failures": self.failures,
+            "trips": self.trips,
+            "refused_calls": self.refused,
+            "last_error": self.last_error or None,
+        }
