@@ -28,6 +28,9 @@ MAX_TIME_S = (2**63 - 1) // NS - 1
 # Every type a file can have; 0 (no type bits) means "regular file, or directory for a dir/ marker".
 FILE_TYPES = frozenset((stat_mod.S_IFREG, stat_mod.S_IFDIR, stat_mod.S_IFLNK, stat_mod.S_IFIFO,
                         stat_mod.S_IFSOCK, stat_mod.S_IFCHR, stat_mod.S_IFBLK))
+# A symlink's target is shorter than PATH_MAX, and FIFOs, sockets and devices are empty objects: an object of
+# PATH_MAX bytes or more can only be a regular file.
+PATH_MAX = 4096
 SPECIAL_TYPES = frozenset((stat_mod.S_IFIFO, stat_mod.S_IFSOCK, stat_mod.S_IFCHR, stat_mod.S_IFBLK))
 
 _UNSIGNED = re.compile(r"[0-9]{1,20}")

@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 from cachetools import TTLCache
 
-from hybridfs.core.attrs import SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
+from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
@@ -46,7 +46,6 @@ FILE_XATTRS = (XATTR_STATE, XATTR_KEY, XATTR_ETAG)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-PATH_MAX = 4096  # a symlink target is shorter (the kernel refuses longer ones)
 
 
 class HydrationSink(Protocol):

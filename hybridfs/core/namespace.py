@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 from cachetools import LRUCache, TTLCache
 
-from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
+from hybridfs.core.attrs import PATH_MAX, Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner, failpoint
@@ -256,8 +256,9 @@ class Namespace:
         known = self.last_known.get(path)
         if known is not None and not known.is_dir:  # a listing never changes a known type; a HEAD will
             return known.with_(size=info.size, etag=info.etag, complete=False)
-        # Never seen, or a directory we knew (nothing is below it any more): the type is for a HEAD to say.
-        return stat_from_object(info, self.defaults).with_(complete=False, kind_known=False)
+        # Never seen, or a directory we knew (nothing is below it any more): the type is for a HEAD to say,
+        # unless the size leaves only a regular file.
+        return stat_from_object(info, self.defaults).with_(complete=False, kind_known=info.size >= PATH_MAX)
 
     async def require_dir(self, path: str) -> Stat:
         st = await self.stat(path)
