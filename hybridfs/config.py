@@ -139,6 +139,11 @@ class MountConfig:
                                                 "seconds, left by crashed mounts (0: never)")
     read_chunk_size: int = _opt(8 * 1024**2, "ranged GET size for cache misses", kind="size")
     readahead_chunks: int = _opt(16, "chunks fetched ahead of a sequential reader")
+    memory: int = _opt(0, "memory budget shared by read-ahead and write buffers, e.g. 512M; readers and writers "
+                          "wait for it (default 0: min(1G, RAM/8))", kind="size")
+    offline_start: bool = _opt(False, "mount even when the S3 endpoint does not answer at start (a restart during "
+                                      "an outage: cached files are served); a missing bucket or bad credentials "
+                                      "still refuse")
     # Kafka
     kafka: str = _opt("", "Kafka bootstrap servers (default HYBRIDFS_KAFKA_BOOTSTRAP)")
     topic_prefix: str = _opt("hybridfs", "topic prefix: <prefix>.hydrate, <prefix>.evict, <prefix>.dead-letter")
@@ -155,6 +160,12 @@ class MountConfig:
     min_free: float = _opt(0.05, "also evict while the cache disk has less than this fraction free")
     max_age: float = _opt(0.0, "evict files not read for this many seconds (0: never)")
     evict_interval: float = _opt(2.0, "seconds between eviction checks")
+    local_evict_after: float = _opt(30.0, "seconds evictions may wait for Kafka (down, or not consumed) before the "
+                                          "planner's decisions are applied locally (always with --no-events)")
+    preserved_size: int = _opt(1024**3, "bytes of cached copies kept under .hybridfs/preserved/ when S3 no longer "
+                                        "holds them (oldest dropped first)", kind="size")
+    preserved_age: float = _opt(7 * 86400.0, "seconds a preserved copy is kept (0: until --preserved-size needs "
+                                             "room)")
     # Ownership and mount options
     uid: int = _opt(-1, "owner of objects without metadata (default: the mounting user)")
     gid: int = _opt(-1, "group of objects without metadata (default: the mounting user's)")
@@ -181,6 +192,8 @@ class MountConfig:
             cfg.cache_id = f"{socket.gethostname()}-{digest}"
         if not cfg.state_dir:
             cfg.state_dir = str(default_state_dir(cfg.cache_id))
+        if cfg.memory == 0:
+            cfg.memory = default_memory()
         if cfg.uid < 0:
             cfg.uid = os.getuid()
         if cfg.gid < 0:
@@ -205,6 +218,10 @@ class MountConfig:
             ("write_timeout", self.write_timeout > 0, "must be positive"),
             ("read_chunk_size", 64 * 1024 <= self.read_chunk_size <= 256 * 1024**2, "must be 64K..256M"),
             ("readahead_chunks", self.readahead_chunks >= 0, "must not be negative"),
+            ("memory", self.memory == 0 or self.memory >= 2 * self.read_chunk_size,
+             f"must be at least twice read_chunk_size ({self.read_chunk_size})"),
+            ("local_evict_after", self.local_evict_after >= 0, "must not be negative"),
+            ("preserved_age", self.preserved_age >= 0, "must not be negative"),
             ("low_watermark", 0 < self.low_watermark < self.high_watermark,
              "must be above 0 and below high_watermark"),
             ("high_watermark", 0 < self.high_watermark <= 1, "must be in (0, 1]"),
@@ -219,6 +236,15 @@ class MountConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}")
+
+
+def default_memory() -> int:
+    """The default memory budget: min(1 GiB, 1/8 of the machine's RAM), at least 64 MiB."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1024**3
+    return max(64 * 1024**2, min(1024**3, ram // 8))
 
 
 def bucket_and_prefix(source: str) -> tuple[str, str]:

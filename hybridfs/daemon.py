@@ -30,6 +30,7 @@ import trio
 
 from hybridfs.config import MountConfig, bucket_and_prefix
 from hybridfs.core.attrs import Defaults, metadata_for
+from hybridfs.core.budget import MemoryBudget
 from hybridfs.core.filesystem import Filesystem, FsSettings
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.paths import KeyMapper
@@ -78,6 +79,8 @@ class Mount:
         defaults = Defaults(uid=cfg.uid, gid=cfg.gid, file_mode=cfg.file_mode, dir_mode=cfg.dir_mode)
         self.namespace = Namespace(self.store, self.keys, defaults, dir_cache_time=cfg.dir_cache_time,
                                    negative_cache_time=cfg.negative_cache_time)
+        # One budget for the data buffers: read-ahead (CloudReader, through ReadSettings) and write buffers.
+        self.memory = MemoryBudget(cfg.memory)
         self.bus: EventBus | None = None
         if not cfg.no_events:
             self.bus = EventBus(cfg.kafka, cfg.topic_prefix, self.state_dir / "outbox.sqlite",
@@ -86,7 +89,8 @@ class Mount:
             defaults=defaults,
             write=WriteSettings(part_size=cfg.part_size, max_inflight=cfg.max_inflight_parts,
                                 timeout=cfg.write_timeout, spool_dir=self.state_dir / "spool"),
-            read=ReadSettings(chunk_size=cfg.read_chunk_size, max_readahead=cfg.readahead_chunks),
+            read=ReadSettings(chunk_size=cfg.read_chunk_size, max_readahead=cfg.readahead_chunks,
+                              budget=self.memory),
             attr_timeout=cfg.attr_timeout,
         )
         self.fs: Filesystem | None = None
@@ -168,9 +172,8 @@ class Mount:
             self.store.schedule_abort(key, upload_id)
 
     async def _start_services(self, nursery: Supervisor, fs: Filesystem) -> None:
-        """Background services that consume events (hydrator, eviction planner, purger)."""
-        if self.bus is None:
-            return
+        """Background services: hydrator, eviction planner, purger (without events: planner and purger only,
+        the planner's decisions purged locally, so the cache keeps its bound)."""
         from hybridfs import services
 
         self.services = await services.start_all(nursery, self, fs)
@@ -277,7 +280,7 @@ class Mount:
         extra: dict[str, Any] = {"mountpoint": self.cfg.mountpoint, "cache_id": self.cfg.cache_id,
                                  "topic_prefix": self.cfg.topic_prefix, "kafka": self.cfg.kafka,
                                  "events": self.bus is not None, "cache_health": self.cache.status(),
-                                 "s3": {"breaker": self.store.breaker.status()}}
+                                 "s3": {"breaker": self.store.breaker.status()}, "memory": self.memory.status()}
         if self.bus is not None:
             extra["bus"] = dataclass_dict(self.bus.stats())
         services = getattr(self, "services", None)  # set once the background services run

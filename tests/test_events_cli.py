@@ -36,12 +36,16 @@ def test_one_line_errors(tmp_path: Path, stack: Stack) -> None:
     assert "is not in a hybridfs mount" in fails("hydrate", str(tmp_path))
     assert "is not in a hybridfs mount" in fails("status", str(tmp_path))
     assert "no such file or directory" in fails("evict", str(tmp_path / "missing"))
-    assert "no Kafka to publish to" in fails("hydrate", "s3://bucket/key", env={"HYBRIDFS_KAFKA_BOOTSTRAP": ""})
+    assert "no Kafka to publish to" in fails("hydrate", "s3://bucket/key", "--no-mount-check",
+                                                 env={"HYBRIDFS_KAFKA_BOOTSTRAP": ""})
     assert "expected s3://BUCKET/KEY" in fails("pin", "s3://bucket", "--kafka", stack.bootstrap)
     assert "'..' path segment" in fails("hydrate", "s3://bucket/a/../b", "--kafka", stack.bootstrap)
-    assert "--wait needs paths inside a mount" in fails("hydrate", "--wait", "s3://bucket/key", "--kafka",
-                                                         stack.bootstrap)
-    error = fails("hydrate", "s3://bucket/key", "--kafka", "127.0.0.1:1", "--kafka-timeout", "2")
+    assert "--wait needs paths inside a mount" in fails("hydrate", "--wait", "s3://bucket/key", "--no-mount-check",
+                                                         "--kafka", stack.bootstrap)
+    assert "no hybridfs mount here serves s3://bucket/key" in fails("hydrate", "s3://bucket/key", "--kafka",
+                                                                    stack.bootstrap)
+    error = fails("hydrate", "s3://bucket/key", "--no-mount-check", "--kafka", "127.0.0.1:1", "--kafka-timeout",
+                  "2")
     assert "kafka unreachable at 127.0.0.1:1" in error
 
 
@@ -95,8 +99,8 @@ def test_s3_url_from_any_host(mounted: Mount, s3: Any, stack: Stack) -> None:
     wait_until(lambda: state(mounted.path / "by-url.bin") == "cached", timeout=20, message="hydration by URL")
     # An event for another bucket is not this mount's: dead-lettered, never hydrated.
     mounted.allow_log(r"rejected hydrate event .* event for bucket 'other-bucket'")
-    run_hybridfs("hydrate", f"s3://other-bucket/{key}", "--kafka", stack.bootstrap, "--topic-prefix",
-                 mounted.topic_prefix)
+    run_hybridfs("hydrate", f"s3://other-bucket/{key}", "--no-mount-check", "--kafka", stack.bootstrap,
+                 "--topic-prefix", mounted.topic_prefix)
     wait_until(lambda: status(mounted)["services"]["hydrator"]["consumer"]["dead_lettered"] == 1, timeout=20,
                message="the other bucket's event to be dead-lettered")
 

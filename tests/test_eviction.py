@@ -95,23 +95,53 @@ def test_writing_three_times_the_cache_keeps_usage_bounded(mount_factory: Any) -
         assert hashlib.sha256((mount.path / name).read_bytes()).hexdigest() == digest, name
 
 
-def test_evict_uploads_a_missing_cloud_copy_first(mount_factory: Any, s3: Any, stack: Stack) -> None:
-    mount = mount_factory()
-    mount.allow_log(r"S3 does not hold it \(any more\); uploading the cached copy first")
-    data = os.urandom(MiB + 3)
-    (mount.path / "lost.bin").write_bytes(data)
-    os.chmod(mount.path / "lost.bin", 0o640)
-    assert state(mount.path / "lost.bin") == "cached"
+def test_evict_never_resurrects_a_deleted_object(mount_factory: Any, s3: Any, stack: Stack) -> None:
+    """S3 is the truth for deletes (contract 4): an object deleted behind the mount's back stays deleted when its
+    cached copy is evicted; the bytes are kept under .hybridfs/preserved/, within --preserved-size (oldest
+    dropped first: each new version deleted this way would otherwise add a copy), and the status lists them."""
+    mount = mount_factory(extra_args=["--preserved-size", "1M"])
+    mount.allow_log(r"S3 no longer holds it \(deleted elsewhere\); preserving the cached copy")
+    wait_consuming(mount)
     key = mount.key("lost.bin")
-    s3.delete_object(Bucket=mount.bucket, Key=key)  # the cloud copy is lost behind the mount's back
-    run_hybridfs("evict", f"s3://{mount.bucket}/{key}", "--kafka", stack.bootstrap, "--topic-prefix",
-                 mount.topic_prefix)
-    wait_until(lambda: status(mount)["cache"]["files_cached"] == 0, timeout=20, message="the eviction")
-    obj = s3.get_object(Bucket=mount.bucket, Key=key)
-    assert obj["Body"].read() == data, "the cached copy was uploaded before it was purged"
-    assert int(obj["Metadata"]["mode"]) & 0o7777 == 0o640, obj["Metadata"]
-    assert status(mount)["services"]["purger"]["uploads_before_evict"] == 1
-    assert (mount.path / "lost.bin").read_bytes() == data
+    versions = [os.urandom(400_000) for _ in range(3)]
+    etags = []
+    for done, data in enumerate(versions, 1):
+        (mount.path / "lost.bin").write_bytes(data)
+        os.chmod(mount.path / "lost.bin", 0o640)
+        assert state(mount.path / "lost.bin") == "cached"
+        etags.append(os.getxattr(mount.path / "lost.bin", "user.hybridfs.etag").decode())
+        s3.delete_object(Bucket=mount.bucket, Key=key)  # deleted by another host, or `aws s3 rm`
+        run_hybridfs("evict", f"s3://{mount.bucket}/{key}", "--kafka", stack.bootstrap, "--topic-prefix",
+                     mount.topic_prefix)
+        wait_until(lambda n=done: status(mount)["services"]["purger"]["outcomes"].get("evicted") == n, timeout=20,
+                   message="the eviction")
+        assert "Contents" not in s3.list_objects_v2(Bucket=mount.bucket, Prefix=key), "the delete stays"
+        # Before the next version is written here: the mount has seen the deletion (its attributes expired).
+        wait_until(lambda: not (mount.path / "lost.bin").exists(), timeout=20, message="the deletion to show")
+    spare = f"{mount.prefix}/.hybridfs/preserved/lost.bin."
+    kept = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=mount.bucket, Prefix=spare).get("Contents", []))
+    assert kept == sorted(spare + e for e in etags[1:]), "the two newest copies fit in 1 MiB; the oldest went"
+    obj = s3.get_object(Bucket=mount.bucket, Key=spare + etags[-1])
+    assert obj["Body"].read() == versions[-1]
+    assert obj["Metadata"]["hybridfs-original-key"] == key and int(obj["Metadata"]["mode"]) & 0o7777 == 0o640
+    preserved = status(mount)["services"]["purger"]["preserved"]
+    assert preserved["count"] == 2 and preserved["bytes"] == 800_000 and preserved["dropped"] == 1
+    assert preserved["newest"][0]["key"] == spare + etags[-1]
+    assert status(mount)["services"]["purger"]["uploads_before_evict"] == 3
+
+
+def test_evict_after_a_delete_through_the_mount_keeps_nothing(mounted: Mount, s3: Any, stack: Stack) -> None:
+    """A deletion made through the mount is known: nothing is evicted, preserved or uploaded."""
+    wait_consuming(mounted)
+    (mounted.path / "gone.bin").write_bytes(os.urandom(300_000))
+    key = mounted.key("gone.bin")
+    os.unlink(mounted.path / "gone.bin")
+    run_hybridfs("evict", f"s3://{mounted.bucket}/{key}", "--kafka", stack.bootstrap, "--topic-prefix",
+                 mounted.topic_prefix)
+    wait_until(lambda: status(mounted)["services"]["purger"]["outcomes"].get("not-cached") == 1, timeout=20,
+               message="the eviction")
+    assert "Contents" not in s3.list_objects_v2(Bucket=mounted.bucket, Prefix=mounted.prefix + "/")
+    assert status(mounted)["services"]["purger"]["uploads_before_evict"] == 0
 
 
 def test_evict_preserves_a_cached_version_s3_no_longer_holds(mount_factory: Any, s3: Any, stack: Stack) -> None:

@@ -26,7 +26,8 @@ FAST_S3 = ["--s3-max-attempts", "2", "--s3-connect-timeout", "1", "--s3-read-tim
            "--part-size", "5M", "--write-timeout", str(WRITE_TIMEOUT)]
 # What a mount says when S3 refuses a write: expected in these tests, unexpected anywhere else.
 S3_FAILURE_LINES = r"streamed upload of .* failed|S3 said|S3 unreachable|did not finish within|-> EIO|" \
-                   r"could not abort|closed with changes that are not stored|upload at release failed"
+                   r"could not abort|closed with changes that are not stored|upload at release failed|" \
+                   r"S3 marked down"
 
 
 def through_proxy(mount_factory: Callable[..., Mount], proxy: S3FaultProxy, *extra: str,
@@ -62,11 +63,20 @@ def write_in_pieces(path: Path, data: bytes, piece: int = MiB) -> None:
 
 
 def assert_serving(mount: Mount) -> None:
-    """The mount process is alive and answers a write and a read."""
+    """The mount process is alive and answers a write and a read (after an outage, once its circuit breaker
+    has seen S3 answer again: a probe every 2 s)."""
     assert mount.proc.poll() is None, f"the mount exited:\n{mount.log_tail()}"
     probe = mount.path / f"probe-{time.monotonic_ns()}"
-    probe.write_bytes(b"still here")
-    assert probe.read_bytes() == b"still here"
+
+    def write_and_read() -> bool:
+        try:
+            probe.write_bytes(b"still here")
+        except OSError:
+            return False
+        return probe.read_bytes() == b"still here"
+
+    wait_until(write_and_read, 10, interval=0.2, message="the mount to write and read again")
+    assert mount.proc.poll() is None
 
 
 # -- scenario 1: a failed part never ends the mount -------------------------------------------------------

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from hybridfs.keylocks import KeyLocks
 from hybridfs.services.common import S3Waiter
 from hybridfs.services.hydrator import Hydrator, HydratorSettings
 from hybridfs.services.planner import DiskSpace, Planner, PlannerSettings
-from hybridfs.services.purger import PRESERVED_DIR, Purger
+from hybridfs.services.purger import PRESERVED_DIR, Purger, PurgerSettings
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import ObjectInfo
 
@@ -56,10 +57,23 @@ class FakeStore:
         self.calls: Counter[str] = Counter()
         self.down = 0  # the next N calls fail as "S3 unreachable"
         self.on_download: Callable[[str], None] | None = None
+        self.mtimes: dict[str, float] = {}
+        self.now = time.time()  # Unix time of the next PUT (one second apart)
 
     def put_object(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> str:
         self.objects[key] = (data, metadata or {})
+        self.mtimes[key] = self.now
+        self.now += 1
         return etag_of(data)
+
+    async def list_keys(self, prefix: str) -> list[ObjectInfo]:
+        self._unreachable("list")
+        return [ObjectInfo(k, len(d), etag_of(d), int(self.mtimes[k] * 1e9)) for k, (d, _) in
+                sorted(self.objects.items()) if k.startswith(prefix)]
+
+    async def delete(self, key: str) -> None:
+        self._unreachable("delete")
+        self.objects.pop(key, None)
 
     def _unreachable(self, what: str) -> None:
         self.calls[what] += 1
@@ -454,19 +468,51 @@ def test_purge_when_s3_holds_the_same_bytes(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
-@pytest.mark.allow_log(r"S3 does not hold it")
-def test_purge_uploads_a_missing_object_first(tmp_path: Path) -> None:
+@pytest.mark.allow_log(r"S3 no longer holds it \(deleted elsewhere\); preserving the cached copy")
+def test_purge_never_writes_a_deleted_object_back(tmp_path: Path) -> None:
+    """S3 is the truth for deletes: the key stays absent, the bytes are kept beside it (contract 4)."""
     async def body(w: World) -> None:
         await w.cached("data/a", b"only copy")
         etag = w.cache.entries["data/a"].etag
         w.hooks.known["data/a"] = Stat(mode=0o100600, uid=7, gid=8, size=9, mtime_ns=5 * 10**9, etag=etag)
         del w.store.objects["data/a"]
         await w.purger.handle(evict("data/a"))
-        assert w.cache.lookup("data/a") is None
-        data, meta = w.store.objects["data/a"]
+        assert w.cache.lookup("data/a") is None and w.purger.outcomes == {"evicted": 1}
+        assert "data/a" not in w.store.objects, "a deleted object must not come back"
+        data, meta = w.store.objects[f"data/{PRESERVED_DIR}/a.{etag}"]
         assert data == b"only copy"
-        assert meta == {"mode": str(0o100600), "uid": "7", "gid": "8", "mtime": "5"}
-        assert w.hooks.remembered["data/a"].etag == etag
+        assert meta == {"mode": str(0o100600), "uid": "7", "gid": "8", "mtime": "5",
+                        "hybridfs-original-key": "data/a", "hybridfs-original-etag": etag}
+        assert w.hooks.remembered == {}, "the namespace learns nothing about the deleted key"
+
+    run(body, tmp_path)
+
+
+@pytest.mark.allow_log(r"S3 no longer holds it", r"larger than the preserved copies may be")
+def test_preserved_copies_are_bounded_by_size_and_age(tmp_path: Path) -> None:
+    """Each different ETag would add a copy: the total stays under preserved_size (oldest dropped first), no
+    copy outlives preserved_age, and a copy larger than the bound is not kept at all."""
+    async def body(w: World) -> None:
+        w.purger.settings = PurgerSettings(preserved_size=250, preserved_age=3600)
+        w.store.put_object(f"data/{PRESERVED_DIR}/ancient.x", b"old")
+        w.store.mtimes[f"data/{PRESERVED_DIR}/ancient.x"] = time.time() - 7200
+        for version in range(4):
+            await w.cached("data/v", bytes([version]) * 100)
+            del w.store.objects["data/v"]
+            await w.purger.handle(evict("data/v"))
+        kept = sorted(k for k in w.store.objects if PRESERVED_DIR in k)
+        etags = [etag_of(bytes([v]) * 100) for v in (2, 3)]
+        assert kept == sorted(f"data/{PRESERVED_DIR}/v.{e}" for e in etags), "the two newest copies stay"
+        assert "data/v" not in w.store.objects
+        doc = w.purger.status()["preserved"]
+        assert doc["count"] == 2 and doc["bytes"] == 200 and doc["dropped"] == 3  # ancient + versions 0, 1
+        assert [p["key"] for p in doc["newest"]] == [f"data/{PRESERVED_DIR}/v.{etags[1]}",
+                                                    f"data/{PRESERVED_DIR}/v.{etags[0]}"]
+        await w.cached("data/big", b"b" * 300)
+        del w.store.objects["data/big"]
+        await w.purger.handle(evict("data/big"))
+        assert w.cache.lookup("data/big") is None and len([k for k in w.store.objects if "big" in k]) == 0
+        assert w.purger.status()["preserved"]["deleted_not_preserved"] == 1
 
     run(body, tmp_path)
 

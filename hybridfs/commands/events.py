@@ -2,9 +2,10 @@
 
 A PATH inside a mount is resolved through the mount itself: ``user.hybridfs.key``/``etag``/``state`` on each
 file (directories are walked recursively), and ``user.hybridfs.status`` on the mount root gives the bucket,
-the Kafka bootstrap servers and the topic prefix. A PATH may also be ``s3://BUCKET/KEY`` (one object), for use
-from a host without the mount; then ``--kafka`` (or HYBRIDFS_KAFKA_BOOTSTRAP, or ``--config``) says where to
-publish, and ``--topic-prefix`` (default ``hybridfs``) which topics.
+the Kafka bootstrap servers and the topic prefix. A PATH may also be ``s3://BUCKET/KEY`` (one object): a
+hybridfs mount on this host must serve that bucket and key (its Kafka and topics are then the defaults), or, with
+``--no-mount-check`` (for mounts on other hosts), ``--kafka`` (or HYBRIDFS_KAFKA_BOOTSTRAP, or ``--config``) says
+where to publish, and ``--topic-prefix`` (default ``hybridfs``) which topics.
 
 What each verb publishes (see docs/events.md):
 
@@ -24,6 +25,7 @@ import concurrent.futures
 import errno
 import json
 import os
+import re
 import socket
 import stat as stat_mod
 import sys
@@ -155,6 +157,63 @@ class Options:
     kafka: str | None
     topic_prefix: str | None
     kafka_config: dict[str, str] = field(default_factory=dict)
+    mount_check: bool = True  # an s3:// URL must be served by a hybridfs mount on this host
+
+
+@dataclass(frozen=True)
+class Served:
+    """A hybridfs mount on this host and what it serves (from /proc/self/mountinfo)."""
+
+    root: Path
+    bucket: str
+    prefix: str  # without slashes at either end; "" for the whole bucket
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def serves(self, bucket: str, key: str) -> bool:
+        return bucket == self.bucket and (not self.prefix or key.startswith(self.prefix + "/"))
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def local_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Served]:
+    """The hybridfs mounts of this host: FUSE mounts of subtype ``hybridfs`` named ``hybridfs:s3://B/P``."""
+    found = []
+    try:
+        with open(mountinfo) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2 or tail[0] != "fuse.hybridfs":
+            continue
+        source = _unescape(tail[1])
+        match = re.fullmatch(r"hybridfs:s3://([^/]+)/?(.*)", source)
+        if match:
+            found.append(Served(Path(_unescape(fields[4])), match.group(1), match.group(2).strip("/")))
+    return found
+
+
+def _serving_mount(url: str, bucket: str, key: str) -> Served:
+    """The mount on this host that serves ``bucket``/``key``; CliError (one line) when there is none."""
+    mounts = local_mounts()
+    for served in mounts:
+        if served.serves(bucket, key):
+            return served
+    same = sorted({m.source for m in mounts if m.bucket == bucket})
+    if same:
+        listed = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
+        why = f"this host's mounts of bucket {bucket!r} serve other prefixes: {listed}"
+    else:
+        why = f"no mount of bucket {bucket!r} here; {len(mounts)} hybridfs mounts of other buckets"
+    raise CliError(f"{url}: no hybridfs mount here serves s3://{bucket}/{key} ({why}); pass --no-mount-check to "
+                   "publish for mounts on other hosts")
 
 
 def _mount_target(path: Path, mount: MountInfo, opts: Options) -> Target:
@@ -194,10 +253,21 @@ def _url_target(url: str, opts: Options) -> Target:
     except InvalidEvent as exc:
         raise CliError(f"{url}: {exc.reason}") from None
     kafka = opts.kafka or os.environ.get("HYBRIDFS_KAFKA_BOOTSTRAP", "")
+    topic_prefix = opts.topic_prefix
+    if opts.mount_check:
+        # Published for a bucket nobody here serves, the event would only be dead-lettered: refuse it. The
+        # serving mount's Kafka and topics are the defaults.
+        served = _serving_mount(url, bucket, key)
+        status = read_status(served.root)
+        if status.get("events") is False and not kafka:
+            raise CliError(f"{url}: the mount at {served.root} runs without events (--no-events); pass --kafka to "
+                           "publish anyway")
+        kafka = kafka or str(status.get("kafka") or "")
+        topic_prefix = topic_prefix or str(status.get("topic_prefix") or "") or None
     if not kafka:
         raise CliError(f"{url}: no Kafka to publish to (pass --kafka or set HYBRIDFS_KAFKA_BOOTSTRAP)")
     return Target(key=key, etag=None, size=None, state=None, path=None, bucket=bucket, kafka=kafka,
-                  topic_prefix=opts.topic_prefix or DEFAULT_TOPIC_PREFIX)
+                  topic_prefix=topic_prefix or DEFAULT_TOPIC_PREFIX)
 
 
 def resolve(paths: list[str], opts: Options) -> list[Target]:
@@ -354,7 +424,8 @@ def _options(args: argparse.Namespace) -> Options:
         if not sep or not name.strip():
             raise CliError(f"--kafka-option {item!r}: expected KEY=VALUE")
         kafka_config[name.strip()] = value.strip()
-    return Options(kafka=kafka, topic_prefix=topic_prefix, kafka_config=kafka_config)
+    return Options(kafka=kafka, topic_prefix=topic_prefix, kafka_config=kafka_config,
+                   mount_check=not args.no_mount_check)
 
 
 def _summary(verb: str, published: int, skipped: dict[str, int]) -> None:
@@ -439,6 +510,9 @@ def _add_common(parser: argparse.ArgumentParser, *, wait: str | None) -> None:
                         help="extra librdkafka setting (TLS, SASL); repeatable")
     parser.add_argument("--config", metavar="FILE",
                         help="take kafka, topic_prefix and kafka_options from a mount's TOML config")
+    parser.add_argument("--no-mount-check", action="store_true",
+                        help="publish for an s3:// URL that no hybridfs mount on this host serves (mounts on "
+                             "other hosts consume the events)")
     parser.add_argument("--kafka-timeout", type=float, default=15.0, metavar="SECONDS",
                         help="how long Kafka may take to acknowledge the events (default 15)")
     if wait is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -94,14 +95,34 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     check_mountpoint(cfg.mountpoint)
+    offline = preflight(cfg)
     if args.daemon:
         return daemonize(cfg.mountpoint, Path(cfg.state_dir))
     from hybridfs.daemon import run_mount
     from hybridfs.logs import setup_logging
 
     setup_logging(args.log_level if args.log_level != "INFO" else cfg.log_level)
+    if offline:
+        logging.getLogger("hybridfs.mount").warning("%s; mounting anyway (--offline-start): cached files are "
+                                                    "served, the rest fails with EIO until S3 answers", offline)
     run_mount(cfg)
     return 0
+
+
+def preflight(cfg: MountConfig) -> str | None:
+    """Bucket, credentials and endpoint checked before mounting; CliError (one line) when they are wrong.
+    Returns why S3 did not answer when ``--offline-start`` lets the mount start anyway."""
+    from hybridfs.commands.preflight import Fatal, Unreachable, check_s3
+
+    try:
+        check_s3(cfg)
+    except Fatal as exc:
+        raise CliError(str(exc)) from None
+    except Unreachable as exc:
+        if not cfg.offline_start:
+            raise CliError(f"{exc} (--offline-start mounts anyway, serving the cache)") from None
+        return str(exc)
+    return None
 
 
 def daemonize(mountpoint: str, state_dir: Path) -> int:

@@ -146,6 +146,19 @@ def render(status: dict[str, Any]) -> str:
     ratio = s["hit_ratio"]
     lines.append(f"reads      hit ratio {'-' if ratio is None else f'{ratio:.1%}'} "
                  f"({cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses)")
+    memory = status.get("memory") or {}
+    if memory:
+        lines.append(f"memory     {human_size(_num(memory.get('used_bytes')))} of "
+                     f"{human_size(_num(memory.get('total_bytes')))} in buffers (peak "
+                     f"{human_size(_num(memory.get('peak_bytes')))}, {memory.get('waits', 0)} waits)")
+    preserved = _get(status, "services", "purger", "preserved") or {}
+    if preserved.get("count"):
+        newest = (preserved.get("newest") or [{}])[0].get("key", "?")
+        lines.append(f"preserved  {preserved['count']} copies ({human_size(_num(preserved.get('bytes')))} of at most "
+                     f"{human_size(_num(preserved.get('max_bytes')))}) under .hybridfs/preserved/; newest {newest}")
+    if planner.get("local"):
+        why = "events are off" if status.get("events") is False else "Kafka does not carry them"
+        lines.append(f"evictions  purged locally ({why}): {planner.get('local_purges', 0)} so far")
     if status.get("events") is False:
         lines.append("events     off (--no-events)")
         return "\n".join(lines)

@@ -3,7 +3,16 @@
 ``CloudReader`` splits the object into chunks fetched with ranged GETs pinned to the ETag the file was opened
 with (a changed object answers ESTALE, never a mix of versions). Sequential access widens a read-ahead window
 of parallel chunk fetches; random access fetches only the chunks it touches. Fetches run in the mount's
-nursery so they overlap with the kernel's next request; memory is bounded by the window.
+nursery so they overlap with the kernel's next request.
+
+Memory: every chunk, fetching or fetched, is charged to the mount's one :class:`MemoryBudget` (shared with the
+write buffers) before its GET starts, and released when the chunk is dropped. A chunk a read needs waits for
+budget (back-pressure); read-ahead is only started when the budget has room. A reader keeps at most
+``max_readahead + 2`` chunks (least recently used dropped first, so a backward scan keeps a few chunks, not the
+whole file), and gives back its idle chunks when another read waits for budget.
+
+State: a reader and its chunks belong to the trio thread; only the GET runs in a worker thread (in the store),
+and its result is stored by the trio task that awaited it.
 """
 
 from __future__ import annotations
@@ -11,10 +20,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
 
+from hybridfs.core.budget import MemoryBudget
 from hybridfs.errors import FsError
 from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache, Sums, verify_blocks
@@ -22,11 +33,15 @@ from hybridfs.tiers.s3 import CloudStore
 
 log = logging.getLogger("hybridfs.reader")
 
+KEEP_EXTRA = 2  # chunks a reader keeps beyond its read-ahead window (the one being read, one behind it)
+
 
 @dataclass(frozen=True)
 class ReadSettings:
     chunk_size: int = 4 * 1024**2
     max_readahead: int = 8  # chunks fetched ahead of a sequential reader
+    # The mount's memory budget (shared with the write buffers); None: a budget of this reader's own.
+    budget: MemoryBudget | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -34,6 +49,9 @@ class Chunk:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes = b""
     error: FsError | None = None
+    charged: int = 0  # bytes of the budget this chunk holds
+    users: int = 0  # reads waiting on or copying from it: never dropped meanwhile
+    dropped: bool = False  # dropped while its GET was in flight: the fetch releases the charge
 
 
 class CloudReader:
@@ -45,9 +63,12 @@ class CloudReader:
         self.size = size
         self.settings = settings
         self.spawner = spawner
-        self.chunks: dict[int, Chunk] = {}
+        self.budget = settings.budget or MemoryBudget(settings.chunk_size * (settings.max_readahead + KEEP_EXTRA))
+        self.chunks: OrderedDict[int, Chunk] = OrderedDict()  # least recently used first
         self.next_expected = 0
         self.window = 0  # current read-ahead, in chunks; grows while access stays sequential
+        self.keep = settings.max_readahead + KEEP_EXTRA
+        self.budget.add_reclaimer(self)
 
     async def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
@@ -56,20 +77,24 @@ class CloudReader:
         cs = self.settings.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs
         self._adapt_window(offset, last)
-        for index in range(first, min(last + self.window, self._chunk_count() - 1) + 1):
-            self._start(index)
-        pieces = []
-        for index in range(first, last + 1):
-            chunk = self.chunks[index]
-            await chunk.done.wait()
-            if chunk.error is not None:
-                self.chunks.pop(index, None)
-                raise chunk.error
-            start = max(offset - index * cs, 0)
-            end = min(offset + length - index * cs, cs)
-            pieces.append(chunk.data[start:end])
+        needed = range(first, last + 1)
+        held = await self._needed(needed)
+        try:
+            self._read_ahead(last)
+            pieces = []
+            for index, chunk in zip(needed, held, strict=True):
+                await chunk.done.wait()
+                if chunk.error is not None:
+                    self._drop(index)
+                    raise chunk.error
+                start = max(offset - index * cs, 0)
+                end = min(offset + length - index * cs, cs)
+                pieces.append(chunk.data[start:end])
+        finally:
+            for chunk in held:
+                chunk.users -= 1
         self.next_expected = offset + length
-        self._drop_before(first)
+        self._trim(first)
         return b"".join(pieces)
 
     def _adapt_window(self, offset: int, last: int) -> None:
@@ -81,18 +106,55 @@ class CloudReader:
     def _chunk_count(self) -> int:
         return (self.size + self.settings.chunk_size - 1) // self.settings.chunk_size
 
-    def _start(self, index: int) -> None:
-        if index not in self.chunks:
-            chunk = Chunk()
-            self.chunks[index] = chunk
-            self.spawner.start_soon(self._fetch, index, chunk, name=f"fetch {self.key}@{index}")
+    def _length(self, index: int) -> int:
+        cs = self.settings.chunk_size
+        return min(cs, self.size - index * cs)
+
+    async def _needed(self, needed: range) -> list[Chunk]:
+        """The chunks of one read, started if need be, each marked in use. Their memory is asked for at once
+        (two reads each holding one chunk and waiting for a second could otherwise wait for each other); when
+        the budget is spent this waits (back-pressure), after idle chunks of every reader were given back."""
+        # Awaiting the budget lets other reads run, which may drop chunks of this one: check again after it.
+        while missing := [i for i in needed if i not in self.chunks]:
+            want = sum(self._length(i) for i in missing)
+            if want > self.budget.free:
+                self.budget.reclaim(want - self.budget.free)
+            charged = await self.budget.acquire(want)
+            for index in missing:  # another read of this file may have started some meanwhile
+                if index not in self.chunks:
+                    share = min(self._length(index), charged)
+                    charged -= share
+                    self._start(index, share)
+            self.budget.release(charged)
+        held = []
+        for index in needed:
+            chunk = self.chunks[index]
+            chunk.users += 1
+            self.chunks.move_to_end(index)
+            held.append(chunk)
+        return held
+
+    def _read_ahead(self, last: int) -> None:
+        """Start the window's chunks while the budget has room for them (speculation never waits)."""
+        for index in range(last + 1, min(last + self.window, self._chunk_count() - 1) + 1):
+            if index in self.chunks:
+                continue
+            charged = self.budget.try_acquire(self._length(index))
+            if charged is None:
+                break
+            self._start(index, charged)
+
+    def _start(self, index: int, charged: int) -> Chunk:
+        chunk = Chunk(charged=charged)
+        self.chunks[index] = chunk
+        self.spawner.start_soon(self._fetch, index, chunk, name=f"fetch {self.key}@{index}")
+        return chunk
 
     async def _fetch(self, index: int, chunk: Chunk) -> None:
-        cs = self.settings.chunk_size
-        start = index * cs
+        start = index * self.settings.chunk_size
         try:
             failpoint("fetch")
-            chunk.data = await self.store.get_range(self.key, start, min(cs, self.size - start), self.etag)
+            chunk.data = await self.store.get_range(self.key, start, self._length(index), self.etag)
         except FsError as exc:
             chunk.error = exc
         except Exception as exc:  # a bug must reach the reader as EIO, never as a silently short chunk
@@ -101,13 +163,57 @@ class CloudReader:
                                   level=logging.ERROR)
         finally:
             chunk.done.set()
+            if chunk.dropped:  # nobody will read it: its memory goes back now
+                self._release(chunk)
+            elif self.budget.shortfall:
+                # Reads wait for memory that idle chunks hold (this reader's or another's, perhaps of a file
+                # nobody reads now): a chunk landing is when they may become reclaimable, so ask now.
+                self.budget.reclaim(self.budget.shortfall)
 
-    def _drop_before(self, first: int) -> None:
-        for index in [i for i in self.chunks if i < first]:
-            del self.chunks[index]
+    def _release(self, chunk: Chunk) -> None:
+        chunk.data = b""
+        charged, chunk.charged = chunk.charged, 0
+        self.budget.release(charged)
+
+    def _drop(self, index: int) -> None:
+        chunk = self.chunks.pop(index, None)
+        if chunk is None:
+            return
+        if chunk.done.is_set():
+            self._release(chunk)
+        else:
+            chunk.dropped = True
+
+    def _trim(self, first: int) -> None:
+        """After a read at chunk ``first``: drop what a forward reader has passed, then the least recently used
+        beyond ``keep`` chunks (a backward or random reader never passes anything)."""
+        if self.window:
+            for index in [i for i in self.chunks if i < first - 1]:
+                self._drop(index)
+        for index in list(self.chunks):
+            if len(self.chunks) <= self.keep:
+                break
+            if self.chunks[index].users == 0:
+                self._drop(index)
+        if self.budget.shortfall:  # others wait for memory: what this reader keeps "just in case" goes first
+            self.give_back(self.budget.shortfall)
+
+    def give_back(self, nbytes: int) -> int:
+        """Drop idle fetched chunks, least recently used first, until ``nbytes`` are freed; returns the bytes."""
+        freed = 0
+        for index in list(self.chunks):
+            if freed >= nbytes:
+                break
+            chunk = self.chunks[index]
+            if chunk.users == 0 and chunk.done.is_set():
+                freed += chunk.charged
+                self._drop(index)
+        return freed
 
     def close(self) -> None:
-        self.chunks.clear()
+        self.budget.remove_reclaimer(self)
+        for index in list(self.chunks):
+            self._drop(index)
 
 
 class CacheReader:

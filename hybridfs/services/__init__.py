@@ -9,6 +9,10 @@
 They sit above the tiers and the core and below the composition root, which calls :func:`start_all` once the
 filesystem exists and merges :meth:`Services.status` into the mount's status. Every service runs in the
 mount's nursery and ends when it is cancelled.
+
+Without events (``--no-events``) the planner and the purger still run: the planner hands its decisions to the
+purger directly (no consumers are started), so the cache keeps its bound; the same happens with a bus that has
+been down for ``--local-evict-after`` seconds (see :mod:`hybridfs.services.planner`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hybridfs.events.bus import EventBus
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import topic_names
 from hybridfs.keylocks import KeyLocks
@@ -45,18 +50,22 @@ class Services:
     planner: Planner
     hydrator: Hydrator
     purger: Purger
-    hydrate_consumer: EventConsumer
-    evict_consumer: EventConsumer
+    hydrate_consumer: EventConsumer | None  # None: events are off
+    evict_consumer: EventConsumer | None
     census: Census
 
     def status(self) -> dict[str, Any]:
         """Merged into the mount's status (``user.hybridfs.status`` on the mount root)."""
         self.census.poke()
+        hydrator, purger = self.hydrator.status(), self.purger.status()
+        if self.hydrate_consumer is not None:
+            hydrator["consumer"] = dataclasses.asdict(self.hydrate_consumer.stats())
+        if self.evict_consumer is not None:
+            purger["consumer"] = dataclasses.asdict(self.evict_consumer.stats())
         return {
             "services": {
-                "hydrator": {**self.hydrator.status(),
-                             "consumer": dataclasses.asdict(self.hydrate_consumer.stats())},
-                "purger": {**self.purger.status(), "consumer": dataclasses.asdict(self.evict_consumer.stats())},
+                "hydrator": hydrator,
+                "purger": purger,
                 "planner": self.planner.status(),
                 "census": self.census.status(),
             }
@@ -71,21 +80,31 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
     """Build the services of ``mount`` and start them in ``nursery``; returns them for the status."""
     cfg = mount.cfg
     bus = mount.bus
-    assert bus is not None, "services need the event bus"
     topics = topic_names(cfg.topic_prefix)
     hooks = FilesystemHooks(fs)
     locks: KeyLocks[str] = KeyLocks()
+    consumers: list[EventConsumer] = []  # set below, read by the planner's bus_reachable
     planner = Planner(
         mount.cache,
         PlannerSettings(high_watermark=cfg.high_watermark, low_watermark=cfg.low_watermark, min_free=cfg.min_free,
                         max_age=cfg.max_age, interval=cfg.evict_interval,
-                        dedupe_window=max(30.0, 10 * cfg.evict_interval)),
-        bus.publish, mount.origin, hooks.is_open,
+                        dedupe_window=max(30.0, 10 * cfg.evict_interval), local_after=cfg.local_evict_after,
+                        local_concurrency=PURGE_CONCURRENCY),
+        bus.publish if bus is not None else None, mount.origin, hooks.is_open,
+        bus_reachable=(lambda: evictions_reachable(bus, consumers)) if bus is not None else None,
     )
     hydrator = Hydrator(mount.store, mount.cache, planner, locks)
     purger = Purger(mount.store, mount.cache, hooks, planner, locks, mount.origin, mount.keys.prefix,
                     PurgerSettings(default_mode=stat_mod.S_IFREG | cfg.file_mode, default_uid=cfg.uid,
-                                   default_gid=cfg.gid))
+                                   default_gid=cfg.gid, preserved_size=cfg.preserved_size,
+                                   preserved_age=cfg.preserved_age))
+    planner.purge = purger.handle
+    census = Census(mount.store, mount.keys.prefix)
+    if bus is None:
+        await nursery.start(planner.run)
+        await nursery.start(purger.run)
+        await nursery.start(census.run)
+        return Services(planner, hydrator, purger, None, None, census)
     common: dict[str, Any] = {"allowed_prefix": mount.keys.prefix, "dead_letter_topic": topics.dead_letter,
                               "kafka_config": cfg.kafka_options}
     hydrate_group, evict_group = f"hybridfs-hydrate-{cfg.cache_id}", f"hybridfs-evict-{cfg.cache_id}"
@@ -95,9 +114,19 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
     evict_consumer = EventConsumer(cfg.kafka, topics.evict, evict_group, purger.handle,
                                           instance_id=evict_group, concurrency=PURGE_CONCURRENCY, name="purger",
                                           **common)
-    census = Census(mount.store, mount.keys.prefix)
+    consumers.append(evict_consumer)
     await nursery.start(planner.run)
+    await nursery.start(purger.run)
     await nursery.start(hydrate_consumer.run)
     await nursery.start(evict_consumer.run)
     await nursery.start(census.run)
     return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census)
+
+
+def evictions_reachable(bus: EventBus, consumers: list[EventConsumer]) -> bool | None:
+    """Whether evictions travel through Kafka: the producer and the evict consumer both reach it (False when
+    either does not; None while not known)."""
+    states = [bus.stats().reachable, *(c.stats().reachable for c in consumers)]
+    if False in states:
+        return False
+    return True if all(states) else None

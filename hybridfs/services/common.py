@@ -37,6 +37,10 @@ class Store(Protocol):
 
     async def get_range(self, key: str, start: int, length: int, etag: str | None) -> bytes: ...
 
+    async def list_keys(self, prefix: str) -> list[ObjectInfo]: ...
+
+    async def delete(self, key: str) -> None: ...
+
 
 class FsHooks(Protocol):
     """What the services ask of the filesystem."""

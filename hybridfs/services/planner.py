@@ -12,6 +12,16 @@ anything itself: it publishes evict events (reason ``watermark`` or ``max-age``)
 decides again when it consumes them (the file may have been read or opened in between). Evictions already
 requested and not yet settled are remembered for ``dedupe_window`` seconds: they count as freed when the next
 round projects usage, and are not published again.
+
+**Bounded without Kafka.** The cache's bound must not depend on the bus. With events off (``--no-events``) every
+decision is handed straight to the purger (``purge``, the same code the consumer calls). With a bus, decisions
+go local when it has been unreachable (producer or evict consumer) for ``local_after`` seconds, or when an
+eviction it was given has waited that long without being settled (a consumer that is stuck or far behind):
+then the waiting evictions and every new one are purged here too, still published for audit (they wait in the
+outbox). When the bus answers again and nothing waits too long, the planner goes back to the bus. A purge
+that arrives twice (here, then from Kafka) finds nothing to do the second time.
+
+State: all of it belongs to the trio thread.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -42,6 +52,8 @@ class PlannerSettings:
     interval: float = 2.0
     dedupe_window: float = 60.0
     growth_check: float = 0.02  # seconds between checks for new cache entries (between rounds)
+    local_after: float = 30.0  # seconds evictions may wait for the bus before they are purged here
+    local_concurrency: int = 4  # purges at once when applied locally
 
 
 @dataclass(frozen=True)
@@ -68,15 +80,26 @@ class Planner:
         self,
         cache: LocalCache,
         settings: PlannerSettings,
-        publish: Callable[[Event], None],
+        publish: Callable[[Event], None] | None,
         origin: str,
         is_open: Callable[[str], bool],
         *,
         clock: Callable[[], float] = time.time,
+        bus_reachable: Callable[[], bool | None] | None = None,
     ) -> None:
         self.cache = cache
         self.settings = settings
-        self.publish = publish
+        self.publish = publish  # None: events are off, every decision is purged here
+        # Whether the bus delivers evictions (None: not known yet); watched to decide when to purge locally.
+        self.bus_reachable = bus_reachable
+        # The purger's handler, for decisions taken locally (set by whoever builds the purger).
+        self.purge: Callable[[Event], Awaitable[None]] | None = None
+        self.unsent: dict[str, Event] = {}  # requested through the bus and not purged locally (yet)
+        self.local_purges = 0
+        self.local_since: float | None = None  # trio time the planner went local (None: the bus carries them)
+        self._down_since: float | None = None
+        self._local_limiter = trio.CapacityLimiter(settings.local_concurrency)
+        self._nursery: trio.Nursery | None = None
         self.origin = origin
         self.is_open = is_open
         self.clock = clock
@@ -84,6 +107,7 @@ class Planner:
         self.wanted: dict[int, int] = {}  # hydrations waiting for room: token -> bytes
         self.reserved = 0  # bytes of hydrations granted room and still downloading (kept by the hydrator)
         self.disk: DiskSpace | None = None
+        self._usage_at_disk = 0  # cache usage when ``disk`` was measured
         self._next_token = 0
         self._wake = trio.Event()
         self._changed = trio.Event()
@@ -96,8 +120,11 @@ class Planner:
     # -- the service ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if self.publish is None:
+                log.info("events are off: the eviction planner's decisions are purged locally")
             nursery.start_soon(self._watch_growth)
             while True:
                 try:
@@ -125,8 +152,13 @@ class Planner:
         self._wake.set()
 
     def wake_if_over(self) -> None:
-        """Something was added to the cache: plan now if that took it over the high watermark."""
-        if self.cache.usage() > self.settings.high_watermark * self.cache.capacity:
+        """Something was added to the cache: plan now if that took it over the high watermark, or (estimated
+        from the last statvfs and what was added since, without a system call) the disk under ``min_free``."""
+        usage = self.cache.usage()
+        disk = self.disk
+        if usage > self.settings.high_watermark * self.cache.capacity or (
+                disk is not None and disk.total > 0
+                and disk.free - (usage - self._usage_at_disk) < self.settings.min_free * disk.total):
             self.wake()
 
     # -- room for hydrations --------------------------------------------------------------------------------
@@ -144,6 +176,7 @@ class Planner:
     def settled(self, key: str) -> None:
         """The purger is done with an evict event for ``key`` (purged or not): plan it again if need be."""
         self.requested.pop(key, None)
+        self.unsent.pop(key, None)
         self.notify_changed()
 
     def notify_changed(self) -> None:
@@ -163,6 +196,10 @@ class Planner:
         if not self.cache.available:
             return None
         self.disk = await self._disk_space()
+        self._usage_at_disk = self.cache.usage()
+        if self._go_local():
+            for event in list(self.unsent.values()):  # waited for the bus long enough
+                self._purge_locally(event)
         plan = self.plan()
         if plan.short:
             self.unsatisfied_rounds += 1
@@ -181,6 +218,7 @@ class Planner:
             entry = self.cache.entries.get(key)
             if entry is None or entry.etag != etag or now - when > self.settings.dedupe_window:
                 del self.requested[key]
+                self.unsent.pop(key, None)
 
     async def _disk_space(self) -> DiskSpace | None:
         root = self.cache.root
@@ -244,13 +282,64 @@ class Planner:
     def _busy(self, key: str) -> bool:
         return key in self.requested or self.is_open(key)
 
+    # -- local purges ---------------------------------------------------------------------------------------
+
+    def _go_local(self) -> bool:
+        """Whether decisions are purged here now: no bus, the bus unreachable for ``local_after`` seconds, or
+        an eviction waiting that long for it. Logs the switches."""
+        now = trio.current_time()
+        if self.publish is None:
+            self.local_since = self.local_since if self.local_since is not None else now
+            return True
+        reachable = self.bus_reachable() if self.bus_reachable is not None else None
+        if reachable is False:
+            self._down_since = self._down_since if self._down_since is not None else now
+        elif reachable is True:
+            self._down_since = None
+        after = self.settings.local_after
+        down = self._down_since is not None and now - self._down_since >= after
+        waiting = [k for k, (_, _, when) in self.requested.items() if k in self.unsent and now - when >= after]
+        local = down or bool(waiting)
+        if local and self.local_since is None:
+            self.local_since = now
+            why = (f"Kafka unreachable for {now - self._down_since:.0f}s" if down and self._down_since is not None
+                   else f"{len(waiting)} evictions not consumed within {after:g}s")
+            log.warning("%s: purging the eviction planner's decisions locally (still published for audit)", why)
+        elif not local and self.local_since is not None:
+            log.info("Kafka carries evictions again (after %.0fs of local purges)", now - self.local_since)
+            self.local_since = None
+        return local
+
+    def _purge_locally(self, event: Event) -> None:
+        self.unsent.pop(event.key, None)
+        if self.purge is None or self._nursery is None:
+            return
+        self._nursery.start_soon(self._run_purge, event, self.purge)
+
+    async def _run_purge(self, event: Event, purge: Callable[[Event], Awaitable[None]]) -> None:
+        async with self._local_limiter:
+            try:
+                await purge(event)
+            except Exception:
+                log.exception("local purge of %s failed", event.key)
+                self.settled(event.key)
+            else:
+                self.local_purges += 1
+
     def _publish(self, plan: Plan) -> None:
         now = trio.current_time()
+        local = self.publish is None or self.local_since is not None
         for reason, entries in (("watermark", plan.watermark), ("max-age", plan.max_age)):
             for entry in entries:
-                self.publish(Event.evict(entry.key, entry.etag, entry.size, reason, self.origin))
+                event = Event.evict(entry.key, entry.etag, entry.size, reason, self.origin)
+                if self.publish is not None:
+                    self.publish(event)  # with a bus: recorded there (the outbox) even when purged here
                 self.requested[entry.key] = (entry.etag, entry.size, now)
                 self.published[reason] += 1
+                if local:
+                    self._purge_locally(event)
+                else:
+                    self.unsent[entry.key] = event
         if plan.watermark:
             self.pressure_rounds += 1
             level = logging.DEBUG if self._episode else logging.INFO  # INFO once per episode of pressure
@@ -276,6 +365,9 @@ class Planner:
             "evictions_pending": len(self.requested),
             "room_wanted_bytes": sum(self.wanted.values()),
             "unsatisfied_rounds": self.unsatisfied_rounds,
+            "local": self.local_since is not None,
+            "local_after": s.local_after,
+            "local_purges": self.local_purges,
         }
 
 

@@ -11,22 +11,31 @@ For one event (the consumer calls :meth:`Purger.handle`; one at a time per key; 
    whatever version is cached). Then it must be still **unpinned** (an explicit evict of a pinned file is
    refused with an INFO line: ``hybridfs evict --unpin`` or ``hybridfs unpin`` first), **closed** (not open
    through the mount), and for planner events still **cold** (not read since the event was planned).
-4. **S3 holds the same bytes?** HEAD the object: same ETag and size as the cached entry, fine. Otherwise the
-   cached copy is uploaded first (contract 4):
+4. **S3 holds the same bytes?** HEAD the object: same ETag and size as the cached entry, fine. Otherwise S3 is
+   the truth for what exists (contract 4), and an eviction never writes the key back:
 
-   * the object is **missing**: the cached copy is put back under its key, with the attributes the namespace
-     last knew for that version (mode, owner, mtime), else the cached file's mtime and the mount's defaults;
+   * the object is **missing** (deleted by another host or tool): the cached copy is not uploaded to its key.
+     A deletion made through this mount removed the cache entry already (nothing to evict then; a copy
+     preserved while such a deletion raced with the purge is removed again). Otherwise the cached bytes are
+     kept beside it, under ``<prefix>.hybridfs/preserved/<path>.<etag>`` with the attributes the namespace
+     last knew for that version (or the cached file's mtime and the mount's defaults);
    * the object has **another ETag**: when it has the same size and the same bytes (a copy in place changes a
      multipart ETag, not the data), nothing is uploaded. Otherwise S3 holds a *different version*, written
      after ours (every cached version was in S3 once: the cache only takes what S3 acknowledged or served).
-     Overwriting it would destroy that newer data, so the cached bytes are preserved beside it, under
-     ``<prefix>.hybridfs/preserved/<path>.<etag>`` with the current object's attributes, and the key keeps
-     the newer version.
+     Overwriting it would destroy that newer data, so the cached bytes are preserved beside it the same way,
+     with the current object's attributes, and the key keeps the newer version.
+
+   Preserved copies are bounded: at most ``preserved_size`` bytes in all (the oldest dropped first; a copy
+   larger than that is not kept) and ``preserved_age`` seconds each. The bound is checked against a listing
+   of ``.hybridfs/preserved/`` after every preservation and every ``PRUNE_INTERVAL`` seconds, so copies made by
+   other hosts sharing the prefix count too; ``status()`` lists them.
 
 5. Re-check (awaits happened: the file may have been opened, read, pinned or replaced), remove the cached copy
    and its index entry, drop the kernel's pages of the inode.
 
 S3 unreachable: the purge waits (quietly; not committed), so a purge never runs on a guess.
+
+State: all of it belongs to the trio thread (S3 and disk calls run in threads and return results).
 """
 
 from __future__ import annotations
@@ -37,10 +46,12 @@ import hashlib
 import logging
 import os
 import re
+import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -58,6 +69,8 @@ log = logging.getLogger("hybridfs.services.purger")
 
 PRESERVED_DIR = ".hybridfs/preserved"
 COMPARE_CHUNK = 8 * 1024**2
+PRUNE_INTERVAL = 600.0  # seconds between checks of the preserved copies' age bound
+PRESERVED_LISTED = 20  # preserved copies named in the status (the newest)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,15 @@ class PurgerSettings:
     default_mode: int = 0o100644
     default_uid: int = 0
     default_gid: int = 0
+    preserved_size: int = 1024**3  # bytes of preserved copies in all (the oldest are dropped first)
+    preserved_age: float = 7 * 86400.0  # seconds a preserved copy is kept (0: no age limit)
+
+
+@dataclass(frozen=True)
+class Preserved:
+    key: str
+    size: int
+    mtime: float  # Unix time S3 stored it
 
 
 class Purger:
@@ -91,6 +113,19 @@ class Purger:
         self.outcomes: Counter[str] = Counter()
         self.bytes_freed = 0
         self.uploads = 0
+        self.preserved: list[Preserved] | None = None  # oldest first, as last listed (None: not listed yet)
+        self.preserved_dropped = 0
+        self.deleted_dropped = 0  # cached copies dropped because S3 no longer holds them (not preserved)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keeps the preserved copies within their bounds (their age passes without any purge)."""
+        task_status.started()
+        while True:
+            try:
+                await self.prune()
+            except FsError as exc:
+                log.debug("could not check the preserved copies: %s", exc.message)
+            await trio.sleep(PRUNE_INTERVAL)
 
     async def handle(self, event: Event) -> None:
         if event.type != "evict":
@@ -169,7 +204,9 @@ class Purger:
     # -- contract 4 -----------------------------------------------------------------------------------------
 
     async def _ensure_in_s3(self, entry: CacheEntry) -> bool:
-        """True once S3 holds the entry's bytes (uploading them if need be); False when it cannot."""
+        """True once the cached copy may go: S3 holds its bytes, or S3 holds another version or none and the
+        cached bytes were preserved beside it (or dropped, over the bounds); False when that cannot be made
+        sure."""
         key = entry.key
         info = await self.s3.call(lambda: self.store.head(key))
         if info is not None and info.etag == entry.etag and info.size == entry.size:
@@ -186,25 +223,81 @@ class Purger:
                         "not %d", key, st.st_size, entry.size)
             return False
         if not self._still_ours(entry):
-            return False
+            return True  # deleted, replaced or opened through the mount meanwhile: the re-check decides
         if not await self.cache.verify(key, entry.etag):  # never upload bytes that fail their checksums
             return False  # the corrupt copy is dropped (logged once): nothing is left to evict
         if info is None:
-            metadata = self._metadata(entry, st.st_mtime)
-            log.warning("evicting %s: S3 does not hold it (any more); uploading the cached copy first", key)
-            await self._upload(key, path, metadata, entry.size)
-            return True
+            return await self._keep_deleted(entry, path, self._metadata(entry, st.st_mtime))
         if info.size == entry.size and await self._same_bytes(key, info, path):
             log.debug("%s: S3 holds the same bytes under ETag %s (cached as %s)", key, info.etag, entry.etag)
             return True
-        spare = self.preserved_key(key, entry.etag)
-        metadata = {**(info.metadata or {}), "hybridfs-original-key": urllib.parse.quote(key, safe="/"),
-                    "hybridfs-original-etag": entry.etag}
-        log.warning("evicting %s: S3 holds another version (ETag %s, %d bytes) than the cached one (%s, %d bytes); "
-                    "preserving the cached copy as %s first", key, info.etag, info.size, entry.etag, entry.size,
-                    spare)
-        await self._upload(spare, path, metadata, entry.size, remember=False)
+        why = (f"S3 holds another version (ETag {info.etag}, {info.size} bytes) than the cached one ({entry.etag}, "
+               f"{entry.size} bytes)")
+        await self._preserve(entry, path, dict(info.metadata or {}), why)
         return True
+
+    async def _keep_deleted(self, entry: CacheEntry, path: Path, metadata: dict[str, str]) -> bool:
+        """The object is gone from S3: never write it back to its key (S3 is the truth for deletes); keep the
+        bytes beside it unless the deletion was made here."""
+        key = entry.key
+        preserved = await self._preserve(entry, path, metadata, "S3 no longer holds it (deleted elsewhere)")
+        now = self.cache.lookup(key)
+        if preserved is not None and (now is None or now.etag != entry.etag):
+            # Deleted (or replaced) through this mount while we uploaded: an unlink removes S3's object, then
+            # the cache entry. A known deletion, so the copy goes again.
+            await self.s3.call(functools.partial(self.store.delete, preserved))
+            self._forget_preserved(preserved)
+            log.info("%s was deleted through the mount meanwhile; removed its preserved copy again", key)
+        return True
+
+    async def _preserve(self, entry: CacheEntry, path: Path, metadata: dict[str, str], why: str) -> str | None:
+        """Upload the cached bytes to the preserved key, within the bounds; returns that key (None: dropped)."""
+        key = entry.key
+        bound = self.settings.preserved_size
+        if entry.size > bound:
+            self.deleted_dropped += 1
+            log.warning("evicting %s: %s; the cached copy (%d bytes) is larger than the preserved copies may be "
+                        "(--preserved-size %d): dropped", key, why, entry.size, bound)
+            return None
+        spare = self.preserved_key(key, entry.etag)
+        metadata = {**metadata, "hybridfs-original-key": urllib.parse.quote(key, safe="/"),
+                    "hybridfs-original-etag": entry.etag}
+        log.warning("evicting %s: %s; preserving the cached copy as %s first", key, why, spare)
+        await self._upload(spare, path, metadata, entry.size, remember=False)
+        try:
+            await self.prune(keep=spare)
+        except FsError as exc:
+            log.info("could not check the preserved copies' bounds (will try again): %s", exc.message)
+        return spare
+
+    async def prune(self, keep: str | None = None) -> None:
+        """List the preserved copies and drop what is over the age bound, then the oldest while the total is
+        over the size bound (never ``keep``, the copy just made)."""
+        root = f"{self.key_prefix}{PRESERVED_DIR}/"
+        listed = await self.s3.call(lambda: self.store.list_keys(root))
+        copies = sorted((Preserved(o.key, o.size, o.mtime_ns / 1e9) for o in listed), key=lambda p: p.mtime)
+        s = self.settings
+        now = time.time()
+        drop = [p for p in copies if s.preserved_age > 0 and now - p.mtime > s.preserved_age and p.key != keep]
+        left = [p for p in copies if p not in drop]
+        total = sum(p.size for p in left)
+        for p in list(left):
+            if total <= s.preserved_size:
+                break
+            if p.key != keep:
+                drop.append(p)
+                left.remove(p)
+                total -= p.size
+        for p in drop:
+            await self.s3.call(functools.partial(self.store.delete, p.key))
+            self.preserved_dropped += 1
+            log.info("dropped preserved copy %s (%d bytes, %.0fs old): over the --preserved-size/-age bounds",
+                     p.key, p.size, now - p.mtime)
+        self.preserved = left
+
+    def _forget_preserved(self, key: str) -> None:
+        if self.preserved is not None:
+            self.preserved = [p for p in self.preserved if p.key != key]
 
     def _still_ours(self, entry: CacheEntry) -> bool:
         """Right before an upload: the entry is still cached and the file still closed. (A file deleted through
@@ -262,9 +355,19 @@ class Purger:
         return candidate
 
     def status(self) -> dict[str, object]:
+        preserved: dict[str, Any] = {"listed": self.preserved is not None, "dropped": self.preserved_dropped,
+                                     "max_bytes": self.settings.preserved_size,
+                                     "max_age": self.settings.preserved_age,
+                                     "deleted_not_preserved": self.deleted_dropped}
+        if self.preserved is not None:
+            now = time.time()
+            preserved.update(count=len(self.preserved), bytes=sum(p.size for p in self.preserved),
+                             newest=[{"key": p.key, "size": p.size, "age": round(now - p.mtime, 1)}
+                                     for p in reversed(self.preserved[-PRESERVED_LISTED:])])
         return {
             "outcomes": dict(self.outcomes),
             "bytes_freed": self.bytes_freed,
             "uploads_before_evict": self.uploads,
             "s3_waits": self.s3.waits,
+            "preserved": preserved,
         }

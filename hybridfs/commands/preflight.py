@@ -1,0 +1,80 @@
+"""Checks made before anything is mounted, so a misconfiguration is one line and a non-zero exit at once instead
+of errors on first access: the bucket exists, the credentials are accepted, the endpoint answers.
+
+One ListObjectsV2 of the mount's prefix (``MaxKeys=1``) rather than a HEAD of the bucket: the mount needs to list
+anyway, a prefix-scoped policy may allow that and not a HEAD of the bucket, and, unlike a HEAD, its error body
+names the cause (``NoSuchBucket``, ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``AccessDenied``). Bounded:
+two attempts with short timeouts, and ``CHECK_TIMEOUT`` in all.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+from hybridfs.config import MountConfig, bucket_and_prefix
+
+CHECK_TIMEOUT = 15.0
+
+
+class Fatal(Exception):
+    """The mount must not start: the message is the one line to print."""
+
+
+class Unreachable(Exception):
+    """The endpoint did not answer (S3 down, or a wrong endpoint): fatal unless ``--offline-start``."""
+
+
+def check_s3(cfg: MountConfig) -> None:
+    """Raise Fatal or Unreachable (one-line messages); return when S3 answered the listing."""
+    import botocore.exceptions
+
+    from hybridfs.tiers.s3 import S3Settings, make_client
+
+    bucket, prefix = bucket_and_prefix(cfg.source)
+    endpoint = cfg.endpoint_url or "the default AWS endpoint"
+    settings = S3Settings(bucket=bucket, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None,
+                          max_attempts=2, connect_timeout=min(cfg.s3_connect_timeout, 5.0),
+                          read_timeout=min(cfg.s3_read_timeout, 10.0), threads=1)
+    answer: queue.Queue[BaseException | None] = queue.Queue()
+
+    def probe() -> None:
+        try:
+            client = make_client(settings)
+            client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+        except BaseException as exc:  # handed to the caller, who decides
+            answer.put(exc)
+        else:
+            answer.put(None)
+
+    # A daemon thread, so a stalled endpoint cannot keep the process from exiting after the one-line error.
+    threading.Thread(target=probe, name="s3-preflight", daemon=True).start()
+    try:
+        exc = answer.get(timeout=CHECK_TIMEOUT)
+    except queue.Empty:
+        raise Unreachable(f"S3 endpoint {endpoint} did not answer within {CHECK_TIMEOUT:g}s") from None
+    if exc is None:
+        return
+    if isinstance(exc, botocore.exceptions.ClientError):
+        raise Fatal(_client_error(exc, bucket, prefix, endpoint)) from None
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        raise Fatal("no AWS credentials found (environment, shared config/profile or instance role)") from None
+    if isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
+        raise Unreachable(f"S3 endpoint {endpoint} unreachable: {exc}") from None
+    raise exc
+
+
+def _client_error(exc: Any, bucket: str, prefix: str, endpoint: str) -> str:
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+    where = f"s3://{bucket}/{prefix}".rstrip("/")
+    if code == "NoSuchBucket":
+        return f"bucket {bucket!r} does not exist at {endpoint} (NoSuchBucket)"
+    if code == "InvalidAccessKeyId":
+        return f"S3 at {endpoint} does not know the access key (InvalidAccessKeyId): check the AWS credentials"
+    if code == "SignatureDoesNotMatch":
+        return f"S3 at {endpoint} refused the credentials (SignatureDoesNotMatch): wrong secret key?"
+    if code in ("AccessDenied", "403", "AllAccessDisabled"):
+        return f"S3 denies listing {where} ({code}): the credentials need s3:ListBucket on it"
+    return f"S3 at {endpoint} refused listing {where}: {code} ({err.get('Message', '')})"
