@@ -192,9 +192,10 @@ class Filesystem:
         try:  # open for reading only: is it still the version S3 holds?
             st = await self.ns.stat(path)
         except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            self._detach(of.node)  # deleted elsewhere: the open handles keep their file, with nlink 0
+            if exc.errno == errno.ENOENT:
+                self._detach(of.node)  # deleted elsewhere: the open handles keep their file, with nlink 0
+            else:  # S3 unreachable: an open file's fstat does not depend on it
+                log.debug("getattr of open %s: %s; answering with the open version", path, exc.message)
             return self._open_stat(of)
         if self._detach_if_replaced(of.node, st):
             return self._open_stat(of)  # replaced elsewhere: the handles keep the old version
