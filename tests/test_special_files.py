@@ -125,3 +125,26 @@ def test_mknod_refuses_what_is_not_a_node(mounted: Mount) -> None:
     with pytest.raises(OSError) as err:
         os.mknod(mounted.path / "d", stat.S_IFDIR | 0o755)  # the kernel sends no mkdir through mknod
     assert err.value.errno in (errno.EPERM, errno.EINVAL)
+
+
+def test_truncate_past_what_the_spool_can_hold_is_efbig(mounted: Mount) -> None:
+    f = mounted.path / "f"
+    f.write_bytes(b"x")
+    with pytest.raises(OSError) as err:
+        os.truncate(f, 20 * 2**40)  # beyond the largest file the spool's filesystem holds (ext4: 16 TiB)
+    assert err.value.errno == errno.EFBIG
+    with open(f, "r+b") as fh, pytest.raises(OSError) as err:
+        os.ftruncate(fh.fileno(), 20 * 2**40)
+    assert err.value.errno == errno.EFBIG
+    assert f.read_bytes() == b"x"
+
+
+def test_ftruncate_of_an_open_file_moves_its_mtime_at_once(mounted: Mount) -> None:
+    f = mounted.path / "f"
+    f.write_bytes(b"0123456789")
+    os.utime(f, (1_500_000_000, 1_500_000_000))
+    with open(f, "r+b") as fh:
+        os.ftruncate(fh.fileno(), 4)
+        st = os.fstat(fh.fileno())
+        assert st.st_size == 4 and st.st_mtime > 1_500_000_000 and st.st_ctime > 1_500_000_000
+    assert f.read_bytes() == b"0123"

@@ -210,6 +210,12 @@ class Filesystem:
         of = self.open_files.get(ino)
         if changes.size is not None:
             await self._truncate(node, path, changes.size, of)
+            of = self.open_files.get(ino)  # re-read after the await
+            if of is not None and of.dirty and changes.mtime_ns is None:
+                # ftruncate moves the mtime (and so the ctime) at once, as a write does; the flush then stores
+                # the time of the upload, as after a write.
+                of.stat = of.stat.with_(mtime_ns=now_ns())
+                of.mtime_set = False
         meta_changes = {k: v for k, v in (("mode", changes.mode), ("uid", changes.uid), ("gid", changes.gid),
                                           ("mtime_ns", changes.mtime_ns), ("atime_ns", changes.atime_ns))
                         if v is not None}
