@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import stat
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -55,23 +56,31 @@ class FuseOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
 
-    def entry(self, node: Node, st: Stat) -> pyfuse3.EntryAttributes:
+    def entry(self, node: Node, st: Stat, *, listing: bool = False) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = cast(pyfuse3.InodeT, node.ino)
         attr.generation = 0
-        # Attributes from a listing lack the object metadata: let the kernel ask again (getattr completes them).
+        # Attributes from a listing lack the object metadata: the kernel must not cache them, neither the
+        # attributes nor the entry, so the next stat (even through a cached dentry) asks us again.
         attr.attr_timeout = self.attr_timeout if st.complete else 0
-        attr.entry_timeout = self.entry_timeout
-        attr.st_mode = cast(pyfuse3.ModeT, st.mode)
-        attr.st_nlink = 2 if st.is_dir else 1
+        attr.entry_timeout = self.entry_timeout if st.complete else 0
+        mode = st.mode
+        if listing and not st.kind_known:
+            # Only a listing has seen it, and a plain object may be a symlink or a FIFO. No type bits: the
+            # kernel reports DT_UNKNOWN and does not make an inode of it (it refuses the attributes and
+            # forgets the entry), so programs lstat it, and the lookup brings the real type.
+            mode = stat.S_IMODE(mode)
+        attr.st_mode = cast(pyfuse3.ModeT, mode)
+        attr.st_nlink = 0 if node.unlinked else 2 if st.is_dir else 1
         attr.st_uid = st.uid
         attr.st_gid = st.gid
+        attr.st_rdev = st.rdev
         attr.st_size = st.size
         attr.st_blksize = 512 * 1024
         attr.st_blocks = (st.size + 511) // 512
-        attr.st_atime_ns = st.mtime_ns
+        attr.st_atime_ns = st.accessed_ns
         attr.st_mtime_ns = st.mtime_ns
-        attr.st_ctime_ns = st.mtime_ns
+        attr.st_ctime_ns = st.changed_ns
         return attr
 
     # -- lookups and attributes ------------------------------------------------------------------------------
@@ -95,15 +104,13 @@ class FuseOperations(pyfuse3.Operations):
 
     @boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> pyfuse3.EntryAttributes:
-        mtime = None
-        if fields.update_mtime:
-            mtime = attr.st_mtime_ns
         changes = AttrChanges(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
-            mtime_ns=mtime,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,  # UTIME_NOW: pyfuse3 fills in now
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
         )
         st = await self.fs.setattr(inode, changes, fh)
         return self.entry(self.fs.inodes.node(inode), st)
@@ -115,9 +122,10 @@ class FuseOperations(pyfuse3.Operations):
     # -- namespace -------------------------------------------------------------------------------------------
 
     @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        raise FsError(errno.EPERM, f"mknod of {name!r}: device nodes, FIFOs and sockets cannot be stored in S3",
-                      level=logging.INFO)
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        node, st = await self.fs.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
+        return self.entry(node, st)
 
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -187,7 +195,7 @@ class FuseOperations(pyfuse3.Operations):
     @boundary
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         def reply(name: bytes, node: Node, st: Stat, next_id: int) -> bool:
-            return bool(pyfuse3.readdir_reply(token, name, self.entry(node, st), next_id))
+            return bool(pyfuse3.readdir_reply(token, name, self.entry(node, st, listing=True), next_id))
 
         await self.fs.readdir(fh, start_id, reply)
 

@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 from cachetools import TTLCache
 
-from hybridfs.core.attrs import Defaults, Stat, metadata_for, now_ns
+from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
@@ -72,6 +72,7 @@ class AttrChanges:
     gid: int | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    atime_ns: int | None = None
 
 
 @dataclass
@@ -167,19 +168,38 @@ class Filesystem:
         return self.inodes.looked_up(path), st
 
     async def stat_of(self, path: str) -> Stat:
+        """Attributes of ``path``: those of the open file when it is written here (local state wins over
+        anything S3 says), else the namespace's."""
         node = self.inodes.existing(path)
-        if node is not None and node.ino in self.open_files:
-            return self._open_stat(self.open_files[node.ino])
-        return await self.ns.stat(path)
+        of = self.open_files.get(node.ino) if node is not None else None
+        if of is not None and self._is_local(of):
+            return self._open_stat(of)
+        st = await self.ns.stat(path)
+        if node is not None:
+            self._detach_if_replaced(node, st)  # a new version is a new file: lookup gives a new inode
+        return st
 
     def _open_stat(self, of: OpenFile) -> Stat:
         return of.stat.with_(size=of.size) if of.size != of.stat.size else of.stat
 
     async def getattr(self, ino: int) -> Stat:
         of = self.open_files.get(ino)
-        if of is not None:
+        if of is None:
+            return await self.ns.stat(self.inodes.path(ino))
+        if self._is_local(of):
             return self._open_stat(of)
-        return await self.ns.stat(self.inodes.path(ino))
+        path = self.inodes.path(ino)
+        try:  # open for reading only: is it still the version S3 holds?
+            st = await self.ns.stat(path)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                self._detach(of.node)  # deleted elsewhere: the open handles keep their file, with nlink 0
+            else:  # S3 unreachable: an open file's fstat does not depend on it
+                log.debug("getattr of open %s: %s; answering with the open version", path, exc.message)
+            return self._open_stat(of)
+        if self._detach_if_replaced(of.node, st):
+            return self._open_stat(of)  # replaced elsewhere: the handles keep the old version
+        return st
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
@@ -190,11 +210,19 @@ class Filesystem:
         of = self.open_files.get(ino)
         if changes.size is not None:
             await self._truncate(node, path, changes.size, of)
+            of = self.open_files.get(ino)  # re-read after the await
+            if of is not None and of.dirty and changes.mtime_ns is None:
+                # ftruncate moves the mtime (and so the ctime) at once, as a write does; the flush then stores
+                # the time of the upload, as after a write.
+                of.stat = of.stat.with_(mtime_ns=now_ns())
+                of.mtime_set = False
         meta_changes = {k: v for k, v in (("mode", changes.mode), ("uid", changes.uid), ("gid", changes.gid),
-                                          ("mtime_ns", changes.mtime_ns)) if v is not None}
+                                          ("mtime_ns", changes.mtime_ns), ("atime_ns", changes.atime_ns))
+                        if v is not None}
         if changes.mode is not None:
             meta_changes["mode"] = (changes.mode & 0o7777) | stat_mod.S_IFMT((await self.getattr(ino)).mode)
         if meta_changes:
+            meta_changes["ctime_ns"] = now_ns()  # chmod, chown and utimes change the ctime (POSIX)
             await self._change_metadata(node, path, meta_changes, of)
         return await self.getattr(ino)
 
@@ -204,6 +232,8 @@ class Filesystem:
             of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
             return
         st = await self.ns.stat(path)
+        if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
+            changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
         new = st.with_(**changes)
         if st.is_dir:
             await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
@@ -283,9 +313,15 @@ class Filesystem:
         st = await self.ns.stat(path)
         if not st.is_symlink:
             raise FsError(errno.EINVAL, f"{path!r} is not a symbolic link")
-        return await self.store.get_range(self.keys.key(path), 0, max(st.size, 1), st.etag)
+        if st.size == 0:
+            return b""
+        if st.size >= PATH_MAX:  # no symlink(2) makes these; another tool did: never read it whole
+            raise FsError(errno.EIO, f"{path!r}: a symlink target of {st.size} bytes is longer than PATH_MAX",
+                          level=logging.WARNING)
+        return await self.store.get_range(self.keys.key(path), 0, st.size, st.etag)
 
     async def unlink(self, parent_ino: int, name: bytes) -> None:
+        """The node stays while it is open or known to the kernel, with nlink 0 (``Node.unlinked``)."""
         path = await self._child(parent_ino, name)
         st = await self.stat_of(path)
         if st.is_dir:
@@ -430,13 +466,20 @@ class Filesystem:
         path = self.inodes.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         of = self.open_files.get(ino)
-        if of is None:
-            st = await self.ns.stat(path, max_age=self.settings.attr_timeout)
-            if st.is_dir:
-                raise FsError(errno.EISDIR, f"{path!r} is a directory")
+        if of is None or not self._is_local(of):
+            # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
+            # here is never revalidated: its local state is the truth until it is uploaded.
+            st = await self._revalidate(ino, path)
             node = self.inodes.node(ino)  # re-check after the await
-            of = self.open_files.get(ino) or OpenFile(node, st)
-            self.open_files[ino] = of
+            of = self.open_files.get(ino)
+            if of is None:
+                of = self.open_files[ino] = OpenFile(node, st)
+            elif self._detach_if_replaced(node, st):
+                # S3 holds a new version: a new file for the new open, while the open handles keep the old
+                # one (their inode, their pages, their pinned reader). ESTALE from open makes the kernel
+                # walk the path again with a forced lookup, which finds the new inode.
+                raise FsError(errno.ESTALE, f"{path!r} changed in S3 while open; reopening the new version",
+                              level=logging.DEBUG)
         if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
             await self.writes.truncate_open(of)
         fh = self._open_handle(of, writable=writable)
@@ -566,6 +609,9 @@ class Filesystem:
         for index in range(max(start - 3 + 1, 0) if start else 0, len(handle.entries)):
             name, path, st = handle.entries[index]
             node = self.inodes.for_path(path)
+            of = self.open_files.get(node.ino)
+            if of is not None and self._is_local(of):  # the listing's size would shrink the kernel's i_size
+                st = self._open_stat(of)
             if not reply(name.encode(), node, st, index + 3):
                 break
             node.lookups += 1
@@ -645,6 +691,61 @@ class Filesystem:
 
     def statfs(self) -> dict[str, int]:
         return {"bsize": 4096, "namemax": 255}
+
+    # -- special files, local state and revalidation (docs/semantics.md) --------------------------------------
+
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+                    ) -> tuple[Node, Stat]:
+        """A regular file, FIFO, socket or device node: an empty object with its mode (and rdev) in the
+        metadata, as s3fs stores them. The kernel serves FIFOs, sockets and devices itself; only their
+        attributes live here."""
+        self._check_accepting()
+        path = await self._child(parent_ino, name)
+        kind = stat_mod.S_IFMT(mode) or stat_mod.S_IFREG
+        if kind != stat_mod.S_IFREG and kind not in SPECIAL_TYPES:
+            raise FsError(errno.EINVAL, f"mknod of {path!r}: mode {mode:o} is not a file type for mknod")
+        key = self.keys.key(path)  # ENAMETOOLONG before anything is stored
+        await self._require_absent(path)
+        st = self._new_stat(kind, mode, uid, gid)
+        if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK):
+            st = st.with_(rdev=rdev)
+        st = st.with_(etag=await self.store.put(key, b"", metadata_for(st)))
+        self.ns.remember(path, st)
+        return self.inodes.looked_up(path), st
+
+    def _detach_if_replaced(self, node: Node, st: Stat) -> bool:
+        """``st`` is what S3 holds at the node's path now. When the node is open (not written here) on
+        another version, the path gets a new node on its next lookup and the old one keeps its handles."""
+        of = self.open_files.get(node.ino)
+        if of is None or self._is_local(of) or of.stat.etag == st.etag:
+            return False
+        self._detach(node)
+        return True
+
+    def _detach(self, node: Node) -> None:
+        """The node's path no longer names it (deleted or replaced elsewhere); it reports nlink 0."""
+        if not node.unlinked and self.inodes.existing(node.path) is node:
+            self.inodes.unlink(node.path)
+
+    @staticmethod
+    def _is_local(of: OpenFile) -> bool:
+        """The open file is being written here (or was unlinked): its own state is the truth, not S3's."""
+        return of.dirty or of.writer is not None or of.created or of.lost is not None or of.node.unlinked
+
+    async def _revalidate(self, ino: int, path: str) -> Stat:
+        """The attributes an open uses: no older than --attr-timeout. A file deleted elsewhere fails the open
+        and, from now on, every stat: the namespace forgot it, and the kernel's copy of its attributes is
+        dropped."""
+        try:
+            st = await self.ns.stat(path, max_age=self.settings.attr_timeout)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                self._detach(self.inodes.node(ino))
+                await self.kernel.invalidate(ino)
+            raise
+        if st.is_dir:
+            raise FsError(errno.EISDIR, f"{path!r} is a directory")
+        return st
 
 
 def spool_dir_for(state_dir: Path) -> Path:

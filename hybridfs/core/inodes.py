@@ -4,6 +4,11 @@ The bucket has no inode numbers, so we hand them out as the kernel meets paths a
 kernel forgets it (lookup count back to zero) and no handle is open on it. A rename moves the path of the node
 (and of everything below a directory); an unlink detaches the path but keeps the node while the kernel or an
 open handle still refers to it.
+
+A path whose node was forgotten gets its old number back when it is met again (``recent``): readdir reports
+entries of unknown type with attributes the kernel refuses, so it forgets them at once, and the lstat that
+follows must find the same st_ino as the directory entry's d_ino. Reusing a number the kernel has forgotten is
+allowed by FUSE.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from hybridfs.errors import FsError
 
 ROOT_INO = 1
+RECENT_ENTRIES = 100_000
 
 
 @dataclass
@@ -32,6 +40,7 @@ class InodeTable:
         root = Node(ROOT_INO, "", lookups=1)
         self.by_ino: dict[int, Node] = {ROOT_INO: root}
         self.by_path: dict[str, int] = {"": ROOT_INO}
+        self.recent: LRUCache[str, int] = LRUCache(RECENT_ENTRIES)  # path -> number of its forgotten node
 
     def node(self, ino: int) -> Node:
         try:
@@ -50,8 +59,10 @@ class InodeTable:
         ino = self.by_path.get(path)
         if ino is not None:
             return self.by_ino[ino]
-        node = Node(self._next, path)
-        self._next += 1
+        ino = self.recent.pop(path, None)
+        if ino is None or ino in self.by_ino:
+            ino, self._next = self._next, self._next + 1
+        node = Node(ino, path)
         self.by_ino[node.ino] = node
         self.by_path[path] = node.ino
         return node
@@ -81,6 +92,7 @@ class InodeTable:
             del self.by_ino[node.ino]
             if not node.unlinked and self.by_path.get(node.path) == node.ino:
                 del self.by_path[node.path]
+                self.recent[node.path] = node.ino
 
     def unlink(self, path: str) -> None:
         ino = self.by_path.pop(path, None)

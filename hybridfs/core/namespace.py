@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 from cachetools import LRUCache, TTLCache
 
-from hybridfs.core.attrs import Defaults, Stat, implicit_dir, stat_from_object
+from hybridfs.core.attrs import PATH_MAX, Defaults, Stat, implicit_dir, stat_from_object
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner, failpoint
@@ -27,6 +27,7 @@ from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 log = logging.getLogger("hybridfs.namespace")
 
 CACHE_ENTRIES = 200_000
+REPORTED_ENTRIES = 10_000  # object versions whose unusable metadata was logged (one line per version)
 PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
 PREFETCH_PARALLEL = 8
 
@@ -47,7 +48,10 @@ class Namespace:
         self.missing: TTLCache[str, bool] = TTLCache(CACHE_ENTRIES, negative_cache_time)
         self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(4096, dir_cache_time)
         self.pending: dict[str, Stat] = {}
+        # The last attributes a HEAD (or our own change) gave for a path, kept after the TTL caches expire:
+        # they keep cached files readable while S3 is down, and keep a listing from changing an entry's type.
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
+        self._reported: LRUCache[tuple[str, str | None], bool] = LRUCache(REPORTED_ENTRIES)
         # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
         self.spawner: Spawner | None = None
         self.cache: LocalCache | None = None  # set by the mount: its index keeps cached files' attributes
@@ -88,7 +92,7 @@ class Namespace:
             self._s3_down = False
             log.info("S3 answers again")
         if st is None:
-            self.missing[path] = True
+            self.vanished(path)
             raise not_found(path)
         self.remember(path, st)
         return st
@@ -140,15 +144,24 @@ class Namespace:
             raise errors[0]
         info = found["file"]
         if isinstance(info, ObjectInfo):
-            return stat_from_object(info, self.defaults)
+            return self.parse(info)
         below_keys = found["below"]
         if not below_keys:
             return None
         if below_keys == [marker]:  # a marker object, which carries the directory's attributes
             info = await self.store.head(marker)
             if info is not None:
-                return stat_from_object(info, self.defaults, is_dir=True)
+                return self.parse(info, is_dir=True)
         return implicit_dir(self.defaults, self.root_stat.mtime_ns)
+
+    def parse(self, info: ObjectInfo, *, is_dir: bool = False) -> Stat:
+        """Attributes of an object; unusable metadata gives defaults and one log line per object version."""
+        problems: list[str] = []
+        st = stat_from_object(info, self.defaults, is_dir=is_dir, problems=problems)
+        if problems and (info.key, info.etag) not in self._reported:
+            self._reported[(info.key, info.etag)] = True
+            log.warning("object %s has unusable metadata, using defaults for: %s", info.key, "; ".join(problems))
+        return st
 
     async def list(self, path: str) -> dict[str, Stat]:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
@@ -169,33 +182,39 @@ class Namespace:
         the entries in parallel in the background, so those stats find them cached."""
         if self.spawner is None:
             return
-        todo = [f"{path}/{name}" if path else name for name, st in listing.items() if not st.complete]
-        todo = [p for p in todo[:PREFETCH_MAX] if p not in self._prefetching]
+        todo = [(f"{path}/{name}" if path else name, st.is_dir) for name, st in listing.items()
+                if not st.complete]
+        todo = [(p, is_dir) for p, is_dir in todo[:PREFETCH_MAX] if p not in self._prefetching]
         if not todo:
             return
-        for child in todo:
+        for child, _ in todo:
             self._prefetching[child] = trio.Event()
         self.spawner.start_soon(self._prefetch_all, todo, name=f"prefetch attributes of {path!r}")
 
-    async def _prefetch_all(self, paths: Sequence[str]) -> None:
+    async def _prefetch_all(self, paths: Sequence[tuple[str, bool]]) -> None:
         limiter = trio.CapacityLimiter(PREFETCH_PARALLEL)
         try:
             async with trio.open_nursery() as nursery:
-                for child in paths:
-                    nursery.start_soon(self._prefetch_one, child, limiter)
+                for child, is_dir in paths:
+                    nursery.start_soon(self._prefetch_one, child, is_dir, limiter)
         finally:
-            for child in paths:  # also when cancelled: nobody may wait forever
+            for child, _ in paths:  # also when cancelled: nobody may wait forever
                 event = self._prefetching.pop(child, None)
                 if event is not None:
                     event.set()
 
-    async def _prefetch_one(self, path: str, limiter: trio.CapacityLimiter) -> None:
+    async def _prefetch_one(self, path: str, is_dir: bool, limiter: trio.CapacityLimiter) -> None:
         try:
             failpoint("prefetch")
             async with limiter:
-                info = await self.store.head(self.keys.key(path))
-            if info is not None and path not in self.pending:
-                self.remember(path, stat_from_object(info, self.defaults))
+                key = self.keys.dir_prefix(path) if is_dir else self.keys.key(path)
+                info = await self.store.head(key)
+            if path in self.pending:
+                return
+            if info is not None:
+                self.remember(path, self.parse(info, is_dir=is_dir))
+            elif is_dir:  # no marker: the defaults are this directory's attributes
+                self.remember(path, implicit_dir(self.defaults, self.root_stat.mtime_ns))
         except FsError as exc:
             log.debug("prefetching attributes of %s: %s", path, exc)
         except Exception:  # a bug: this entry is just not prefetched; its stat asks S3 itself
@@ -206,24 +225,40 @@ class Namespace:
                 event.set()
 
     async def _fetch_listing(self, path: str) -> dict[str, Stat]:
+        """A listing has names, sizes and ETags only. What it lacks comes from what a HEAD told (fresh:
+        shown as final; older: shown as incomplete, with its type kept), else from defaults (incomplete,
+        and of unknown type for objects, which may be symlinks or FIFOs)."""
         result = await self.store.list_dir(self.keys.dir_prefix(path))
         children: dict[str, Stat] = {}
         for name in result.subdirs:
             child = f"{path}/{name}" if path else name
-            known = self.stats.get(child)
-            children[name] = known.stat if known and known.stat.is_dir else implicit_dir(
-                self.defaults, self.root_stat.mtime_ns)
+            children[name] = self._listed_dir(child)
         for info in result.files:
             name = info.key[len(self.keys.dir_prefix(path)):]
             if not name or name in children:  # a file and a directory of one name: the directory wins
                 continue
-            child = f"{path}/{name}" if path else name
-            known = self.stats.get(child)
-            if known is not None and known.stat.etag == info.etag:
-                children[name] = known.stat
-            else:
-                children[name] = stat_from_object(info, self.defaults)
+            children[name] = self._listed_object(f"{path}/{name}" if path else name, info)
         return children
+
+    def _listed_dir(self, path: str) -> Stat:
+        fresh = self.stats.get(path)
+        if fresh is not None and fresh.stat.is_dir:
+            return fresh.stat
+        known = self.last_known.get(path)
+        if known is not None and known.is_dir:
+            return known.with_(complete=False)
+        return implicit_dir(self.defaults, self.root_stat.mtime_ns, complete=False)
+
+    def _listed_object(self, path: str, info: ObjectInfo) -> Stat:
+        fresh = self.stats.get(path)
+        if fresh is not None and fresh.stat.etag == info.etag:
+            return fresh.stat
+        known = self.last_known.get(path)
+        if known is not None and not known.is_dir:  # a listing never changes a known type; a HEAD will
+            return known.with_(size=info.size, etag=info.etag, complete=False)
+        # Never seen, or a directory we knew (nothing is below it any more): the type is for a HEAD to say,
+        # unless the size leaves only a regular file.
+        return stat_from_object(info, self.defaults).with_(complete=False, kind_known=info.size >= PATH_MAX)
 
     async def require_dir(self, path: str) -> Stat:
         st = await self.stat(path)
@@ -243,6 +278,12 @@ class Namespace:
         listing = self.listings.get(parent_of(path))
         if listing is not None and path:
             listing[name_of(path)] = st
+
+    def vanished(self, path: str) -> None:
+        """A HEAD found nothing at ``path``: every later stat, lookup and listing says so too (stat and open
+        agree)."""
+        if path not in self.pending:
+            self.forget(path)
 
     def forget(self, path: str) -> None:
         """``path`` no longer exists (we deleted or renamed it)."""
