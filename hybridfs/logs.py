@@ -31,6 +31,19 @@ class JournalFormatter(logging.Formatter):
         return text
 
 
+class LateReplyFilter(logging.Filter):
+    """pyfuse3 logs an ERROR when a reply finds the request gone (``fuse_reply_* failed with No such file or
+    directory``): the kernel stopped waiting (the caller was interrupted, or the file system is being unmounted
+    while a RELEASE was still closing a spool). Nothing is lost and nobody can act on it: log it at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "fuse_reply_" in (message := record.getMessage()) and \
+                "No such file or directory" in message:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str | int = "INFO", *, stream: object = None) -> None:
     """Install the one stderr handler. Safe to call more than once (the last call wins)."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
@@ -43,6 +56,7 @@ def setup_logging(level: str | int = "INFO", *, stream: object = None) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    handler.addFilter(LateReplyFilter())
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
     # Library chatter that is noise at INFO.
