@@ -127,7 +127,7 @@ def figures(mount: Mount) -> list[Metric]:
     """Every figure of ``mount`` as metric families. Trio thread only (it reads the mount's live objects)."""
     out = Families()
     cfg = mount.cfg
-    out.info("hybridfs_mount", "The mount: bucket, prefix, mount point, cache id, version",
+    out.info("hybridfs_mount", "The mount: its source (s3://BUCKET/PREFIX), mount point, cache id, version",
              {"source": cfg.source, "mountpoint": cfg.mountpoint, "cache_id": cfg.cache_id, "version": __version__})
     _cache(out, mount)
     _s3(out, mount)
@@ -161,8 +161,11 @@ def _s3(out: Families, mount: Mount) -> None:
     breaker = store.breaker
     out.counters("hybridfs_s3_requests", "S3 calls made by the mount (after botocore's retries: one per call), by "
                  "operation", "operation", store.calls)
-    out.counters("hybridfs_s3_errors", "S3 calls that failed (after botocore's retries), by operation", "operation",
-                 store.call_errors)
+    errors_doc = "S3 calls that failed (after botocore's retries), by operation and errno (ENOENT: not found)"
+    out.families.setdefault("hybridfs_s3_errors", CounterMetricFamily("hybridfs_s3_errors", errors_doc,
+                                                                      labels=["operation", "errno"]))
+    for (operation, code), count in sorted(store.call_errors.items()):
+        out.counter("hybridfs_s3_errors", errors_doc, count, operation=operation, errno=code)
     out.counter("hybridfs_s3_read_bytes", "Object bytes received from S3 (reads, read-ahead, hydrations)",
                 store.bytes_read)
     out.counter("hybridfs_s3_written_bytes", "Object bytes S3 acknowledged (PUTs, parts, uploads)",
@@ -258,6 +261,8 @@ def _services(out: Families, mount: Mount) -> None:
         out.gauge("hybridfs_cache_disk_size_bytes", "Size of the cache's file system", planner.disk.total)
     last = services.census.last
     if last is not None:  # counted in the background by the census (every 10 min, or when the status is asked)
+        out.gauge("hybridfs_census_age_seconds", "Age of the last census of the bucket (the figures below)",
+                  trio.current_time() - last.at)
         out.gauge("hybridfs_bucket_files", "Files under the mount's prefix in S3 (last census)", last.files)
         out.gauge("hybridfs_bucket_bytes", "Bytes under the mount's prefix in S3 (last census)", last.bytes)
         out.gauge("hybridfs_cloud_only_files", "Files in S3 that the cache does not hold (last census)",

@@ -32,7 +32,7 @@ import botocore.exceptions
 import trio
 from boto3.s3.transfer import TransferConfig
 
-from hybridfs.errors import FsError
+from hybridfs.errors import FsError, errno_name
 from hybridfs.tiers.breaker import Breaker, is_outage
 from hybridfs.tiers.uploads import UploadJournal
 
@@ -155,10 +155,10 @@ class CloudStore:
         self._aborts_wanted = trio.Event()
         self.breaker = Breaker()
         self._probe_client: Any | None = None
-        # Figures for the metrics (trio thread): calls and failed calls by operation (the first word of
-        # ``what``: HEAD, GET, PUT, UploadPart, ...), object bytes received and sent by successful calls.
+        # Figures for the metrics (trio thread): calls by operation (the first word of ``what``: HEAD, GET, PUT,
+        # UploadPart, ...), failed calls by operation and errno, object bytes received and sent by successful calls.
         self.calls: Counter[str] = Counter()
-        self.call_errors: Counter[str] = Counter()
+        self.call_errors: Counter[tuple[str, str]] = Counter()
         self.bytes_read = 0
         self.bytes_written = 0
         self.transfer_config = TransferConfig(
@@ -177,9 +177,10 @@ class CloudStore:
         try:
             result = await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            self.call_errors[operation] += 1
             self.breaker.observe(exc)
-            raise map_client_error(exc, what) from exc
+            error = map_client_error(exc, what)
+            self.call_errors[operation, errno_name(error.errno)] += 1
+            raise error from exc
         self.breaker.success()
         return result
 
