@@ -292,6 +292,9 @@ class MountCollector(Collector):
         except (trio.RunFinishedError, TimeoutError) as exc:
             log.debug("scrape without the mount's figures: %s", exc or type(exc).__name__)
             yield from _incomplete()
+        except Exception:  # a bug in figures(): logged, and the scrape still answers
+            log.exception("collecting the mount's figures failed")
+            yield from _incomplete()
 
 
 def _incomplete() -> Iterable[Metric]:
