@@ -173,6 +173,7 @@ class MountConfig:
     dir_mode: int = _opt(0o755, "permissions of directories without metadata (octal)", kind="octal")
     allow_other: bool = _opt(False, "let other users access the mount (needs user_allow_other for non-root)")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_address: str = _opt("", "serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9464 (default: off)")
 
     def resolved(self) -> MountConfig:
         """Fill the defaults that depend on the environment."""
@@ -236,6 +237,16 @@ class MountConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)!r}: {why}")
+        if self.metrics_address:
+            host_and_port(self.metrics_address, "metrics_address")
+
+
+def host_and_port(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) -> (host, port); ConfigError naming ``key`` otherwise."""
+    match = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]+)):(\d{1,5})", text)
+    if match is None or not 0 < int(match.group(3)) < 65536:
+        raise ConfigError(f"{key} = {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464")
+    return match.group(1) or match.group(2), int(match.group(3))
 
 
 def default_memory() -> int:

@@ -308,9 +308,22 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
 
 
 def run_mount(cfg: MountConfig) -> None:
-    try:
-        trio.run(Mount(cfg).run)
-    except DirectoryInUse as exc:  # a second mount on one cache or state directory
-        from hybridfs.cli import CliError
+    from hybridfs.cli import CliError
 
+    mount = Mount(cfg)
+    exporter = None
+    if cfg.metrics_address:  # bound before mounting: a bad address is an error at start, not a silent gap
+        from hybridfs.metrics import Exporter
+
+        try:
+            exporter = Exporter.start(cfg.metrics_address, mount)
+        except OSError as exc:
+            raise CliError(f"metrics_address = {cfg.metrics_address!r}: cannot serve metrics there: "
+                           f"{exc.strerror or exc}") from None
+    try:
+        trio.run(mount.run) if exporter is None else trio.run(exporter.run, mount.run)
+    except DirectoryInUse as exc:  # a second mount on one cache or state directory
         raise CliError(str(exc)) from None
+    finally:
+        if exporter is not None:
+            exporter.close()

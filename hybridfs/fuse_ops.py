@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import stat
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -21,6 +22,7 @@ from hybridfs.core.attrs import Stat
 from hybridfs.core.filesystem import AttrChanges, Filesystem
 from hybridfs.core.inodes import Node
 from hybridfs.errors import FsError, errno_name
+from hybridfs.metrics import record_request
 
 log = logging.getLogger("hybridfs.fuse")
 
@@ -29,20 +31,30 @@ R = TypeVar("R")
 
 
 def boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Also the one place every request is counted and timed, by operation and errno (hybridfs.metrics)."""
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started, code = time.perf_counter(), 0
         try:
             return await fn(*args, **kwargs)
         except FsError as exc:
-            log.log(exc.level, "%s: %s -> %s", fn.__name__, exc.message, errno_name(exc.errno))
+            code = exc.errno
+            log.log(exc.level, "%s: %s -> %s", op, exc.message, errno_name(exc.errno))
             raise pyfuse3.FUSEError(exc.errno) from None
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
             raise
         except trio.Cancelled:
+            code = errno.EINTR  # the kernel interrupted the request (or the mount is ending)
             raise
         except Exception:
-            log.exception("%s: internal error -> EIO", fn.__name__)
+            code = errno.EIO
+            log.exception("%s: internal error -> EIO", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            record_request(op, code, time.perf_counter() - started)
 
     return wrapper
 

@@ -122,6 +122,7 @@ class Filesystem:
         self.status_extra: Callable[[], dict[str, object]] = dict
         self.reads_from_cache = 0
         self.reads_from_cloud = 0
+        self.read_bytes = {"cache": 0, "s3": 0, "local": 0}  # bytes read() returned, by where they came from
         self.refuse_opens = False  # set while shutting down: in-flight work finishes, nothing new starts
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
@@ -491,13 +492,13 @@ class Filesystem:
         handle = self._handle(fh)
         of = handle.file
         if of.writer is not None or of.lost is not None:  # local changes: read them back
-            return await self.writes.read(of, offset, length)
+            return self._served("local", await self.writes.read(of, offset, length))
         if of.stat.etag is None or of.stat.size == 0:
             return b""
         if handle.reader is None or self._hydrated_since_open(handle):
             handle.reader = await self._reader_for(of)
         try:
-            return await handle.reader.read(offset, length)
+            return self._served(handle.reader, await handle.reader.read(offset, length))
         except FsError as exc:
             if not isinstance(handle.reader, CacheReader):
                 raise
@@ -505,7 +506,13 @@ class Filesystem:
             handle.reader.close()
             await self.cache.remove(handle.reader.key)
             handle.reader = self._cloud_reader(of)
-            return await handle.reader.read(offset, length)
+            return self._served(handle.reader, await handle.reader.read(offset, length))
+
+    def _served(self, source: str | CacheReader | CloudReader, data: bytes) -> bytes:
+        if not isinstance(source, str):
+            source = "cache" if isinstance(source, CacheReader) else "s3"
+        self.read_bytes[source] += len(data)
+        return data
 
     def _hydrated_since_open(self, handle: Handle) -> bool:
         """A handle opened while its file was cloud-only switches to the cache once the same version is there

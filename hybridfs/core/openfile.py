@@ -130,6 +130,8 @@ class WritePath:
         self.stored = stored  # called after every commit: the namespace and the events learn the new version
         self.hydrate = hydrate
         self.fence = WriteFence(store)
+        self.teed_bytes = 0  # bytes of stored versions the cache holds too (the tee worked)
+        self.tee_failures = 0  # stored versions the cache does not hold (disk failing, or larger than the cache)
 
     def stream_writer(self, of: OpenFile, key: str) -> StreamWriter:
         return StreamWriter(self.store, self.cache, key, metadata_for(of.stat), self.settings, self.spawner,
@@ -297,6 +299,10 @@ class WritePath:
         of.flush_failed = False
         of.mtime_set = False
         of.stat = st.with_(size=done.size, etag=done.etag, complete=True)
+        if done.cached:
+            self.teed_bytes += done.size
+        else:
+            self.tee_failures += 1
         self.stored(of, key, done)
 
     async def _learn_current(self, of: OpenFile, key: str) -> None:

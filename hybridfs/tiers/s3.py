@@ -21,6 +21,7 @@ import errno
 import functools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ import botocore.exceptions
 import trio
 from boto3.s3.transfer import TransferConfig
 
-from hybridfs.errors import FsError
+from hybridfs.errors import FsError, errno_name
 from hybridfs.tiers.breaker import Breaker, is_outage
 from hybridfs.tiers.uploads import UploadJournal
 
@@ -154,6 +155,12 @@ class CloudStore:
         self._aborts_wanted = trio.Event()
         self.breaker = Breaker()
         self._probe_client: Any | None = None
+        # Figures for the metrics (trio thread): calls by operation (the first word of ``what``: HEAD, GET, PUT,
+        # UploadPart, ...), failed calls by operation and errno, object bytes received and sent by successful calls.
+        self.calls: Counter[str] = Counter()
+        self.call_errors: Counter[tuple[str, str]] = Counter()
+        self.bytes_read = 0
+        self.bytes_written = 0
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.part_size,
             multipart_chunksize=settings.part_size,
@@ -165,11 +172,15 @@ class CloudStore:
         """Run one blocking boto3 call in a thread behind the s3 limiter and map its errors."""
         bound = functools.partial(fn, *args, **kwargs)
         self.breaker.check(what)  # S3 known to be down: EIO at once, not after a retry cycle
+        operation = what.split(" ", 1)[0]
+        self.calls[operation] += 1
         try:
             result = await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self.breaker.observe(exc)
-            raise map_client_error(exc, what) from exc
+            error = map_client_error(exc, what)
+            self.call_errors[operation, errno_name(error.errno)] += 1
+            raise error from exc
         self.breaker.success()
         return result
 
@@ -265,11 +276,13 @@ class CloudStore:
             return resp["Body"].read()  # type: ignore[no-any-return]
 
         try:
-            return await self._call(f"GET {key} [{start}:+{length}]", fetch)
+            data = await self._call(f"GET {key} [{start}:+{length}]", fetch)
         except FsError as exc:
             if "InvalidRange" in exc.message:  # read at or past the end
                 return b""
             raise
+        self.bytes_read += len(data)
+        return data
 
     async def put(self, key: str, data: bytes, metadata: dict[str, str], *,
                   condition: Condition | None = None) -> str:
@@ -277,6 +290,7 @@ class CloudStore:
         extra = condition.args() if condition is not None else {}
         resp = await self._call(f"PUT {key}", self.client.put_object, Bucket=self.bucket, Key=key,
                                 Body=data, Metadata=metadata, **extra)
+        self.bytes_written += len(data)
         return _clean_etag(resp["ETag"])
 
     async def upload_file(self, key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
@@ -286,6 +300,7 @@ class CloudStore:
         info = await self.head(key)
         if info is None:
             raise FsError(errno.EIO, f"PUT {key}: object missing right after upload", level=logging.ERROR)
+        self.bytes_written += info.size
         return info
 
     async def download_file(self, key: str, etag: str, path: str) -> None:
@@ -293,13 +308,14 @@ class CloudStore:
 
         One streamed GET with If-Match: s3transfer's parallel download cannot pin the version.
         """
-        def fetch() -> None:
+        def fetch() -> int:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
             with open(path, "wb") as out:
                 for block in resp["Body"].iter_chunks(1024 * 1024):
                     out.write(block)
+                return out.tell()
 
-        await self._call(f"GET {key}", fetch)
+        self.bytes_read += await self._call(f"GET {key}", fetch)
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str]) -> None:
         """Server-side copy with new metadata; s3transfer switches to multipart copy above 5 GiB."""
@@ -355,6 +371,7 @@ class CloudStore:
     async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
         resp = await self._call(f"UploadPart {key} #{number}", self.client.upload_part, Bucket=self.bucket,
                                 Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+        self.bytes_written += len(data)
         return str(resp["ETag"])
 
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
