@@ -27,7 +27,9 @@ MiB = 1024 * 1024
 KAFKA_BACK_TIMEOUT = 90.0  # Kafka answers ~10 s after a start; the consumers rejoin their groups after that
 # Expected in a mount while Kafka is stopped and just after it starts again (librdkafka's metadata settling).
 KAFKA_OUTAGE_LOG = (r"kafka unreachable at .*: (events wait in outbox|not consuming)"
-                    r"|new leader-?\d+ not found in cache")
+                    r"|new leader-?\d+ not found in cache"
+                    # an outage longer than --local-evict-after (30 s) lets the planner purge locally
+                    r"|Kafka unreachable for \d+s: purging the eviction planner's decisions locally")
 
 
 def state(path: Path) -> str:
