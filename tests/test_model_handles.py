@@ -23,7 +23,6 @@ import errno
 import hashlib
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +146,12 @@ class MountModel(RuleBasedStateMachine):
         assert got == want, f"{h}: mount gave {got!r}, plain directory {want!r}"
         return want
 
+    def same_by_path(self, name: str, fn: Callable[[Path], object], what: str) -> object:
+        got = outcome(lambda: fn(self.mount.path / name))
+        want = outcome(lambda: fn(self.reference / name))
+        assert got == want, f"{what} of {name}: mount gave {got!r}, plain directory {want!r}"
+        return got
+
     def content(self, name: str) -> bytes | None:
         path = self.reference / name
         return path.read_bytes() if path.exists() else None
@@ -221,25 +226,23 @@ class MountModel(RuleBasedStateMachine):
         self.on_both(self.pick(i), lambda fd: os.pread(fd, size, offset))
 
     @precondition(lambda self: self.handles)
-    @rule(i=st.integers(0, MAX_HANDLES), offset=st.one_of(st.integers(0, 6000), st.just("end")))
-    def lseek(self, i: int, offset: int | str) -> None:
-        where = (0, os.SEEK_END) if offset == "end" else (offset, os.SEEK_SET)
-        self.on_both(self.pick(i), lambda fd: os.lseek(fd, *where))
+    @rule(i=st.integers(0, MAX_HANDLES), offset=st.integers(-1, 6000))
+    def lseek(self, i: int, offset: int) -> None:
+        """To ``offset``, or with -1 to the end (as every descriptor sees it)."""
+        where, whence = (0, os.SEEK_END) if offset < 0 else (offset, os.SEEK_SET)
+        self.on_both(self.pick(i), lambda fd: os.lseek(fd, where, whence))
 
     @rule(name=st.sampled_from(NAMES))
     def read_by_path(self, name: str) -> None:
         """A whole-file read through a new read-only descriptor, also of files open for writing."""
-        got = outcome(lambda: (self.mount.path / name).read_bytes())
-        assert got == outcome(lambda: (self.reference / name).read_bytes()), name
+        self.same_by_path(name, Path.read_bytes, "read")
 
     # -- whole files by path
 
     @rule(name=st.sampled_from(NAMES), data=st.binary(max_size=3000))
     def write_whole(self, name: str, data: bytes) -> None:
         """open(O_TRUNC) + write + close, also beside descriptors open on the same file."""
-        got = outcome(lambda: (self.mount.path / name).write_bytes(data))
-        assert got == outcome(lambda: (self.reference / name).write_bytes(data)), name
-        if isinstance(got, int):
+        if isinstance(self.same_by_path(name, lambda path: path.write_bytes(data), "write_bytes"), int):
             self.stored_now(name)
 
     @precondition(lambda self: any(n not in self.open_names() for n in NAMES))
@@ -247,9 +250,8 @@ class MountModel(RuleBasedStateMachine):
     def unlink(self, name: str) -> None:
         if name in self.open_names():
             return
-        got = outcome(lambda: os.unlink(self.mount.path / name))
-        assert got == outcome(lambda: os.unlink(self.reference / name)), name
-        self.stored[name] = None
+        if self.same_by_path(name, os.unlink, "unlink") is None:
+            self.stored[name] = None
 
     # -- fsync and close, with and without S3 failing
 
@@ -327,8 +329,7 @@ class MountModel(RuleBasedStateMachine):
         for directory in ("", "d") if LISTING_BESIDE_CHANGES or not self.dirty else ():
             assert sorted(os.listdir(self.mount.path / directory)) == sorted(os.listdir(self.reference / directory))
         for name in NAMES:
-            got = outcome(lambda: os.stat(self.mount.path / name).st_size)
-            assert got == outcome(lambda: os.stat(self.reference / name).st_size), f"stat size of {name}"
+            self.same_by_path(name, lambda path: os.stat(path).st_size, "stat size")
         for h in self.handles:
             assert os.fstat(h.mfd).st_size == os.fstat(h.rfd).st_size, f"fstat size of {h}"
 
@@ -337,8 +338,7 @@ class MountModel(RuleBasedStateMachine):
         open_now = self.open_names()
         for name in NAMES:
             if name not in open_now:
-                got = outcome(lambda: (self.mount.path / name).read_bytes())
-                assert got == outcome(lambda: (self.reference / name).read_bytes()), f"content of {name}"
+                self.same_by_path(name, Path.read_bytes, "content")
                 assert self.stored[name] == self.content(name), f"model: {name} closed but not stored"
 
     @invariant()
