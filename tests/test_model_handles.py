@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ MiB = 1024 * 1024
 PART_SIZE = 5 * MiB
 NAMES = ["a", "b", "d/c"]
 MAX_HANDLES = 6
+INITIAL = {"a": b"initial content of a\n" * 10, "d/c": b"c" * 4000}
 DATA = st.binary(min_size=1, max_size=3000)  # never empty: a 0-byte write() reaches no FUSE handler
 BIG = hashlib.shake_256(b"hybridfs model").digest(PART_SIZE + 1000)  # a file above one part: multipart upload
 MOUNT_ARGS = [
@@ -99,6 +101,7 @@ class MountModel(RuleBasedStateMachine):
     workdir: Path  # where the reference directories go
     s3: Any
     proxy: S3FaultProxy
+    seen: Counter[str]  # what the examples did, for the summary the test prints
     mounts: list[Mount]  # the mount of the example that ran last, unmounted when the next one starts
     mount: Mount
     reference: Path
@@ -127,9 +130,12 @@ class MountModel(RuleBasedStateMachine):
         self.mounts.append(self.mount)
         self.reference = self.workdir / f"reference{len(list(self.workdir.iterdir()))}"
         self.reference.mkdir()
+        self.stored = dict.fromkeys(NAMES)
         for root in (self.mount.path, self.reference):
             (root / "d").mkdir()
-        self.stored = dict.fromkeys(NAMES)
+            for name in INITIAL:  # files that exist, so that most opens succeed; "b" is left to be created
+                (root / name).write_bytes(INITIAL[name])
+        self.stored.update(INITIAL)
 
     def teardown(self) -> None:
         self.proxy.clear()
@@ -142,7 +148,9 @@ class MountModel(RuleBasedStateMachine):
         self.handles.clear()
 
     def pick(self, i: int) -> Handle:
-        return self.handles[i % len(self.handles)]
+        h = self.handles[i % len(self.handles)]
+        self.seen[f"{len(self.handles)} handles open"] += 1
+        return h
 
     def on_both(self, h: Handle, fn: Callable[[int], object]) -> object:
         got = outcome(lambda: fn(h.mfd))
@@ -265,8 +273,17 @@ class MountModel(RuleBasedStateMachine):
         self.flush_expecting(self.pick(i), op, fails=False)
 
     @precondition(lambda self: self.handles)
-    @rule(i=st.integers(0, MAX_HANDLES), op=st.sampled_from(["fsync", "close"]),
-          request=st.sampled_from(["PUT", "complete"]), times=st.sampled_from([1, None]))
+    @rule(i=st.integers(0, MAX_HANDLES), request=st.sampled_from(["PUT", "complete"]),
+          times=st.sampled_from([1, None]))
+    def fsync_with_s3_failing(self, i: int, request: str, times: int | None) -> None:
+        self.flush_with_s3_failing(i, "fsync", request, times)
+
+    @precondition(lambda self: self.handles)
+    @rule(i=st.integers(0, MAX_HANDLES), request=st.sampled_from(["PUT", "complete"]),
+          times=st.sampled_from([1, None]))
+    def close_with_s3_failing(self, i: int, request: str, times: int | None) -> None:
+        self.flush_with_s3_failing(i, "close", request, times)
+
     def flush_with_s3_failing(self, i: int, op: str, request: str, times: int | None) -> None:
         """The next PUTs (single PUT or parts) or CompleteMultipartUploads of the file get 500: one failure is
         retried by botocore (2 attempts) and the flush succeeds; failing them all makes it fail with EIO."""
@@ -282,6 +299,7 @@ class MountModel(RuleBasedStateMachine):
         matched = uploads and (request == "PUT" or multipart)
         expect = "fails" if matched and times is None else "succeeds" if matched else "sends nothing"
         event(f"flush with S3 failing: {expect}{' (multipart)' if matched and multipart else ''}")
+        self.seen[f"S3 failing: {expect}{' (multipart)' if matched and multipart else ''}"] += 1
         try:
             self.flush_expecting(h, op, fails=matched and times is None)
         finally:
@@ -330,6 +348,7 @@ class MountModel(RuleBasedStateMachine):
 
     @invariant()
     def same_listing_and_sizes(self) -> None:
+        self.seen["steps"] += 1
         # Bug 1 (test_listing_beside_an_appender_keeps_every_byte): a listing gives the kernel the stored size of
         # a file open with changes, so the model lists only while no file has changes, until that is fixed.
         for directory in ("", "d") if LISTING_BESIDE_CHANGES or not self.dirty else ():
@@ -371,6 +390,8 @@ def model(s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, prefix: str, tmp_
     def new_mount() -> Mount:
         mount: Mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, *MOUNT_ARGS])
         mount.allow_log(S3_FAILURE_LINES)
+        # Events are not under test here, and the shared Kafka may be restarted by other tests while this runs.
+        mount.allow_log(r"kafka unreachable at")
         return mount
 
     workdir = tmp_path / "references"
@@ -382,15 +403,19 @@ def model(s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, prefix: str, tmp_
     MountModel.s3 = s3
     MountModel.proxy = s3_proxy
     MountModel.mounts = []
+    MountModel.seen = Counter()
     return MountModel
 
 
 @pytest.mark.slow
 def test_handles_and_failures_behave_like_a_local_directory(
         s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
-    run_state_machine_as_test(model(s3_proxy, mount_factory, s3, prefix, tmp_path), settings=settings(
-        max_examples=int(os.environ.get("MODEL_EXAMPLES", "25")), stateful_step_count=30, deadline=None,
+    machine = model(s3_proxy, mount_factory, s3, prefix, tmp_path)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=int(os.environ.get("MODEL_EXAMPLES", "25")), stateful_step_count=40, deadline=None,
         verbosity=Verbosity[os.environ.get("MODEL_VERBOSITY", "normal")], suppress_health_check=list(HealthCheck)))
+    print("model steps:", dict(sorted(machine.seen.items())))
+    assert machine.seen["steps"] > 0
 
 
 # -- regression tests: the shrunk sequences of bugs the model found, replayed as they are
