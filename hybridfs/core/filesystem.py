@@ -591,7 +591,16 @@ class Filesystem:
         finally:
             if of.handles == 0 and self.open_files.get(of.node.ino) is of:
                 self.open_files.pop(of.node.ino, None)
+                self._forget_if_never_stored(of)
             self.inodes.release(of.node)
+
+    def _forget_if_never_stored(self, of: OpenFile) -> None:
+        """A file created here whose every upload failed never existed in S3: it must not stay listed."""
+        node = of.node
+        if of.stat.etag is None and not node.unlinked and node.path in self.ns.pending:
+            log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", node.path)
+            self.ns.forget(node.path)
+            self.inodes.unlink(node.path)
 
     # -- directories -----------------------------------------------------------------------------------------
 
