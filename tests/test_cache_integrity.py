@@ -11,14 +11,13 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eventlog import read_events
-from helpers import Mount, Stack, run_hybridfs, wait_until
+from helpers import Mount, Stack, run_hybridfs, tmpfs, wait_until
 
 from hybridfs.tiers.cache import data_name
 
@@ -59,16 +58,6 @@ def flip(path: Path, offset: int, count: int = 3) -> None:
 
 def data_files(cache_dir: Path) -> set[Path]:
     return {p for p in (cache_dir / "objects").rglob("*") if p.is_file()}
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(directory: Path) -> Path:

@@ -3,15 +3,12 @@ answer for ``--local-evict-after`` seconds, the eviction planner's decisions are
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from helpers import Mount, wait_until
+from helpers import Mount, tmpfs, wait_until
 from test_eviction import status
 
 MiB = 1024 * 1024
@@ -61,16 +58,6 @@ def test_kafka_down_for_long_keeps_the_cache_bounded(mount_factory: Any) -> None
     files, usage = write_three_times_the_cache(mount, capacity)
     check_bounded(mount, capacity, files, usage)
     assert status(mount)["bus"]["outbox"] >= len(files) - capacity // MiB, "the evictions wait in the outbox"
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_no_events_keeps_min_free_on_the_cache_disk(mount_factory: Any, tmp_path: Path) -> None:
