@@ -993,52 +993,38 @@ class LocalCache:
     async def copy_verified(self, key: str, etag: str, dest: Path) -> bool:
         """Copy the cached (key, etag) to ``dest`` block by block, verifying each; False (logged, the copy
         dropped when it is corrupt) when it is not cached or does not verify. ``dest`` may be left partial."""
+        return await self._scan_verified(key, etag, dest, "using S3")
+
+    async def verify(self, key: str, etag: str) -> bool:
+        """Whether the whole cached (key, etag) matches its checksums (before a re-upload); a corrupt copy is
+        dropped, logged once."""
+        return await self._scan_verified(key, etag, None, "")
+
+    async def _scan_verified(self, key: str, etag: str, dest: Path | None, fallback: str) -> bool:
+        """Read every block of the cached (key, etag), checking its sum, and copy it to ``dest`` if given."""
         opened = await self.open_verified(key, etag) if self.lookup(key, etag) is not None else None
         if opened is None:
             return False
         fd, sums = opened
 
-        def copy() -> int | None:
+        def scan() -> int | None:
             try:
-                with open(dest, "wb") as out:
+                with open(dest, "wb") if dest is not None else contextlib.nullcontext() as out:
                     for index in range(len(sums.crcs)):
                         start, length = sums.span(index)
                         data = os.pread(fd, length, start)
                         if verify_blocks(sums, index, data) is not None:
                             return index
-                        out.write(data)
+                        if out is not None:
+                            out.write(data)
                 return None
             finally:
                 os.close(fd)
 
-        bad = await self._run(copy)
+        bad = await self._run(scan)
         if bad is not None:
-            log.warning("cache copy of %s is corrupt (block %d fails its checksum); dropped it, using S3", key, bad)
-            await self.corrupt(key, etag, f"block {bad}")
-            return False
-        return True
-
-    async def verify(self, key: str, etag: str) -> bool:
-        """Whether the whole cached (key, etag) matches its checksums (before a re-upload); a corrupt copy is
-        dropped, logged once."""
-        opened = await self.open_verified(key, etag) if self.lookup(key, etag) is not None else None
-        if opened is None:
-            return False
-        fd, sums = opened
-
-        def check() -> int | None:
-            try:
-                for index in range(len(sums.crcs)):
-                    start, length = sums.span(index)
-                    if verify_blocks(sums, index, os.pread(fd, length, start)) is not None:
-                        return index
-                return None
-            finally:
-                os.close(fd)
-
-        bad = await self._run(check)
-        if bad is not None:
-            log.warning("cache copy of %s is corrupt (block %d fails its checksum); dropped it", key, bad)
+            log.warning("cache copy of %s is corrupt (block %d fails its checksum); dropped it%s", key, bad,
+                        f", {fallback}" if fallback else "")
             await self.corrupt(key, etag, f"block {bad}")
             return False
         return True
