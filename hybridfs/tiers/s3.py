@@ -133,8 +133,10 @@ def make_client(settings: S3Settings) -> Any:
         retries={"max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        # The mount's own calls (the s3 limiter), the hydrator's and the transfers' threads share the pool.
-        max_pool_connections=settings.threads * 2 + 16,
+        # The mount's own calls (the s3 limiter), the hydrator's, the purger's and s3transfer's threads share one
+        # client; connections beyond the pool are opened anyway and closed after use (with a warning), so the
+        # pool only bounds idle connections kept: make it large enough for every caller at once.
+        max_pool_connections=max(128, settings.threads * 4),
         s3={"addressing_style": "path"} if settings.endpoint_url else {},
     )
     session = boto3.session.Session()
