@@ -196,6 +196,12 @@ def test_name_limits(mounted: Mount) -> None:
         (deep / ("f" * 200)).write_bytes(b"")
     assert err.value.errno == errno.ENAMETOOLONG
     assert "exceed 1024 bytes" in mounted.log_text()
+    # MinIO refuses a directory marker whose name is over 246 bytes (pjdfstest mkdir/02.t): ENAMETOOLONG with
+    # the store's reason, not EIO.
+    with pytest.raises(OSError) as err:
+        (mounted.path / ("m" * 250)).mkdir()
+    assert err.value.errno == errno.ENAMETOOLONG
+    assert "XMinioInvalidObjectName" in mounted.log_text()
 
 
 def test_unlink_and_missing(mounted: Mount, s3: Any) -> None:

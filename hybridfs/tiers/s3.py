@@ -113,13 +113,14 @@ def map_client_error(exc: Exception, what: str) -> FsError:
             return FsError(errno.EACCES, text, level=logging.WARNING)
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
             return WriteConflict(errno.ESTALE, f"{what}: object changed remotely", level=logging.INFO)
-        if code == "KeyTooLongError":
-            return FsError(errno.ENAMETOOLONG, text, level=logging.INFO)
+        if code in ("KeyTooLongError", "XMinioInvalidObjectName"):  # MinIO: a segment over 255 bytes, a
+            return FsError(errno.ENAMETOOLONG, text, level=logging.INFO)  # directory marker over 246
         if code in ("EntityTooLarge",):
             return FsError(errno.EFBIG, text, level=logging.WARNING)
         if code == "NoSuchBucket":
             return FsError(errno.EIO, text, level=logging.ERROR)
-        return FsError(errno.EIO, text + " after retries", level=logging.ERROR)
+        return FsError(errno.EIO, text + (" after retries" if status >= 500 or not status else ""),
+                       level=logging.ERROR)
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return FsError(errno.EIO, f"{what}: S3 unreachable ({exc})", level=logging.ERROR)
     if isinstance(exc, OSError):
