@@ -262,6 +262,15 @@ class PyfuseKernel:
 
         await trio.to_thread.run_sync(call)
 
+    async def forget_entry(self, parent_ino: int, name: bytes) -> None:
+        def call() -> None:
+            try:
+                pyfuse3.invalidate_entry(cast(pyfuse3.InodeT, parent_ino), cast(pyfuse3.FileNameT, name))
+            except (FileNotFoundError, OSError) as exc:  # the kernel has no such entry (any more)
+                log.debug("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
+
+        await trio.to_thread.run_sync(call)
+
 
 def mount_options(fsname: str, *, allow_other: bool, read_only: bool = False) -> set[str]:
     options = set(pyfuse3.default_options)

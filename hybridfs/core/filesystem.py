@@ -28,7 +28,7 @@ from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadat
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
-from hybridfs.core.paths import KeyMapper, child_path
+from hybridfs.core.paths import KeyMapper, child_path, name_of, parent_of
 from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
 from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
@@ -55,13 +55,19 @@ class HydrationSink(Protocol):
 
 
 class KernelNotifier(Protocol):
-    """Tells the kernel to drop what it caches of an inode (pyfuse3.invalidate_inode in the mount)."""
+    """Tells the kernel to drop what it caches of an inode (pyfuse3.invalidate_inode in the mount) or of a
+    directory entry (pyfuse3.invalidate_entry)."""
 
     async def invalidate(self, ino: int) -> None: ...
+
+    async def forget_entry(self, parent_ino: int, name: bytes) -> None: ...
 
 
 class NoKernel:
     async def invalidate(self, ino: int) -> None:
+        return None
+
+    async def forget_entry(self, parent_ino: int, name: bytes) -> None:
         return None
 
 
@@ -585,22 +591,34 @@ class Filesystem:
             handle.reader.close()
         of = handle.file
         of.handles -= 1
+        never_stored = False
         try:
             if of.handles == 0:
                 await self.writes.release(of)  # uploads what no flush tried (mmap, dup'ed fds), then drops
         finally:
             if of.handles == 0 and self.open_files.get(of.node.ino) is of:
                 self.open_files.pop(of.node.ino, None)
-                self._forget_if_never_stored(of)
+                never_stored = self._never_stored(of.node, of)
             self.inodes.release(of.node)
+        if never_stored:
+            await self._forget_never_stored(of.node)
 
-    def _forget_if_never_stored(self, of: OpenFile) -> None:
-        """A file created here whose every upload failed never existed in S3: it must not stay listed."""
-        node = of.node
-        if of.stat.etag is None and not node.unlinked and node.path in self.ns.pending:
-            log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", node.path)
-            self.ns.forget(node.path)
-            self.inodes.unlink(node.path)
+    def _never_stored(self, node: Node, of: OpenFile) -> bool:
+        return of.stat.etag is None and not node.unlinked and node.path in self.ns.pending
+
+    async def _forget_never_stored(self, node: Node) -> None:
+        """A file created here whose every upload failed never existed in S3: it must not stay listed. The
+        kernel's entry goes first, so that an open(O_CREAT) that follows looks the name up and creates it again
+        instead of opening the inode we are about to forget."""
+        path = node.path
+        parent = self.inodes.existing(parent_of(path))
+        if parent is not None:
+            await self.kernel.forget_entry(parent.ino, name_of(path).encode())
+        if node.ino in self.open_files or node.unlinked or node.path != path or path not in self.ns.pending:
+            return  # opened, renamed or removed meanwhile: it is somebody's file again
+        log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", path)
+        self.ns.forget(path)
+        self.inodes.unlink(path)
 
     # -- directories -----------------------------------------------------------------------------------------
 
