@@ -80,6 +80,16 @@ def assert_serving(mount: Mount) -> None:
     assert mount.proc.poll() is None
 
 
+def close_fails_in_time(fh: Any, what: str) -> None:
+    """close() of ``fh`` fails with EIO within the write timeout + 1 s (abort included)."""
+    started = time.monotonic()
+    with pytest.raises(OSError) as failure:
+        fh.close()
+    took = time.monotonic() - started
+    assert failure.value.errno == errno.EIO
+    assert took < WRITE_TIMEOUT + 1, f"{what}: close took {took:.1f}s"
+
+
 # -- scenario 1: a failed part never ends the mount -------------------------------------------------------
 
 
@@ -126,12 +136,7 @@ def test_s3_refusing_connections_mid_stream(s3_proxy: S3FaultProxy, mount_factor
     wait_until(lambda: uploads(s3, mount, "cut.bin"), 10, message="the multipart upload to start")
     s3_proxy.down("refuse")
     fh.write(os.urandom(3 * MiB))
-    started = time.monotonic()
-    with pytest.raises(OSError) as failure:
-        fh.close()
-    took = time.monotonic() - started
-    assert failure.value.errno == errno.EIO
-    assert took < WRITE_TIMEOUT + 1, f"close took {took:.1f}s"
+    close_fails_in_time(fh, "cut.bin")
     s3_proxy.up()
     wait_until(lambda: not uploads(s3, mount, "cut.bin"), 40, message="the upload to be aborted after S3 returns")
     assert s3_bytes(s3, mount, "cut.bin") is None
@@ -148,14 +153,8 @@ def test_close_on_stalled_s3_returns_within_the_write_timeout(
     files["streamed.bin"].flush()
     s3_proxy.down("stall")
     for name, size in (("small.bin", 100_000), ("streamed.bin", 5 * MiB)):
-        fh = files[name]
-        fh.write(os.urandom(size))
-        started = time.monotonic()
-        with pytest.raises(OSError) as failure:
-            fh.close()
-        took = time.monotonic() - started
-        assert failure.value.errno == errno.EIO
-        assert took < WRITE_TIMEOUT + 1, f"{name}: close took {took:.1f}s"
+        files[name].write(os.urandom(size))
+        close_fails_in_time(files[name], name)
     s3_proxy.up()
     assert_serving(mount)
     wait_until(lambda: not uploads(s3, mount, "streamed.bin"), 40, message="the upload to be aborted")
