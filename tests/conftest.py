@@ -241,16 +241,22 @@ def _start_mount(
         )
 
 
+def _is_ready(mount: Mount) -> bool:
+    """Mounted, and the daemon has finished its own readiness probe (a stat of the mount point in flight holds
+    the mount busy, so an unmount straight after `ismount` could get EBUSY)."""
+    return os.path.ismount(mount.path) and "hybridfs.daemon: ready: " in mount.log_text()
+
+
 def _wait_mounted(mount: Mount) -> None:
     try:
         wait_until(
-            lambda: mount.proc.poll() is not None or os.path.ismount(mount.path),
+            lambda: mount.proc.poll() is not None or _is_ready(mount),
             timeout=MOUNT_TIMEOUT,
-            message=f"{mount.path} to be mounted",
+            message=f"{mount.path} to be mounted and ready",
         )
     except AssertionError:
         pass
-    if os.path.ismount(mount.path):
+    if _is_ready(mount):
         return
     mount.killed = True  # already a failure; teardown only cleans up
     status = mount.proc.poll()
