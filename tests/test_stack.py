@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 import textwrap
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -181,3 +183,35 @@ def test_up_refuses_a_port_held_by_a_process_it_did_not_start(stack: Stack, tmp_
     out = run_hybridfs("stack", "down", env=env).stdout
     assert "was not running" in out
     assert _pids() == before
+
+
+def test_minio_publishes_the_buckets_s3_events_to_kafka(stack: Stack, s3: Any, prefix: str) -> None:
+    """`stack up` makes MinIO publish ObjectCreated/ObjectRemoved records of its bucket to Kafka (foreign
+    writers' changes reach the mounts this way)."""
+    from hybridfs.stack.config import S3_EVENTS_TOPIC
+
+    assert stack.env["HYBRIDFS_S3_EVENTS_TOPIC"] == S3_EVENTS_TOPIC
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"{prefix}-events",
+                         "auto.offset.reset": "latest", "enable.auto.commit": False})  # fmt: skip
+    assigned: list[Any] = []
+    consumer.subscribe([S3_EVENTS_TOPIC], on_assign=lambda _c, parts: assigned.extend(parts))
+    try:
+        wait_until(lambda: consumer.poll(0.2) is None and bool(assigned), timeout=30,
+                   message="the consumer's partitions")  # fmt: skip
+        key = f"{prefix}/file with space"
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"x")
+        s3.delete_object(Bucket=stack.bucket, Key=key)
+        seen: list[str] = []
+
+        def both_seen() -> bool:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                record = json.loads(msg.value())["Records"][0]
+                if urllib.parse.unquote_plus(record["s3"]["object"]["key"]) == key:
+                    seen.append(record["eventName"])
+            return len(seen) >= 2
+
+        wait_until(both_seen, timeout=30, message="both S3 event records of the key")
+        assert seen[0].startswith("s3:ObjectCreated:") and seen[1].startswith("s3:ObjectRemoved:"), seen
+    finally:
+        consumer.close()

@@ -27,6 +27,13 @@ BUCKET = "hybridfs"
 KAFKA_BOOTSTRAP = f"{HOST}:{KAFKA_PORT}"
 S3_ENDPOINT = f"http://{HOST}:{S3_PORT}"
 
+# MinIO publishes the bucket's S3 event records (ObjectCreated:*, ObjectRemoved:*) to this Kafka topic, so that
+# mounts see changes made with other tools (boto3, aws s3, rclone). Target id and queue ARN as MinIO names them.
+S3_EVENTS_TOPIC = "hybridfs.s3-events"
+MINIO_KAFKA_TARGET = "HYBRIDFS"
+S3_EVENTS_QUEUE_ARN = f"arn:minio:sqs::{MINIO_KAFKA_TARGET}:kafka"
+S3_EVENT_TYPES = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
+
 SERVICES = ("kafka", "s3")
 
 
@@ -86,6 +93,8 @@ def stack_env(service: str | None = None) -> dict[str, str]:
         env.update(s3_env())
     if service in (None, "kafka"):
         env.update(kafka_env())
+    if service is None:  # the S3 event records need both: MinIO publishes them to the stack's Kafka
+        env["HYBRIDFS_S3_EVENTS_TOPIC"] = S3_EVENTS_TOPIC
     if not env:
         raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
     return env

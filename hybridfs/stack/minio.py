@@ -8,17 +8,23 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from hybridfs.cli import CliError
 from hybridfs.stack.config import (
     ACCESS_KEY,
     BUCKET,
     HOST,
+    KAFKA_BOOTSTRAP,
+    MINIO_KAFKA_TARGET,
     MINIO_MODULE,
     MINIO_VERSION,
     REGION,
     S3_CONSOLE_PORT,
     S3_ENDPOINT,
+    S3_EVENT_TYPES,
+    S3_EVENTS_QUEUE_ARN,
+    S3_EVENTS_TOPIC,
     S3_PORT,
     SECRET_KEY,
     StackPaths,
@@ -94,6 +100,7 @@ class MinIO(Service):
     # run
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.events_queue_dir.mkdir(parents=True, exist_ok=True)
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         assert self.binary is not None, "install() first"
@@ -108,8 +115,26 @@ class MinIO(Service):
             "MINIO_ROOT_PASSWORD": SECRET_KEY,
             "MINIO_REGION": REGION,
             "MINIO_UPDATE": "off",
+            **self._kafka_notify_env(),
         }
         return argv, env
+
+    def _kafka_notify_env(self) -> dict[str, str]:
+        """The bucket's S3 event records go to the stack's Kafka. The queue directory makes delivery asynchronous
+        and durable: a PUT does not wait for Kafka, and records raised while Kafka is down are sent when it is back
+        (MinIO also starts while Kafka is not up yet, as at `stack up`, where both start at once)."""
+        target = MINIO_KAFKA_TARGET
+        return {
+            f"MINIO_NOTIFY_KAFKA_ENABLE_{target}": "on",
+            f"MINIO_NOTIFY_KAFKA_BROKERS_{target}": KAFKA_BOOTSTRAP,
+            f"MINIO_NOTIFY_KAFKA_TOPIC_{target}": S3_EVENTS_TOPIC,
+            f"MINIO_NOTIFY_KAFKA_QUEUE_DIR_{target}": str(self.events_queue_dir),
+            f"MINIO_NOTIFY_KAFKA_QUEUE_LIMIT_{target}": "100000",
+        }
+
+    @property
+    def events_queue_dir(self) -> Path:
+        return self.paths.service_dir("s3") / "events-queue"
 
     def ready(self) -> bool:
         try:
@@ -120,17 +145,37 @@ class MinIO(Service):
 
     def on_ready(self) -> str:
         ensure_bucket(BUCKET)
-        return f"bucket {BUCKET}"
+        publish_bucket_events(BUCKET)
+        return f"bucket {BUCKET}, its S3 event records to Kafka topic {S3_EVENTS_TOPIC}"
 
 
-def ensure_bucket(bucket: str) -> None:
+def _client() -> Any:
     import boto3
-    from botocore.exceptions import ClientError
 
-    s3 = boto3.client(
+    return boto3.client(
         "s3", endpoint_url=S3_ENDPOINT, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
         region_name=REGION,
     )  # fmt: skip
+
+
+def publish_bucket_events(bucket: str) -> None:
+    """Every object created or removed in ``bucket`` raises an S3 event record on the Kafka target."""
+    from botocore.exceptions import ClientError
+
+    config = {"QueueConfigurations": [{"QueueArn": S3_EVENTS_QUEUE_ARN, "Events": list(S3_EVENT_TYPES)}]}
+    try:
+        _client().put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
+    except ClientError as exc:  # a MinIO started by an older hybridfs, without the Kafka target
+        raise CliError(
+            f"s3: MinIO refused the Kafka notification target {S3_EVENTS_QUEUE_ARN} ({exc}); it was started "
+            "without it: restart it with `hybridfs stack down s3 && hybridfs stack up`"
+        ) from exc
+
+
+def ensure_bucket(bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    s3 = _client()
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError:
