@@ -4,7 +4,7 @@
   random time in ``[floor, min(cap, first * factor**(n-1))]`` ("full jitter": mounts that lost S3 at the same
   moment do not all come back at the same moment).
 * **How loud**: the count of failures in a row sets the log level, as S3QL's retry logic does: the first ones
-  are DEBUG (a blip), from ``info_at`` INFO, at ``warn_at`` one WARNING (it persists), then DEBUG again — one
+  are DEBUG (a blip), at ``info_at`` one INFO, at ``warn_at`` one WARNING (it persists), all others DEBUG — one
   outage is one WARNING, not one per retry — and the first success after an INFO or WARNING says so at INFO.
   A failure that is not temporary but retried anyway (a bug in a service: restarting is all that can be done)
   is an ERROR with its traceback, every time.
@@ -115,7 +115,7 @@ class Policy:
     cap: float = 60.0  # the ceiling of every wait
     factor: float = 2.0
     floor: float = 0.05  # no wait is shorter: a loop that fails at once never spins
-    info_at: int | None = 2  # from this failure in a row on: INFO (before: DEBUG); None: never
+    info_at: int | None = 2  # from this failure in a row on: INFO (said once; before: DEBUG); None: never
     warn_at: int | None = 5  # this failure in a row: one WARNING; None: never (someone else reports the outage)
 
     def ceiling(self, failures: int) -> float:
@@ -149,40 +149,49 @@ class Retrying:
         self.rand = rand
         self.failures = 0  # in a row
         self.retries = 0  # all waits so far, for the status and the metrics
-        self._loud = False  # something at INFO or above was said in this streak
+        self._said: set[int] = set()  # the levels logged in this streak (INFO and WARNING: once each)
 
-    def failed(self, reason: BaseException | str) -> float:
-        """Count one failure, log it at the level its count earns, return how long to wait."""
-        self.failures += 1
+    def failed(self, reason: BaseException | str, attempt: int | None = None) -> float:
+        """Count one failure, log it at the level its count earns, return how long to wait.
+
+        ``attempt``: this caller's failures in a row, when several callers share the loop's state (concurrent
+        hydrations): each backs off on its own count, the streak is the longest one, and each level is said
+        once per streak whoever reaches it.
+        """
+        self.failures = self.failures + 1 if attempt is None else max(self.failures, attempt)
         self.retries += 1
-        delay = self.policy.delay(self.failures, self.rand)
+        delay = self.policy.delay(attempt or self.failures, self.rand)
         unexpected = isinstance(reason, BaseException) and not is_temporary(reason)
-        level = logging.ERROR if unexpected else self.policy.level(self.failures)
+        level = logging.ERROR if unexpected else self.policy.level(attempt or self.failures)
+        if level in self._said and not unexpected:
+            level = logging.DEBUG
+        self._said.add(level)
         text = describe(reason) if isinstance(reason, BaseException) else reason
         self.log.log(level, "%s (%s); retrying in %.1fs, %d failure%s in a row", self.what, text, delay,
                      self.failures, "" if self.failures == 1 else "s", exc_info=reason if unexpected else None)
-        self._loud = self._loud or level >= logging.INFO
         return delay
 
-    async def wait(self, reason: BaseException | str) -> None:
-        await trio.sleep(self.failed(reason))
+    async def wait(self, reason: BaseException | str, attempt: int | None = None) -> None:
+        await trio.sleep(self.failed(reason, attempt))
 
     def succeeded(self) -> None:
-        if self._loud:
+        if any(level >= logging.INFO for level in self._said):
             self.log.info("%s after %d failure%s", self.recovered or f"{self.what}: works again", self.failures,
                           "" if self.failures == 1 else "s")
         self.failures = 0
-        self._loud = False
+        self._said.clear()
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()`` until it succeeds; a final error (see :func:`is_temporary`) is raised at once."""
+        attempt = 0
         while True:
             try:
                 result = await fn()
             except Exception as exc:
                 if not is_temporary(exc):
                     raise
-                await self.wait(exc)
+                attempt += 1
+                await self.wait(exc, attempt)
                 continue
             self.succeeded()
             return result

@@ -147,8 +147,8 @@ def test_call_waits_out_temporary_errors_logs_rising_and_says_when_it_is_back(
     result, elapsed = run(main)
     assert result == "ok" and elapsed == 1 + 2 + 4 + 4 + 4 + 4
     levels = [r.levelno for r in caplog.records]
-    assert levels == [logging.DEBUG, logging.INFO, logging.INFO, logging.INFO, logging.WARNING, logging.DEBUG,
-                      logging.INFO]
+    assert levels == [logging.DEBUG, logging.INFO, logging.DEBUG, logging.DEBUG, logging.WARNING, logging.DEBUG,
+                      logging.INFO]  # INFO and WARNING once each per streak
     assert "S3 unreachable; tests wait" in caplog.records[4].getMessage()
     assert "5 failures in a row" in caplog.records[4].getMessage()
     assert "works again after 6 failures" in caplog.records[-1].getMessage()
@@ -176,6 +176,18 @@ def test_a_failure_that_is_not_temporary_but_retried_anyway_is_an_error_with_tra
     (record,) = caplog.records
     assert record.levelno == logging.ERROR and record.exc_info is not None
     assert "RuntimeError: a bug" in record.getMessage()
+
+
+@pytest.mark.allow_log(r"hydrations wait \(down\)")
+def test_concurrent_callers_back_off_on_their_own_count_and_share_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="test.retry")
+    retry = Retrying(Policy(first=1.0, cap=60.0, warn_at=3), logging.getLogger("test.retry"), "hydrations wait",
+                     rand=lambda: 1.0)
+    delays = [retry.failed("down", attempt) for attempt in (1, 1, 1, 1, 2, 2, 3, 3, 3)]
+    assert delays == [1, 1, 1, 1, 2, 2, 4, 4, 4]  # four callers in a row do not push each other's waits up
+    assert retry.failures == 3
+    assert [r.levelno for r in caplog.records].count(logging.WARNING) == 1
 
 
 def test_a_quiet_streak_ends_quietly(caplog: pytest.LogCaptureFixture) -> None:
