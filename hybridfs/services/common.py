@@ -1,4 +1,4 @@
-"""What the services share: the narrow interfaces they need from the mount, per-key locks, quiet S3 retries.
+"""What the services share: the narrow interfaces they need from the mount, per-key locks, S3 waits.
 
 The services sit above the tiers and the core: they get the cloud store, the cache and a few hooks into the
 filesystem (is a file open, drop the kernel's pages of it, what does the namespace know) through the small
@@ -7,21 +7,19 @@ protocols below, so their logic is tested with fakes and no kernel.
 
 from __future__ import annotations
 
-import errno
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
-
-import trio
+from typing import Any, Protocol
 
 from hybridfs.core.attrs import Stat, stat_from_object
-from hybridfs.errors import FsError
+from hybridfs.retry import Policy, Retrying
 from hybridfs.tiers.s3 import ObjectInfo
-
-T = TypeVar("T")
 
 # Evict reasons produced by the eviction planner. Everything else (``cli``...) is an explicit request.
 PLANNER_REASONS = frozenset({"watermark", "max-age"})
+
+# S3 waits of the hydrator and the purger: the circuit breaker already warns when S3 goes down, so a service
+# says INFO from its second failure in a row and WARNING only once it has waited about a minute (7 failures).
+S3_WAIT = Policy(first=0.5, cap=30.0, info_at=2, warn_at=7)
 
 
 class Store(Protocol):
@@ -86,44 +84,15 @@ def clean_etag(etag: str | None) -> str | None:
     return None if etag is None else etag.strip('"')
 
 
-def is_transient(exc: BaseException) -> bool:
-    """S3 could not be reached or answered 5xx after botocore's retries: worth waiting for."""
-    if isinstance(exc, FsError):
-        return exc.errno == errno.EIO
-    # s3transfer gives up on a broken download stream with its own exception type.
-    return type(exc).__name__ in ("RetriesExceededError", "ReadTimeoutError", "ConnectionClosedError")
+class S3Waiter(Retrying):
+    """Runs S3 calls for a service; while S3 is unreachable, waits with the retry policy instead of failing the
+    event: the event is not committed meanwhile, so nothing is lost. A final S3 error (NoSuchBucket,
+    AccessDenied, InvalidRequest...) is raised at once: the service gives the event up and says why."""
 
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        super().__init__(S3_WAIT, log, f"S3 unreachable; {what} wait until it answers",
+                         recovered=f"S3 answers again; {what} resume")
 
-class S3Waiter:
-    """Runs S3 calls for a service; while S3 is unreachable, waits quietly (one INFO line when the outage
-    starts, one when it ends) with a capped exponential backoff instead of failing the event: the event is not
-    committed meanwhile, so nothing is lost, and a handler never fills the log with tracebacks."""
-
-    def __init__(self, log: logging.Logger, what: str, *, max_backoff: float = 30.0) -> None:
-        self.log = log
-        self.what = what
-        self.max_backoff = max_backoff
-        self.down = False
-        self.waits = 0
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        backoff = 0.5
-        while True:
-            try:
-                result = await fn()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.waits += 1
-                if not self.down:
-                    self.down = True
-                    self.log.info("S3 unreachable (%s); %s wait until it answers", exc, self.what)
-                else:
-                    self.log.debug("S3 still unreachable: %s", exc)
-                await trio.sleep(backoff)
-                backoff = min(self.max_backoff, backoff * 2)
-                continue
-            if self.down:
-                self.down = False
-                self.log.info("S3 answers again; %s resume", self.what)
-            return result
+    @property
+    def waits(self) -> int:
+        return self.retries
