@@ -33,6 +33,7 @@ import trio
 from boto3.s3.transfer import TransferConfig
 
 from hybridfs.errors import FsError, errno_name
+from hybridfs.retry import Policy, Retrying, is_temporary
 from hybridfs.tiers.breaker import Breaker, is_outage
 from hybridfs.tiers.uploads import UploadJournal
 
@@ -45,6 +46,8 @@ MAX_SINGLE_OBJECT = 5 * 1024**3
 MIN_PART_SIZE = 5 * 1024**2
 MAX_PARTS = 10_000
 WRITE_TOKEN = "hybridfs-write"  # x-amz-meta-hybridfs-write: which upload stored this version
+# Pending aborts: INFO at once (an upload is left open meanwhile), WARNING once S3 stays away (~10 s).
+ABORT_RETRY = Policy(first=1.0, cap=60.0, info_at=1, warn_at=4)
 
 
 class WriteConflict(FsError):
@@ -397,48 +400,53 @@ class CloudStore:
     async def abort_multipart(self, key: str, upload_id: str) -> bool:
         """Abort now (shielded, bounded); when S3 cannot be reached the abort is left to ``run_aborts``."""
         with trio.CancelScope(shield=True), trio.move_on_after(30):
-            if await self._abort_once(key, upload_id):
+            if await self._abort_once(key, upload_id) is not False:  # gone, or refused for good (logged)
                 return True
         self.schedule_abort(key, upload_id)
         return False
 
-    async def _abort_once(self, key: str, upload_id: str) -> bool:
+    async def _abort_once(self, key: str, upload_id: str) -> bool | None:
+        """True when the upload is gone; False when S3 could not be reached (to retry); None when S3 refused the
+        abort for good (logged; the upload stays in the journal, so the next start tries again)."""
         try:
             await self._call(f"AbortMultipartUpload {key}", self.client.abort_multipart_upload,
                              Bucket=self.bucket, Key=key, UploadId=upload_id)
         except FsError as exc:
-            if exc.errno != errno.ENOENT:  # NoSuchUpload: already gone
+            if exc.errno == errno.ENOENT:  # NoSuchUpload: already gone
+                pass
+            elif is_temporary(exc):
                 log.debug("abort of %s (%s) failed: %s", key, upload_id, exc)
                 return False
+            else:
+                log.warning("could not abort the multipart upload %s of %s: %s; not retrying (the next start "
+                            "tries again)", upload_id, key, exc.message)
+                return None
         await self._journal("forget", key, upload_id)
         return True
 
     async def retry_aborts(self) -> None:
         """Try every pending abort once."""
         for key, upload_id in list(self.pending_aborts):
-            if await self._abort_once(key, upload_id):
+            done = await self._abort_once(key, upload_id)
+            if done is not False:
                 with contextlib.suppress(ValueError):
                     self.pending_aborts.remove((key, upload_id))
+            if done:
                 log.info("aborted the incomplete multipart upload of %s", key)
 
     async def run_aborts(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Service: aborts scheduled uploads, retrying with backoff (1 s doubling to 60 s) while S3 is down."""
+        """Service: aborts scheduled uploads, retrying (the retry policy) while S3 cannot be reached."""
         task_status.started()
-        delay = 1.0
-        warned = False
+        retry = Retrying(ABORT_RETRY, log, "could not abort multipart uploads",
+                         recovered="S3 answers again: no multipart upload left to abort")
         while True:
             await self._aborts_wanted.wait()
             self._aborts_wanted = trio.Event()
             await self.retry_aborts()
             if not self.pending_aborts:
-                delay, warned = 1.0, False
+                retry.succeeded()
                 continue
-            if not warned:
-                warned = True
-                log.warning("could not abort %d multipart upload(s) (first: %s); retrying until S3 answers",
-                            len(self.pending_aborts), self.pending_aborts[0][0])
-            await trio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            await retry.wait(f"{len(self.pending_aborts)} left, first: {self.pending_aborts[0][0]}")
             self._aborts_wanted.set()
 
     async def abort_journaled(self) -> int:
