@@ -1,8 +1,9 @@
 """Kafka plumbing shared by the producer, the consumers and the admin client: client settings, librdkafka's
 log lines routed to Python logging, what counts as "Kafka unreachable", and the creation of the three topics.
 
-Topic creation never stops a mount: :class:`TopicCreator` is a service that tries in a thread, logs once at
-WARNING if Kafka cannot be reached, retries with backoff and ends once the topics exist.
+Topic creation never stops a mount: :class:`TopicCreator` is a service that tries in a thread, retries with
+the retry policy (hybridfs/retry.py) while Kafka cannot be reached, and ends once the topics exist — or, when
+Kafka refuses for good (authorization, policy), with one WARNING.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from hybridfs.events.schema import Topics
+from hybridfs.retry import Policy, Retrying, is_temporary
 
 __all__ = [
     "KafkaUnavailable",
@@ -189,9 +191,10 @@ def create_topics(
 
 
 class TopicCreator:
-    """A service that makes sure the topics exist. Never fatal: Kafka being down is logged once and retried.
+    """A service that makes sure the topics exist. Never fatal: Kafka being down is retried, a refusal logged.
 
-    ``await nursery.start(TopicCreator(...).run)`` returns at once; the task ends when the topics exist.
+    ``await nursery.start(TopicCreator(...).run)`` returns at once; the task ends (``done``) when the topics exist
+    or Kafka refused to create them.
     """
 
     def __init__(
@@ -207,12 +210,14 @@ class TopicCreator:
         unreachable_level: int = logging.WARNING,
     ) -> None:
         self.bootstrap = bootstrap
-        self.unreachable_level = unreachable_level
+        # Kafka unreachable: INFO at once, then WARNING when it persists; with ``unreachable_level`` INFO (the bus
+        # reports the outage itself), never WARNING.
+        self.policy = Policy(first=1.0, cap=max_backoff, info_at=1,
+                             warn_at=4 if unreachable_level >= logging.WARNING else None)
         self.topics = topics
         self.kafka_config = dict(kafka_config or {})
         self.partitions = partitions
         self.attempt_timeout = attempt_timeout
-        self.max_backoff = max_backoff
         self.limiter = limiter or trio.CapacityLimiter(1)
         self.done = trio.Event()
 
@@ -227,32 +232,23 @@ class TopicCreator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        backoff = 1.0
-        warned = False
+        names = ", ".join(self.topics)
+        retry = Retrying(self.policy, log, f"cannot create kafka topics {names} at {self.bootstrap}",
+                         recovered=f"kafka topics {names} exist now")
         while True:
             try:
                 # Abandoned on cancel: an admin request can take attempt_timeout, and its outcome no longer
                 # matters once we stop.
                 await trio.to_thread.run_sync(self._attempt, limiter=self.limiter, abandon_on_cancel=True)
             except (KafkaUnavailable, KafkaException) as exc:
-                if not warned:
-                    level = self.unreachable_level if isinstance(exc, KafkaUnavailable) else logging.WARNING
-                    log.log(
-                        level,
-                        "cannot create kafka topics %s at %s: %s (retrying in the background)",
-                        ", ".join(self.topics),
-                        self.bootstrap,
-                        exc,
-                    )
-                    warned = True
-                else:
-                    log.debug("creating kafka topics failed again: %s", exc)
-                await trio.sleep(backoff)
-                backoff = min(self.max_backoff, backoff * 2)
+                if not is_temporary(exc):  # refused (authorization, policy, replication factor): say it once, stop
+                    log.warning("cannot create kafka topics %s at %s: %s (not retrying; create them, or let the "
+                                "broker create them on first use)", names, self.bootstrap, exc)
+                    self.done.set()  # done trying: a missing topic is now worth a warning of the producer
+                    return
+                await retry.wait(exc)
                 continue
-            if warned:
-                log.info("kafka topics %s exist now", ", ".join(self.topics))
-            else:
-                log.debug("kafka topics %s exist", ", ".join(self.topics))
+            retry.succeeded()
+            log.debug("kafka topics %s exist", names)
             self.done.set()
             return
