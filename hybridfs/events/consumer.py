@@ -14,16 +14,17 @@ Delivery is at least once. A partition's offset is committed only past messages 
 * Bad input (undecodable, or the handler raises :class:`RejectEvent`/:class:`InvalidEvent`): one WARNING
   saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit.
 * Any other handler exception: ERROR with the traceback, no commit, and the handler is called again for the
-  same event after a backoff (1 s doubling up to ``max_backoff``). The mount keeps running.
+  same event after a backoff (the retry policy, hybridfs/retry.py: up to ``max_backoff``, jittered). The mount
+  keeps running.
 * Kafka unreachable: one WARNING, one INFO when it is back; librdkafka retries on its own meanwhile.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,6 +37,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from hybridfs.events.schema import Event, InvalidEvent, RejectEvent, decode
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
 from hybridfs.keylocks import KeyLocks
+from hybridfs.retry import Policy, Retrying
 
 __all__ = ["ConsumerStats", "EventConsumer", "Handler", "InvalidEvent", "RejectEvent"]
 
@@ -111,6 +113,7 @@ class EventConsumer:
         self.concurrency = max(1, concurrency)
         self.max_buffered = max_buffered or max(16, 4 * self.concurrency)
         self.max_backoff = max_backoff
+        self._policy = Policy(first=1.0, cap=max_backoff)
         self.poll_timeout = poll_timeout
         self.close_timeout = close_timeout
         self.name = name or topic
@@ -167,16 +170,14 @@ class EventConsumer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._dispatch, receive)
                 task_status.started()
-                backoff = 1.0
+                restarts = Retrying(self._policy, log, f"kafka consumer for {self.topic} failed; starting a new one")
                 while True:
                     try:
                         await self._run_thread(consumer)
                         send.close()  # the thread ended without being cancelled: let the dispatcher finish
                         return
-                    except Exception:
-                        log.exception("kafka consumer for %s failed; starting a new one in %.0fs", self.topic, backoff)
-                    await trio.sleep(backoff)
-                    backoff = min(self.max_backoff, backoff * 2)
+                    except Exception as exc:
+                        await restarts.wait(exc)
                     consumer = self._new_consumer()
         finally:
             self._stop.set()
@@ -275,7 +276,8 @@ class EventConsumer:
         except InvalidEvent as exc:
             await self._set_aside(msg, f"invalid event: {exc.reason}", where)
             return True
-        backoff = 1.0
+        retry = Retrying(self._policy, log, f"handling {event.type} event for {event.key!r} ({where}) failed; "
+                                            "not committed")
         while True:
             try:
                 await self.handler(event)
@@ -287,31 +289,24 @@ class EventConsumer:
                     )
                     return True
                 self._handler_failures += 1
-                log.exception(
-                    "handling %s event for %r (%s) failed; not committed, retrying in %.0fs",
-                    event.type,
-                    event.key,
-                    where,
-                    backoff,
-                )
-                await trio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(self.max_backoff, backoff * 2)
+                await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
                 continue
             self._handled += 1
             return True
 
     async def _set_aside(self, msg: Message, reason: str, where: str) -> None:
         log.warning("%s from %s: sent to the dead-letter topic %s", reason, where, self.dead_letter_topic)
-        backoff = 1.0
+        # Committing without the copy would lose the message: keep trying until Kafka takes it (quietly: an
+        # outage is the consumer's own WARNING).
+        retry = Retrying(dataclasses.replace(self._policy, info_at=5, warn_at=None), log,
+                         f"dead-lettering {where} failed")
         while True:
             err = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, limiter=self.dead_letter_limiter)
             if err is None:
+                retry.succeeded()
                 self._dead_lettered += 1
                 return
-            # Committing without the copy would lose the message: keep trying (quietly) until Kafka takes it.
-            log.debug("dead-lettering %s failed (%s); retrying in %.0fs", where, err, backoff)
-            await trio.sleep(backoff)
-            backoff = min(self.max_backoff, backoff * 2)
+            await retry.wait(err)
 
     def _dead_letter_sync(self, msg: Message, reason: str) -> str | None:
         producer = self._dlq_producer
