@@ -161,14 +161,14 @@ class Retrying:
         self.failures = self.failures + 1 if attempt is None else max(self.failures, attempt)
         self.retries += 1
         delay = self.policy.delay(attempt or self.failures, self.rand)
-        unexpected = isinstance(reason, BaseException) and not is_temporary(reason)
-        level = logging.ERROR if unexpected else self.policy.level(attempt or self.failures)
-        if level in self._said and not unexpected:
+        unexpected = reason if isinstance(reason, BaseException) and not is_temporary(reason) else None
+        level = logging.ERROR if unexpected is not None else self.policy.level(attempt or self.failures)
+        if level in self._said and unexpected is None:
             level = logging.DEBUG
         self._said.add(level)
         text = describe(reason) if isinstance(reason, BaseException) else reason
         self.log.log(level, "%s (%s); retrying in %.1fs, %d failure%s in a row", self.what, text, delay,
-                     self.failures, "" if self.failures == 1 else "s", exc_info=reason if unexpected else None)
+                     self.failures, "" if self.failures == 1 else "s", exc_info=unexpected)
         return delay
 
     async def wait(self, reason: BaseException | str, attempt: int | None = None) -> None:
