@@ -26,6 +26,7 @@ every retry and reconnect in between is DEBUG.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -50,6 +51,7 @@ from hybridfs.events.topics import (
     create_topics,
     is_unreachable_error,
 )
+from hybridfs.retry import Policy, Retrying
 
 __all__ = ["BusStats", "EventBus", "KafkaUnavailable", "producer_config", "publish_now"]
 
@@ -140,6 +142,11 @@ class EventBus:
 
         self.outbox_limiter = trio.CapacityLimiter(1)
         self.kafka_limiter = trio.CapacityLimiter(1)
+        # Failures of the bus's own loops (a bug, a failing state directory): retried from retry_interval up to
+        # 10 times that. A failing outbox says its ERROR once and "writable again" once: its retries are DEBUG.
+        self._policy = Policy(first=retry_interval, cap=10 * retry_interval)
+        self._outbox_retry = Retrying(dataclasses.replace(self._policy, info_at=None, warn_at=None), log,
+                                      "cannot store events in the outbox")
 
         self._state = "new"  # new -> running -> closed
         self._queue: deque[tuple[str, bytes, bytes]] = deque()  # published, not yet in the outbox
@@ -318,6 +325,7 @@ class EventBus:
 
     async def _relay_loop(self) -> None:
         next_resend = 0.0
+        failures = Retrying(self._policy, log, "event relay failed")
         while True:
             try:
                 if self._queue:
@@ -325,10 +333,10 @@ class EventBus:
                 if time.monotonic() >= next_resend:
                     next_resend = time.monotonic() + self.retry_interval
                     await self._resend()
-            except Exception:
+                failures.succeeded()
+            except Exception as exc:
                 # A bug or a failing state directory must not take the mount down; the outbox keeps events.
-                log.exception("event relay failed; retrying in %.1fs", self.retry_interval)
-                await trio.sleep(self.retry_interval)
+                await failures.wait(exc)
             if self._queue:
                 continue  # more than one batch was waiting
             with trio.move_on_after(self.retry_interval):
@@ -351,8 +359,9 @@ class EventBus:
                 log.error("%s; keeping %d events in memory only, NOT durable (lost if the mount stops) until the "
                           "outbox can be written", exc, len(self._queue))
                 self._warned_state.add("outbox")
-            await trio.sleep(self.retry_interval)
+            await self._outbox_retry.wait(f"{exc}; {len(self._queue)} events in memory")
             return
+        self._outbox_retry.succeeded()
         if "outbox" in self._warned_state:
             self._warned_state.discard("outbox")
             log.info("outbox %s is writable again", self.outbox_path)
@@ -415,6 +424,7 @@ class EventBus:
         self._errors.append(err)  # polling thread: just record it
 
     async def _poll_loop(self) -> None:
+        failures = Retrying(self._policy, log, "handling kafka delivery reports failed; the events stay in the outbox")
         while True:
             producer = self._producer
             if producer is not None:
@@ -423,9 +433,9 @@ class EventBus:
                 await trio.sleep(0.2)
             try:
                 await self._handle_reports()
-            except Exception:
-                log.exception("handling kafka delivery reports failed; the events stay in the outbox")
-                await trio.sleep(self.retry_interval)
+                failures.succeeded()
+            except Exception as exc:
+                await failures.wait(exc)
 
     async def _handle_reports(self) -> None:
         while self._errors:
