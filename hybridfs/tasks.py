@@ -4,7 +4,7 @@ A trio nursery re-raises whatever a child task raises (wrapped in an ``Exception
 child — for the mount's nursery that means unmounting. So every background task of the mount is started through
 a ``Supervisor``: a task that fails is logged once (with its traceback, since any exception reaching here is a
 bug or an unmapped error) and ends alone; a long-lived service that fails after it started is restarted with a
-growing delay. Cancellation is never swallowed: it is how the mount shuts its tasks down.
+growing delay (hybridfs/retry.py). Cancellation is never swallowed: it is how the mount shuts its tasks down.
 
 Request-serving work records its error on the request instead (the caller gets the errno); what reaches the
 supervisor is what nobody waits for: part uploads, read-ahead fetches, prefetches, housekeeping, services.
@@ -19,10 +19,13 @@ from typing import Any, Protocol
 
 import trio
 
+from hybridfs.retry import Policy
+
 log = logging.getLogger("hybridfs.tasks")
 
-RESTART_DELAY = 1.0
-RESTART_DELAY_MAX = 60.0
+# Restarts of a failed service: the retry policy's backoff (1 s doubling to a minute, jittered). Always logged as
+# an ERROR with its traceback (``_record``): what reaches the supervisor is a bug, whatever its count.
+RESTART = Policy(first=1.0, cap=60.0)
 
 
 def _parse_failpoints(text: str) -> dict[str, int]:
@@ -90,7 +93,7 @@ class Supervisor:
         """Start a service (``async def run(..., task_status)``) and wait until it says it is ready.
 
         A failure before it is ready is raised here (start-up errors stay explicit); a failure afterwards is
-        logged and the service is started again after a delay that doubles up to a minute.
+        logged and the service is started again after the retry policy's delay (doubling up to a minute).
         """
         label = str(name or getattr(fn, "__qualname__", fn))
         return await self.nursery.start(self._service, fn, args, label, name=label)
@@ -115,8 +118,9 @@ class Supervisor:
                 started = True
                 task_status.started(value)
 
-        delay = RESTART_DELAY
+        failures = 0  # in a row: a service that then ran for longer than the longest wait starts counting anew
         while True:
+            began = trio.current_time()
             try:
                 await fn(*args, task_status=Relay() if not started else trio.TASK_STATUS_IGNORED)
                 return
@@ -125,10 +129,11 @@ class Supervisor:
                 if rest is not None or not started:
                     raise
                 assert errors is not None
-                self._record(label, errors, f"restarting in {delay:.0f}s")
+                failures = 1 if trio.current_time() - began > RESTART.cap else failures + 1
+                delay = RESTART.delay(failures)
+                self._record(label, errors, f"restarting in {delay:.1f}s")
             await trio.sleep(delay)
             self.restarts += 1
-            delay = min(delay * 2, RESTART_DELAY_MAX)
 
     def _record(self, label: str, errors: BaseException, outcome: str) -> None:
         self.failures += 1
