@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from hybridfs.cli import CliError
 
 XATTR_STATUS = "user.hybridfs.status"
@@ -326,7 +328,9 @@ def publish(targets: list[Target], make: Callable[[Target], Any], opts: Options,
 
 
 class Progress:
-    """A one-line progress bar on stderr when it is a terminal; a line every few seconds otherwise."""
+    """Progress of a wait on stderr: a tqdm bar (bytes, with rate and ETA, and the file count) on a terminal;
+    elsewhere (CI, a log file) a plain line every ``quiet_interval`` seconds, since a bar's carriage returns make
+    a log unreadable. The last line is plain either way."""
 
     def __init__(self, label: str, total: int, total_bytes: int, out: TextIO | None = None,
                  quiet_interval: float = 10.0, first_bytes: int = 0) -> None:
@@ -334,33 +338,33 @@ class Progress:
         self.total = total
         self.total_bytes = total_bytes
         self.out = out or sys.stderr
-        self.tty = self.out.isatty()
         self.started = time.monotonic()
         self.quiet_interval = quiet_interval
         self.first_bytes = first_bytes
         self._next_quiet = self.started + quiet_interval
+        self.bar: tqdm[Any] | None = None
+        if self.out.isatty():
+            self.bar = tqdm(total=total_bytes, initial=first_bytes, desc=label, unit="iB", unit_scale=True,
+                            unit_divisor=1024, file=self.out, leave=False, dynamic_ncols=True)
 
     def line(self, done: int, done_bytes: int) -> str:
         elapsed = time.monotonic() - self.started
-        width = 30
-        filled = int(width * done / self.total) if self.total else width
-        bar = "#" * filled + "-" * (width - filled)
         moved = done_bytes - self.first_bytes  # what was there already is not part of the rate
         rate = f", {moved / elapsed / 2**20:.1f} MiB/s" if elapsed >= 0.1 and moved else ""
-        return (f"{self.label} [{bar}] {done}/{self.total} files, {done_bytes / 2**20:.1f}/"
+        return (f"{self.label}: {done}/{self.total} files, {done_bytes / 2**20:.1f}/"
                 f"{self.total_bytes / 2**20:.1f} MiB, {elapsed:.1f}s{rate}")
 
     def update(self, done: int, done_bytes: int) -> None:
-        if self.tty:
-            self.out.write("\r\033[K" + self.line(done, done_bytes))
-            self.out.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{done}/{self.total} files", refresh=False)
+            self.bar.update(done_bytes - self.bar.n)
         elif time.monotonic() >= self._next_quiet:
             self._next_quiet += self.quiet_interval
             print(self.line(done, done_bytes), file=self.out, flush=True)
 
     def finish(self, done: int, done_bytes: int) -> None:
-        if self.tty:
-            self.out.write("\r\033[K")
+        if self.bar is not None:
+            self.bar.close()
         print(self.line(done, done_bytes), file=self.out, flush=True)
 
 

@@ -1,7 +1,8 @@
 """Run a slow first-run step (Maven resolve, go build) with its output in a log and a live ticker on stderr.
 
-On a terminal the ticker rewrites one line every second (elapsed time, steps seen, the latest step); elsewhere
-(CI logs) it prints a line every ``quiet_interval`` seconds, so a user always sees the step is alive.
+On a terminal a tqdm line shows the elapsed time, the steps seen and the latest step (cut to the terminal's width);
+elsewhere (CI logs, no carriage returns) a plain line every ``quiet_interval`` seconds, so a user always sees the
+step is alive.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 class _Tail:
@@ -33,10 +36,6 @@ class _Tail:
             if self.is_step(line):
                 self.steps += 1
                 self.last = line
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def run_with_progress(
@@ -66,19 +65,19 @@ def run_with_progress(
         reader = threading.Thread(target=tail.pump, args=(proc.stdout, log), daemon=True)
         reader.start()
         next_quiet = start + quiet_interval
+        ticker = tqdm(desc=f"    {label}", file=out, leave=False, dynamic_ncols=True,
+                      bar_format="{desc}: {elapsed}, {n} steps{postfix}") if tty else None
         while proc.poll() is None:
             time.sleep(1.0 if tty else 0.5)
-            elapsed = time.monotonic() - start
-            if tty:
-                status = f"    {label}: {elapsed:4.0f}s, {tail.steps} steps  {_short(tail.last, 60)}"
-                out.write("\r\033[K" + status)
-                out.flush()
+            if ticker is not None:
+                ticker.set_postfix_str(tail.last, refresh=False)
+                ticker.update(tail.steps - ticker.n)
             elif time.monotonic() >= next_quiet:
-                print(f"    {label}: {elapsed:.0f}s, {tail.steps} steps so far", file=out, flush=True)
+                print(f"    {label}: {time.monotonic() - start:.0f}s, {tail.steps} steps so far", file=out, flush=True)
                 next_quiet += quiet_interval
         reader.join(timeout=5)
-    if tty:
-        out.write("\r\033[K")
+    if ticker is not None:
+        ticker.close()
     elapsed = time.monotonic() - start
     print(f"    {label}: done in {elapsed:.0f}s (exit {proc.returncode})", file=out, flush=True)
     return proc.returncode, tail.lines
