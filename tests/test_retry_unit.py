@@ -196,3 +196,26 @@ def test_a_quiet_streak_ends_quietly(caplog: pytest.LogCaptureFixture) -> None:
     retry.failed("blip")
     retry.succeeded()
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+
+
+# -- a user of the policy: the abort worker ------------------------------------------------------------------
+
+
+@pytest.mark.allow_log(r"could not abort the multipart upload u1 of k: .*AccessDenied.*; not retrying")
+def test_an_abort_s3_refuses_for_good_is_dropped_one_s3_cannot_answer_stays_pending() -> None:
+    from hybridfs.tiers.s3 import CloudStore, S3Settings
+
+    answers = {"u1": client_error("AccessDenied", 403), "u2": client_error("ServiceUnavailable", 503)}
+    calls: list[str] = []
+
+    class Client:
+        def abort_multipart_upload(self, **kwargs: Any) -> None:
+            calls.append(kwargs["UploadId"])
+            raise answers[kwargs["UploadId"]]
+
+    store = CloudStore(S3Settings(bucket="b"), client=Client())
+    store.schedule_abort("k", "u1")
+    store.schedule_abort("k", "u2")
+    trio.run(store.retry_aborts)  # one round of the abort worker
+    assert calls == ["u1", "u2"]
+    assert store.pending_aborts == [("k", "u2")]  # u1: not asked again (before: every minute, for ever)
