@@ -260,3 +260,19 @@ def test_measure_miss_to_cached_and_hydrate_throughput(mounted: Mount, s3: Any,
         print(f"hybridfs hydrate --wait, 200 files of 1 MiB: {elapsed:.2f}s (CLI included), "
               f"{200 / elapsed:.0f} files/s, {200 * MiB / elapsed / 1e6:.1f} MB/s; after publishing: {waited}")
     assert statistics.median(latencies) < 5.0
+
+
+def test_remount_under_another_topic_prefix_consumes_at_once(mount_factory: Any, s3: Any, tmp_path: Path,
+                                                            topic_prefix: str) -> None:
+    """The consumer groups are per cache *and* topic prefix: a static member that came back with another
+    subscription used to keep its old assignment for about a minute and consume nothing."""
+    cache_dir = tmp_path / "shared-cache"
+    first = mount_factory(cache_dir=cache_dir)
+    wait_consuming(first)
+    first.unmount()
+    second = mount_factory(cache_dir=cache_dir, extra_args=["--topic-prefix", f"{topic_prefix}-other"])
+    wait_consuming(second)
+    s3.put_object(Bucket=second.bucket, Key=second.key("cold.bin"), Body=b"c" * 5000)
+    path = second.path / "cold.bin"
+    assert path.read_bytes() == b"c" * 5000
+    wait_until(lambda: state(path) == "cached", timeout=15, message="the missed file to be cached")

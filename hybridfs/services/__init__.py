@@ -2,9 +2,9 @@
 
 ::
 
-    <prefix>.hydrate --EventConsumer(group hybridfs-hydrate-<cache id>)--> Hydrator --S3--> cache
+    <prefix>.hydrate --EventConsumer(group hybridfs-hydrate-<cache id>-<prefix>)--> Hydrator --S3--> cache
     cache usage --Planner (every evict_interval)--> bus.publish(evict events) --> <prefix>.evict
-    <prefix>.evict  --EventConsumer(group hybridfs-evict-<cache id>)--> Purger --(S3 check/upload)--> cache
+    <prefix>.evict  --EventConsumer(group hybridfs-evict-<cache id>-<prefix>)--> Purger --(S3 check/upload)--> cache
 
 They sit above the tiers and the core and below the composition root, which calls :func:`start_all` once the
 filesystem exists and merges :meth:`Services.status` into the mount's status. Every service runs in the
@@ -107,7 +107,11 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
         return Services(planner, hydrator, purger, None, None, census)
     common: dict[str, Any] = {"allowed_prefix": mount.keys.prefix, "dead_letter_topic": topics.dead_letter,
                               "kafka_config": cfg.kafka_options}
-    hydrate_group, evict_group = f"hybridfs-hydrate-{cfg.cache_id}", f"hybridfs-evict-{cfg.cache_id}"
+    # One group per cache and topic prefix: a static member (group.instance.id) that comes back with another
+    # subscription keeps its old assignment until the coordinator rebalances (about a minute), so a remount of
+    # the same cache under another --topic-prefix would consume nothing for that long.
+    hydrate_group = f"hybridfs-hydrate-{cfg.cache_id}-{cfg.topic_prefix}"
+    evict_group = f"hybridfs-evict-{cfg.cache_id}-{cfg.topic_prefix}"
     hydrate_consumer = EventConsumer(cfg.kafka, topics.hydrate, hydrate_group, hydrator.handle,
                                             instance_id=hydrate_group, concurrency=hydrate_concurrency(cfg.s3_threads),
                                             name="hydrator", **common)
