@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ from hybridfs.retry import Policy, Retrying
 __all__ = ["BusStats", "EventBus", "KafkaUnavailable", "producer_config", "publish_now"]
 
 log = logging.getLogger("hybridfs.events.bus")
+
+# (topic, key, value, headers); value b"" is a tombstone.
+_Item = tuple[str, bytes, bytes, tuple[tuple[str, bytes], ...]]
 
 _TOPIC_MISSING = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
@@ -149,7 +152,7 @@ class EventBus:
                                       "cannot store events in the outbox")
 
         self._state = "new"  # new -> running -> closed
-        self._queue: deque[tuple[str, bytes, bytes]] = deque()  # published, not yet in the outbox
+        self._queue: deque[_Item] = deque()  # published, not yet in the outbox
         self._wake = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
@@ -176,7 +179,7 @@ class EventBus:
     def publish(self, event: Event) -> None:
         """Hand ``event`` to the bus. Synchronous, O(1), never blocks, never raises."""
         try:
-            item = (self.topics.for_event(event), event.kafka_key, encode(event))
+            item: _Item = (self.topics.for_event(event), event.kafka_key, encode(event), ())
         except Exception as exc:
             log.error(
                 "cannot publish %s event for %r: %s",
@@ -185,6 +188,21 @@ class EventBus:
                 exc,
             )
             return
+        self._published += 1
+        if self._state == "closed":
+            self._store_after_close(item)
+            return
+        self._queue.append(item)
+        self._poke()
+
+    def publish_record(self, topic: str, key: bytes, value: bytes | None,
+                       headers: Sequence[tuple[str, bytes]] = ()) -> None:
+        """Hand one record of any topic to the bus (the change feed); ``value`` None is a tombstone.
+        Synchronous, O(1), never blocks, never raises; delivered through the outbox like every event."""
+        if value == b"":
+            log.error("cannot publish an empty record for %r: an empty value means a tombstone", key)
+            return
+        item: _Item = (topic, bytes(key), value or b"", tuple(headers))
         self._published += 1
         if self._state == "closed":
             self._store_after_close(item)
@@ -219,7 +237,7 @@ class EventBus:
     def _wake_from_other_thread(self) -> None:
         self._wake.set()
 
-    def _store_after_close(self, item: tuple[str, bytes, bytes]) -> None:
+    def _store_after_close(self, item: _Item) -> None:
         # Only during teardown (the composition root stops the bus after the filesystem): a brief blocking
         # write is better than a lost event.
         try:
@@ -345,7 +363,7 @@ class EventBus:
 
     async def _store_and_send(self) -> None:
         assert self._outbox is not None
-        batch: list[tuple[str, bytes, bytes]] = []
+        batch: list[_Item] = []
         while self._queue and len(batch) < self.batch_size:
             batch.append(self._queue.popleft())
         if not batch:
@@ -367,7 +385,7 @@ class EventBus:
             log.info("outbox %s is writable again", self.outbox_path)
         self._outbox_count += len(ids)
         now = time.time()
-        self._send([OutboxRow(i, t, k, v, now) for i, (t, k, v) in zip(ids, batch, strict=True)])
+        self._send([OutboxRow(i, t, k, v, now, h) for i, (t, k, v, h) in zip(ids, batch, strict=True)])
 
     async def _resend(self) -> None:
         """Produce again the outbox rows not in flight (left from an earlier run or a failed attempt)."""
@@ -401,8 +419,9 @@ class EventBus:
             try:
                 producer.produce(
                     row.topic,
-                    value=row.value,
+                    value=row.value or None,  # an empty row is a tombstone (publish_record)
                     key=row.key,
+                    headers=list(row.headers) or None,
                     on_delivery=functools.partial(self._on_delivery, row.id, gen),
                 )
             except BufferError:

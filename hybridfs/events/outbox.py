@@ -21,6 +21,7 @@ reason ("database or disk is full"); the rollback that follows is best effort an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -29,17 +30,20 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Outbox", "OutboxError", "OutboxRow"]
+__all__ = ["Headers", "Outbox", "OutboxError", "OutboxRow"]
 
-_SCHEMA_VERSION = 1
+Headers = Sequence[tuple[str, bytes]]
+
+_SCHEMA_VERSION = 2  # 2: a ``headers`` column (JSON list of [name, value] pairs), for the change feed
 
 
 class OutboxRow(NamedTuple):
     id: int
     topic: str
     key: bytes
-    value: bytes
+    value: bytes  # b"" means a tombstone (a null value on Kafka): no event of ours is ever empty
     created: float
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class OutboxError(Exception):
@@ -68,8 +72,12 @@ class Outbox:
                     " topic TEXT NOT NULL,"
                     " key BLOB NOT NULL,"
                     " value BLOB NOT NULL,"
-                    " created REAL NOT NULL)"
+                    " created REAL NOT NULL,"
+                    " headers TEXT)"
                 )
+                self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            elif version == 1:  # an outbox of an earlier release: its rows keep waiting, without headers
+                self._db.execute("ALTER TABLE outbox ADD COLUMN headers TEXT")
                 self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version != _SCHEMA_VERSION:
                 raise RuntimeError(f"outbox {self.path} has schema version {version}, expected {_SCHEMA_VERSION}")
@@ -77,11 +85,12 @@ class Outbox:
             self._db.close()
             raise
 
-    def add(self, topic: str, key: bytes, value: bytes) -> int:
+    def add(self, topic: str, key: bytes, value: bytes, headers: Headers = ()) -> int:
         """Append one row durably; return its id."""
-        return self.add_many([(topic, key, value)])[0]
+        return self.add_many([(topic, key, value, headers)])[0]
 
-    def add_many(self, rows: Iterable[tuple[str, bytes, bytes]]) -> list[int]:
+    def add_many(self, rows: Iterable[tuple[str, bytes, bytes] | tuple[str, bytes, bytes, Headers]]
+                 ) -> list[int]:
         """Append rows in one transaction (one fsync); return their ids in order."""
         now = time.time()
         ids: list[int] = []
@@ -89,10 +98,12 @@ class Outbox:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for topic, key, value in rows:
+                for row in rows:
+                    topic, key, value = row[0], row[1], row[2]
+                    headers = _encode_headers(row[3] if len(row) > 3 else ())  # type: ignore[misc]
                     cur = self._db.execute(
-                        "INSERT INTO outbox (topic, key, value, created) VALUES (?, ?, ?, ?)",
-                        (topic, bytes(key), bytes(value), now),
+                        "INSERT INTO outbox (topic, key, value, created, headers) VALUES (?, ?, ?, ?, ?)",
+                        (topic, bytes(key), bytes(value), now, headers),
                     )
                     assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
@@ -115,10 +126,11 @@ class Outbox:
         """The oldest rows with id > ``after_id``, at most ``limit`` of them, oldest first."""
         with self._lock:
             cur = self._db.execute(
-                "SELECT id, topic, key, value, created FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                "SELECT id, topic, key, value, created, headers FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
-            return [OutboxRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4]) for r in cur.fetchall()]
+            return [OutboxRow(r[0], r[1], bytes(r[2]), bytes(r[3]), r[4], _decode_headers(r[5]))
+                    for r in cur.fetchall()]
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete rows by id (unknown ids are ignored); return how many were deleted."""
@@ -154,3 +166,15 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encode_headers(headers: Headers) -> str | None:
+    if not headers:
+        return None
+    return json.dumps([[name, value.decode("latin-1")] for name, value in headers])
+
+
+def _decode_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
+    if not text:
+        return ()
+    return tuple((str(name), str(value).encode("latin-1")) for name, value in json.loads(text))
