@@ -43,7 +43,13 @@ __all__ = ["ConsumerStats", "EventConsumer", "Handler", "InvalidEvent", "RejectE
 
 log = logging.getLogger("hybridfs.events.consumer")
 
-Handler = Callable[[Event], Awaitable[None]]
+Handler = Callable[[Any], Awaitable[None]]
+# Turns one message into what the handler takes; raises InvalidEvent for bad input (the default: an Event).
+Decoder = Callable[[Message, str], Any]
+
+
+def decode_event(msg: Message, allowed_prefix: str) -> Event:
+    return decode(msg.value() or b"", allowed_prefix=allowed_prefix)
 
 _PROBE_INTERVAL = 5.0  # while unreachable: how often the thread checks whether Kafka is back
 _LAG_INTERVAL = 5.0
@@ -58,6 +64,7 @@ class ConsumerStats:
     in_progress: int  # messages received and not finished yet
     lag: int | None  # messages on the broker not yet finished by this consumer group member
     reachable: bool | None
+    lag_age: float | None = None  # seconds since the lag was last measured (None: never)
 
 
 class _PartitionTrack:
@@ -98,6 +105,9 @@ class EventConsumer:
         close_timeout: float = 10.0,
         name: str | None = None,
         instance_id: str | None = None,
+        decoder: Decoder = decode_event,
+        lag_interval: float = _LAG_INTERVAL,
+        fresh_lag: bool = False,
     ) -> None:
         self.bootstrap = bootstrap
         # Static group membership (KIP-345): a restarted member takes its partitions back at once instead of
@@ -117,6 +127,14 @@ class EventConsumer:
         self.poll_timeout = poll_timeout
         self.close_timeout = close_timeout
         self.name = name or topic
+        self.decoder = decoder
+        # fresh_lag: ask the broker for the high watermarks (a round trip each lag_interval) instead of reading
+        # librdkafka's cached statistics, so a measured lag also proves Kafka answered (the change feed's health).
+        self.lag_interval = lag_interval
+        self.fresh_lag = fresh_lag
+        self._lag_at: float | None = None  # monotonic time of the last successful lag measurement
+        self._lag_done = threading.Event()
+        self._next_offsets: dict[int, int] = {}  # partition -> offset after the last message received
 
         self.dead_letter_limiter = trio.CapacityLimiter(1)
         self._commands: queue.SimpleQueue[TopicPartition] = queue.SimpleQueue()  # commits for the thread
@@ -147,6 +165,7 @@ class EventConsumer:
             in_progress=self._outstanding,
             lag=self._lag,
             reachable=self._reachable,
+            lag_age=None if self._lag_at is None else time.monotonic() - self._lag_at,
         )
 
     # --- trio side ------------------------------------------------------------------------------------------
@@ -272,12 +291,12 @@ class EventConsumer:
         """Decode and handle one message; True when it may be committed."""
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         try:
-            event = decode(msg.value() or b"", allowed_prefix=self.allowed_prefix)
+            event = self.decoder(msg, self.allowed_prefix)
         except InvalidEvent as exc:
             await self._set_aside(msg, f"invalid event: {exc.reason}", where)
             return True
-        retry = Retrying(self._policy, log, f"handling {event.type} event for {event.key!r} ({where}) failed; "
-                                            "not committed")
+        what = f"{_kind(event)} for {getattr(event, 'key', '?')!r}"
+        retry = Retrying(self._policy, log, f"handling {what} ({where}) failed; not committed")
         while True:
             try:
                 await self.handler(event)
@@ -285,7 +304,8 @@ class EventConsumer:
                 rejected = _rejection(exc)
                 if rejected is not None:
                     await self._set_aside(
-                        msg, f"rejected {event.type} event for {event.key!r}: {rejected.reason}", where
+                        msg, f"rejected {_kind(event)} for {getattr(event, 'key', '?')!r}: {rejected.reason}",
+                        where,
                     )
                     return True
                 self._handler_failures += 1
@@ -359,7 +379,7 @@ class EventConsumer:
     def _thread_main(self, consumer: Consumer) -> None:
         paused = False
         next_probe = 0.0
-        next_lag = time.monotonic() + _LAG_INTERVAL
+        next_lag = time.monotonic() + min(self.lag_interval, _LAG_INTERVAL)
 
         def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
             self._epoch += 1
@@ -370,6 +390,9 @@ class EventConsumer:
             self._epoch += 1
             log.debug("%s: revoked %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
 
+        if self.fresh_lag:
+            # Broker round trips: in a thread of their own, so that they never hold up poll() (and delivery).
+            threading.Thread(target=self._lag_loop, args=(consumer,), name=f"{self.name}-lag", daemon=True).start()
         try:
             consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
             while not self._stop.is_set():
@@ -386,8 +409,8 @@ class EventConsumer:
                 if self._reachable is False and now >= next_probe:
                     next_probe = now + _PROBE_INTERVAL
                     self._probe(consumer)
-                if now >= next_lag:
-                    next_lag = now + _LAG_INTERVAL
+                if now >= next_lag and not self.fresh_lag:
+                    next_lag = now + self.lag_interval
                     self._update_lag(consumer)
                 msg = consumer.poll(self.poll_timeout)
                 if msg is None:
@@ -400,11 +423,16 @@ class EventConsumer:
                 with self._outstanding_lock:
                     self._outstanding += 1
                 self._received += 1
+                self._next_offsets[msg.partition() or 0] = (msg.offset() or 0) + 1
                 if not self._hand_over(msg, self._epoch):
                     with self._outstanding_lock:
                         self._outstanding -= 1
                     return
         finally:
+            if self.fresh_lag:
+                self._stop.set()
+                self._lag_done.wait(5.0)  # never close the consumer under a lag query
+                self._lag_done.clear()
             try:
                 self._run_commits(consumer, asynchronous=False)
             except Exception as exc:
@@ -485,6 +513,43 @@ class EventConsumer:
             return
         self._mark_reachable()
 
+    def _lag_loop(self, consumer: Consumer) -> None:
+        """``fresh_lag``: every ``lag_interval``, the broker's high watermarks against the offsets this member
+        has received (``_next_offsets``), until the consumer thread stops. A client of its own (same group, never
+        subscribed): the consumer's own methods block while another thread polls it."""
+        conf = client_config(self.bootstrap, self.kafka_config, client_id=f"hybridfs-{self.name}-lag",
+                             logger=RdKafkaLogger(), forced={"group.id": self.group_id, "enable.auto.commit": False})
+        conf.pop("group.instance.id", None)
+        probe = Consumer(conf)
+        committed: dict[int, int] = {}
+        try:
+            while not self._stop.wait(self.lag_interval):
+                try:
+                    self._measure_lag(probe, committed)
+                except Exception as exc:
+                    log.debug("%s: lag unknown: %s", self.name, exc)
+        finally:
+            try:
+                probe.close()
+            finally:
+                self._lag_done.set()
+
+    def _measure_lag(self, probe: Consumer, committed: dict[int, int]) -> None:
+        meta = probe.list_topics(self.topic, timeout=1.0).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return
+        missing = [p for p in meta.partitions if p not in self._next_offsets and p not in committed]
+        if missing:
+            for tp in probe.committed([TopicPartition(self.topic, p) for p in missing], timeout=1.0):
+                committed[tp.partition] = tp.offset
+        total = 0
+        for p in meta.partitions:
+            low, high = probe.get_watermark_offsets(TopicPartition(self.topic, p), timeout=1.0, cached=False)
+            position = self._next_offsets.get(p, committed.get(p, -1))
+            total += max(0, high - (position if position >= 0 else low))
+        self._lag = total + self._outstanding
+        self._lag_at = time.monotonic()
+
     def _update_lag(self, consumer: Consumer) -> None:
         try:
             assignment = consumer.assignment()
@@ -496,6 +561,7 @@ class EventConsumer:
                 if high >= 0 and tp.offset >= 0:
                     total += max(0, high - tp.offset)
             self._lag = total + self._outstanding
+            self._lag_at = time.monotonic()
         except Exception as exc:
             log.debug("%s: lag unknown: %s", self.name, exc)
 
@@ -515,6 +581,11 @@ class EventConsumer:
             log.info("kafka reachable again at %s: consuming %s", self.bootstrap, self.topic)
         self._reachable = True
         self._warned.clear()
+
+
+def _kind(item: object) -> str:
+    kind = getattr(item, "type", None)
+    return f"{kind} event" if isinstance(kind, str) else type(item).__name__.lower()
 
 
 def _rejection(exc: BaseException) -> RejectEvent | None:

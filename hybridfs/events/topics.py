@@ -153,6 +153,7 @@ def create_topics(
     *,
     partitions: int = 3,
     timeout: float = 10.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet (blocking; run it in a thread from trio code).
 
@@ -162,7 +163,8 @@ def create_topics(
     names = list(topics)
     conf = client_config(bootstrap, kafka_config, client_id="hybridfs-admin")
     admin = AdminClient(conf)
-    new = [NewTopic(name, num_partitions=partitions, replication_factor=-1) for name in names]
+    new = [NewTopic(name, num_partitions=partitions, replication_factor=-1, config=dict((configs or {}).get(name, {})))
+           for name in names]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
     created: list[str] = []
     first_error: BaseException | None = None
@@ -200,10 +202,11 @@ class TopicCreator:
     def __init__(
         self,
         bootstrap: str,
-        topics: Topics,
+        topics: Topics | Iterable[str],
         kafka_config: Mapping[str, Any] | None = None,
         *,
         partitions: int = 3,
+        configs: Mapping[str, Mapping[str, str]] | None = None,
         attempt_timeout: float = 10.0,
         max_backoff: float = 60.0,
         limiter: trio.CapacityLimiter | None = None,
@@ -214,7 +217,8 @@ class TopicCreator:
         # reports the outage itself), never WARNING.
         self.policy = Policy(first=1.0, cap=max_backoff, info_at=1,
                              warn_at=4 if unreachable_level >= logging.WARNING else None)
-        self.topics = topics
+        self.topics = list(topics)
+        self.configs = dict(configs or {})  # topic name -> its topic settings (cleanup.policy=compact)
         self.kafka_config = dict(kafka_config or {})
         self.partitions = partitions
         self.attempt_timeout = attempt_timeout
@@ -228,6 +232,7 @@ class TopicCreator:
             self.kafka_config,
             partitions=self.partitions,
             timeout=self.attempt_timeout,
+            configs=self.configs,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
