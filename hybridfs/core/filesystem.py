@@ -25,6 +25,7 @@ import trio
 from cachetools import TTLCache
 
 from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
+from hybridfs.core.changes import Change, ChangeSink, NoChanges
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
@@ -43,6 +44,10 @@ XATTR_KEY = "user.hybridfs.key"
 XATTR_ETAG = "user.hybridfs.etag"
 XATTR_STATUS = "user.hybridfs.status"  # on the root: the mount's status as JSON (hybridfs status)
 FILE_XATTRS = (XATTR_STATE, XATTR_KEY, XATTR_ETAG)
+
+# A change delivered by the feed within this many seconds of being made is the truth now: it is remembered as if
+# a HEAD had told it. An older one (a replay of the topic, a long outage) only invalidates: a HEAD tells again.
+LIVE_CHANGE_SECONDS = 10.0
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -130,6 +135,8 @@ class Filesystem:
         self.reads_from_cloud = 0
         self.read_bytes = {"cache": 0, "s3": 0, "local": 0}  # bytes read() returned, by where they came from
         self.refuse_opens = False  # set while shutting down: in-flight work finishes, nothing new starts
+        self.changes: ChangeSink = NoChanges()  # set by the mount: the change feed (after S3 acknowledged)
+        self.changes_applied = 0  # foreign changes applied (apply_change / invalidate_key)
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
 
@@ -245,6 +252,7 @@ class Filesystem:
         if st.is_dir:
             await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
             self.ns.remember(path, new)
+            self._publish(Change.put(self.keys.dir_prefix(path), new))
             return
         key = self.keys.key(path)
         await self.store.copy(key, key, metadata_for(new))
@@ -255,6 +263,7 @@ class Filesystem:
             await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
         new = new.with_(etag=info.etag)
         self.ns.remember(path, new)
+        self._publish(Change.put(key, new))
         if of is not None:
             of.stat = new
 
@@ -272,6 +281,7 @@ class Filesystem:
             etag = await self.store.put(key, b"", metadata_for(new))
             await self.cache.remove(key)
             self.ns.remember(path, new.with_(etag=etag, complete=True))
+            self._publish(Change.put(key, new.with_(etag=etag, complete=True)))
             return
         spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
         try:
@@ -283,6 +293,7 @@ class Filesystem:
             await spool.close()
         self._after_upload(key, path, done)
         self.ns.remember(path, new.with_(etag=done.etag, complete=True))
+        self._publish(Change.put(key, new.with_(etag=done.etag, complete=True)))
         node.kernel_etag = None
 
     # -- namespace changes -----------------------------------------------------------------------------------
@@ -294,6 +305,7 @@ class Filesystem:
         await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(st))
         self.ns.remember(path, st)
         self.ns.listings[path] = {}
+        self._publish(Change.put(self.keys.dir_prefix(path), st))
         return self.inodes.looked_up(path), st
 
     async def _require_absent(self, path: str) -> None:
@@ -313,6 +325,7 @@ class Filesystem:
         etag = await self.store.put(self.keys.key(path), target, metadata_for(st))
         st = st.with_(etag=etag)
         self.ns.remember(path, st)
+        self._publish(Change.put(self.keys.key(path), st, target=target.decode("utf-8", "replace")))
         return self.inodes.looked_up(path), st
 
     async def readlink(self, ino: int) -> bytes:
@@ -336,6 +349,7 @@ class Filesystem:
         key = self.keys.key(path)
         if path not in self.ns.pending:
             await self.store.delete(key)
+            self._publish(Change.delete(key))
         await self.cache.remove(key)
         self.ns.forget(path)
         self.inodes.unlink(path)
@@ -349,6 +363,7 @@ class Filesystem:
         if await self.store.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
             raise FsError(errno.ENOTEMPTY, f"{path!r} is not empty")
         await self.store.delete(prefix)
+        self._publish(Change.delete(prefix))
         self.ns.forget_tree(path)
         self.inodes.unlink(path)
 
@@ -405,10 +420,13 @@ class Filesystem:
         info = await self.store.head(new_key)
         moved = src.with_(etag=info.etag if info else src.etag)
         self.ns.remember(new, moved)
+        self._publish(Change.put(new_key, moved))
+        self._publish(Change.delete(old_key))
         if of is not None:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
             await self.store.delete(self.keys.dir_prefix(new))
+            self._publish(Change.delete(self.keys.dir_prefix(new)))
         await self.cache.rename(old_key, new_key)
         self.ns.forget(old)
 
@@ -427,8 +445,13 @@ class Filesystem:
             await self.store.copy(info.key, target, head.metadata or {} if head else {})
         if not any(o.key == old_prefix for o in objects):
             await self.store.put(new_prefix, b"", metadata_for(moved))
+            self._publish(Change.put(new_prefix, moved))
+        for info in objects:
+            # A copy's ETag may differ from the original's (multipart): the feed says "changed, ask S3".
+            self._publish(Change.unknown(new_prefix + info.key[len(old_prefix):]))
         for info in objects:
             await self.store.delete(info.key)
+            self._publish(Change.delete(info.key))
             await self.cache.remove(info.key)
         if dst is not None:
             self.ns.forget_tree(new)
@@ -575,6 +598,7 @@ class Filesystem:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
         if not of.node.unlinked:
             self.ns.settle(of.node.path, of.stat)
+            self._publish(Change.put(key, of.stat))
         self._after_upload(key, of.node.path, done)
 
     def _after_upload(self, key: str, path: str, done: Uploaded) -> None:
@@ -723,6 +747,107 @@ class Filesystem:
             node.kernel_etag = None
             await self.kernel.invalidate(node.ino)
 
+    # -- the change feed: other mounts' changes (docs/semantics.md, "The change feed") ---------------------
+
+    def _publish(self, change: Change) -> None:
+        """S3 acknowledged ``change``: tell the other mounts (never blocks, never fails the operation)."""
+        try:
+            self.changes.publish_change(change)
+        except Exception:  # a bug in the sink must not fail a change S3 already holds
+            log.exception("publishing the change of %s failed", change.key)
+
+    async def apply_change(self, change: Change) -> None:
+        """Apply a change another mount or writer made to ``change.key`` (the feed consumer, the S3 event
+        consumer). Idempotent; keys outside the mount's prefix are ignored. What it does:
+
+        - ``removed``: the path is gone here too (a node still open keeps its file, with nlink 0).
+        - ``stat`` given: the path has these attributes now (remembered as from a HEAD when the change is
+          younger than LIVE_CHANGE_SECONDS, else only invalidated); an open node on another version is
+          detached (its handles keep the old version), the cached copy of an older ETag is dropped — or, when
+          the key is pinned, a hydration of the new version is asked for.
+        - neither: "changed, attributes unknown" (:meth:`invalidate_key`).
+
+        Always: the kernel's entry and inode of the path are invalidated (from a thread, never inline). A path
+        written here (open with local changes, or created and not uploaded yet) is left alone: local state
+        wins until its upload. Never raises for a well-formed change; FsError only for S3/cache failures.
+        """
+        path = self.keys.path(change.key)
+        if not path:
+            return
+        if self._written_here(path):
+            log.debug("change of %s from %s not applied: the file is being written here", path, change.origin)
+            return
+        self.changes_applied += 1
+        if change.removed:
+            await self._apply_removed(path, change)
+        elif change.stat is None:
+            await self._invalidate_path(path, change.key)
+        else:
+            await self._apply_put(path, change, change.stat)
+
+    async def invalidate_key(self, key: str, *, removed: bool = False) -> None:
+        """Someone changed (or, with ``removed``, deleted) ``key`` and we do not know its new attributes: the
+        next stat, open or listing asks S3 (lazily). For S3 event records of foreign writers."""
+        await self.apply_change(Change(key, None, removed=removed, origin="s3-event"))
+
+    def _written_here(self, path: str) -> bool:
+        if path in self.ns.pending:
+            return True
+        node = self.inodes.existing(path)
+        of = self.open_files.get(node.ino) if node is not None else None
+        return of is not None and (of.dirty or of.writer is not None or of.created or of.lost is not None)
+
+    async def _apply_put(self, path: str, change: Change, st: Stat) -> None:
+        st = st.with_(complete=True, kind_known=True, etag=None if st.is_dir else st.etag)
+        if time.time() - change.time <= LIVE_CHANGE_SECONDS:
+            self.ns.remember(path, st)
+        else:
+            self.ns.invalidate(path)
+            self.ns.last_known[path] = st
+        node = self.inodes.existing(path)
+        if node is not None:
+            self._detach_if_replaced(node, st)
+        await self._drop_older_copy(change.key, st)
+        await self._forget_in_kernel(path, node)
+
+    async def _apply_removed(self, path: str, change: Change) -> None:
+        if change.is_dir:  # rmdir, or a directory moved: what is below says so itself
+            self.ns.invalidate(path)
+            self.ns.last_known.pop(path, None)
+        elif time.time() - change.time <= LIVE_CHANGE_SECONDS:
+            self.ns.forget(path)
+        else:
+            self.ns.invalidate(path)
+            self.ns.last_known.pop(path, None)
+        node = self.inodes.existing(path)
+        if node is not None:
+            self._detach(node)  # open handles keep their file, with nlink 0; the path is gone
+        if not change.is_dir and not self.is_open(change.key):
+            await self.cache.remove(change.key)
+        await self._forget_in_kernel(path, node)
+
+    async def _invalidate_path(self, path: str, key: str) -> None:
+        self.ns.invalidate(path)
+        self.ns.last_known.pop(path, None)  # its metadata may have changed with its ETag kept (a copy)
+        await self._forget_in_kernel(path, self.inodes.existing(path))
+
+    async def _drop_older_copy(self, key: str, st: Stat) -> None:
+        entry = self.cache.lookup(key)
+        if st.etag is None or entry is None or entry.etag == st.etag:
+            return
+        if key in self.cache.pins:  # pinned: stays cached, in its new version
+            self.ask_hydration(key, st.etag, st.size, "changed")
+        elif not self.is_open(key):  # open here: its readers keep the copy; the next open drops it
+            await self.cache.remove(key)
+
+    async def _forget_in_kernel(self, path: str, node: Node | None) -> None:
+        parent = self.inodes.existing(parent_of(path))
+        if parent is not None:
+            await self.kernel.forget_entry(parent.ino, name_of(path).encode())
+        if node is not None:
+            node.kernel_etag = None
+            await self.kernel.invalidate(node.ino)
+
     def statfs(self) -> dict[str, int]:
         return {"bsize": 4096, "namemax": 255}
 
@@ -745,6 +870,7 @@ class Filesystem:
             st = st.with_(rdev=rdev)
         st = st.with_(etag=await self.store.put(key, b"", metadata_for(st)))
         self.ns.remember(path, st)
+        self._publish(Change.put(key, st))
         return self.inodes.looked_up(path), st
 
     def _detach_if_replaced(self, node: Node, st: Stat) -> bool:

@@ -58,6 +58,10 @@ class Namespace:
         self._prefetching: dict[str, trio.Event] = {}
         self._s3_down = False
         self.root_stat = implicit_dir(defaults, time.time_ns())
+        # Set by the mount: True while the change feed is caught up (hybridfs.services.feed). Then what we
+        # know is kept up to date by the feed, so opens do not revalidate after --attr-timeout, and a listing's
+        # entry whose ETag matches what we know is complete (docs/semantics.md, "Trust while the feed is healthy").
+        self.trusted: Callable[[], bool] = _never
 
     # -- queries --------------------------------------------------------------------------------------------
 
@@ -67,6 +71,8 @@ class Namespace:
             return self.root_stat
         if path in self.pending:
             return self.pending[path]
+        if max_age is not None and self.trusted():
+            max_age = None  # the feed tells us of every change: no need to ask S3 again before dir_cache_time
         cached = self.stats.get(path)
         if cached is not None and cached.stat.complete and (
                 max_age is None or time.monotonic() - cached.fetched <= max_age):
@@ -246,7 +252,7 @@ class Namespace:
             return fresh.stat
         known = self.last_known.get(path)
         if known is not None and known.is_dir:
-            return known.with_(complete=False)
+            return known if self.trusted() else known.with_(complete=False)
         return implicit_dir(self.defaults, self.root_stat.mtime_ns, complete=False)
 
     def _listed_object(self, path: str, info: ObjectInfo) -> Stat:
@@ -254,6 +260,8 @@ class Namespace:
         if fresh is not None and fresh.stat.etag == info.etag:
             return fresh.stat
         known = self.last_known.get(path)
+        if known is not None and not known.is_dir and known.etag == info.etag and self.trusted():
+            return known  # the feed would have told us of a change of its attributes
         if known is not None and not known.is_dir:  # a listing never changes a known type; a HEAD will
             return known.with_(size=info.size, etag=info.etag, complete=False)
         # Never seen, or a directory we knew (nothing is below it any more): the type is for a HEAD to say,
@@ -296,6 +304,14 @@ class Namespace:
         if listing is not None:
             listing.pop(name_of(path), None)
 
+    def invalidate(self, path: str) -> None:
+        """Someone else changed ``path``: the next stat asks S3, the next listing of its parent lists again.
+        What a HEAD last told (``last_known``) stays, for while S3 is down."""
+        self.stats.pop(path, None)
+        self.missing.pop(path, None)
+        self.listings.pop(path, None)
+        self.listings.pop(parent_of(path), None)
+
     def forget_tree(self, path: str) -> None:
         for cache in (self.stats, self.listings):
             for p in [p for p in list(cache.keys()) if p.startswith(path + "/")]:
@@ -313,3 +329,7 @@ class Namespace:
         """The file at ``path`` is now in S3 with attributes ``st``."""
         self.pending.pop(path, None)
         self.remember(path, st)
+
+
+def _never() -> bool:
+    return False
