@@ -40,6 +40,8 @@ from hybridfs.events.bus import EventBus
 from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
+from hybridfs.services.feed import FeedPublisher
+from hybridfs.services.feed_schema import changes_topic
 from hybridfs.tasks import Supervisor, failpoint
 from hybridfs.tiers.cache import DirectoryInUse, LocalCache, lock_directory
 from hybridfs.tiers.s3 import CloudStore, S3Settings
@@ -117,6 +119,8 @@ class Mount:
                             BusHydration(self.bus, self.origin), PyfuseKernel())
             self.fs = fs
             fs.status_extra = self.status_extra
+            if self.bus is not None:  # before anything can change: every change reaches the feed
+                fs.changes = FeedPublisher(self.bus, changes_topic(self.cfg.topic_prefix), self.origin)
             await supervisor.start(self.store.run_aborts, name="multipart aborts")
             supervisor.start_soon(self._clean_uploads, name="stale multipart uploads")
             if self.bus is not None:

@@ -28,6 +28,7 @@ from hybridfs.events.schema import topic_names
 from hybridfs.keylocks import KeyLocks
 from hybridfs.services.census import Census
 from hybridfs.services.common import FilesystemHooks
+from hybridfs.services.feed import FeedPublisher, FeedService
 from hybridfs.services.hydrator import Hydrator
 from hybridfs.services.planner import Planner, PlannerSettings
 from hybridfs.services.purger import Purger, PurgerSettings
@@ -53,6 +54,7 @@ class Services:
     hydrate_consumer: EventConsumer | None  # None: events are off
     evict_consumer: EventConsumer | None
     census: Census
+    feed: FeedService | None = None  # None: events are off
 
     def status(self) -> dict[str, Any]:
         """Merged into the mount's status (``user.hybridfs.status`` on the mount root)."""
@@ -62,7 +64,9 @@ class Services:
             hydrator["consumer"] = dataclasses.asdict(self.hydrate_consumer.stats())
         if self.evict_consumer is not None:
             purger["consumer"] = dataclasses.asdict(self.evict_consumer.stats())
+        extra: dict[str, Any] = {"feed": self.feed.status()} if self.feed is not None else {}
         return {
+            **extra,
             "services": {
                 "hydrator": hydrator,
                 "purger": purger,
@@ -124,7 +128,12 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
     await nursery.start(hydrate_consumer.run)
     await nursery.start(evict_consumer.run)
     await nursery.start(census.run)
-    return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census)
+    feed = FeedService(fs, bootstrap=cfg.kafka, topic_prefix=cfg.topic_prefix, group=f"hybridfs-changes-{cfg.cache_id}",
+                       origin=mount.origin, dead_letter_topic=topics.dead_letter, kafka_config=cfg.kafka_options,
+                       publisher=fs.changes if isinstance(fs.changes, FeedPublisher) else None)
+    fs.ns.trusted = feed.trusted
+    await nursery.start(feed.run)
+    return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census, feed)
 
 
 def evictions_reachable(bus: EventBus, consumers: list[EventConsumer]) -> bool | None:

@@ -1,0 +1,175 @@
+"""The change feed: every mount publishes its changes to ``<topic-prefix>.changes`` and applies the others'.
+
+::
+
+    Filesystem._publish(change) --FeedPublisher--> bus.publish_record --outbox--> <prefix>.changes (compacted)
+    <prefix>.changes --EventConsumer(group hybridfs-changes-<cache id>)--> FeedService.handle
+        -> own origin: skipped;  else Filesystem.apply_change (namespace, kernel, cache tier)
+
+Publishing goes through the durable outbox, after S3 acknowledged the change: a Kafka outage delays the feed,
+never a write. Each mount consumes the whole topic in its own group, from the beginning the first time (a
+compacted topic is the latest record of every key), so a new mount learns the namespace's metadata as it goes.
+
+Health (docs/semantics.md, "Trust while the feed is healthy"): the feed is *healthy* while all of these hold:
+
+* the consumer reaches Kafka, and measured its lag against the broker's high watermarks (a round trip, once a
+  second) no more than ``MAX_LAG_AGE`` (3 s) ago — so a Kafka outage is noticed within 3 s;
+* that lag (records on the broker not yet applied here) is at most ``MAX_LAG`` (100);
+* no change has been in the middle of being applied for more than ``MAX_APPLY_SECONDS`` (2 s): not stuck.
+
+While healthy the namespace is *trusted* (``Namespace.trusted``): opens do not revalidate with a HEAD after
+--attr-timeout, and listings complete their entries from what the mount knows. When not, the mount falls back
+to the timers and HEAD revalidation; each switch is one INFO line and shows in ``hybridfs status`` (``feed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+
+from hybridfs.core.changes import Change
+from hybridfs.events.bus import EventBus
+from hybridfs.events.consumer import EventConsumer
+from hybridfs.events.topics import TopicCreator
+from hybridfs.services.feed_schema import TOPIC_CONFIG, changes_topic, decode_change, encode_change
+
+if TYPE_CHECKING:
+    from hybridfs.core.filesystem import Filesystem
+
+__all__ = ["MAX_APPLY_SECONDS", "MAX_LAG", "MAX_LAG_AGE", "FeedPublisher", "FeedService"]
+
+log = logging.getLogger("hybridfs.services.feed")
+
+MAX_LAG = 100  # records not yet applied
+MAX_LAG_AGE = 3.0  # seconds since the lag was last measured against the broker
+MAX_APPLY_SECONDS = 2.0  # one change being applied for longer: the consumer is stuck
+LAG_INTERVAL = 1.0
+CHECK_INTERVAL = 0.25
+
+
+class FeedPublisher:
+    """:class:`hybridfs.core.changes.ChangeSink` over the event bus."""
+
+    def __init__(self, bus: EventBus, topic: str, origin: str) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.origin = origin
+        self.published = 0
+
+    def publish_change(self, change: Change) -> None:
+        key, value, headers = encode_change(change, self.origin)
+        self.bus.publish_record(self.topic, key, value, headers)
+        self.published += 1
+
+
+def decode_record(msg: Message, allowed_prefix: str) -> Change:
+    """The consumer's decoder. Keys are checked to be clean, not to be under this mount's prefix: mounts of
+    other prefixes may share the topic, and their records are not garbage (apply_change ignores them)."""
+    kind, millis = msg.timestamp()
+    when = millis / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and millis > 0 else time.time()
+    return decode_change(msg.key(), msg.value(), msg.headers(), allowed_prefix="", timestamp=when)
+
+
+class FeedService:
+    def __init__(self, fs: Filesystem, *, bootstrap: str, topic_prefix: str, group: str, origin: str,
+                 dead_letter_topic: str, kafka_config: dict[str, Any] | None = None,
+                 publisher: FeedPublisher | None = None) -> None:
+        self.fs = fs
+        self.origin = origin
+        self.topic = changes_topic(topic_prefix)
+        self.publisher = publisher
+        self.creator = TopicCreator(bootstrap, [self.topic], kafka_config, configs={self.topic: TOPIC_CONFIG},
+                                    unreachable_level=logging.INFO)
+        self.consumer = EventConsumer(bootstrap, self.topic, group, self.handle, allowed_prefix="",
+                                      dead_letter_topic=dead_letter_topic, kafka_config=kafka_config,
+                                      instance_id=group, name="feed", decoder=decode_record,
+                                      lag_interval=LAG_INTERVAL, fresh_lag=True)
+        self.healthy = False
+        self.reason = "starting"
+        self.since = time.monotonic()
+        self.applied = 0
+        self.own_skipped = 0
+        self._applying: dict[int, float] = {}  # id of a change being applied -> monotonic start
+        self._delays: deque[float] = deque(maxlen=1000)  # seconds from a change being made to applied here
+
+    def trusted(self) -> bool:
+        return self.healthy
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.creator.run)
+            await nursery.start(self.consumer.run)
+            nursery.start_soon(self._watch)
+            task_status.started()
+
+    async def handle(self, change: Change) -> None:
+        if change.origin == self.origin:
+            self.own_skipped += 1  # applied here when it was made
+            return
+        token = id(change)
+        self._applying[token] = time.monotonic()
+        try:
+            await self.fs.apply_change(change)
+        finally:
+            del self._applying[token]
+        self.applied += 1
+        delay = max(0.0, time.time() - change.time) if change.time > 0 else 0.0
+        self._delays.append(delay)
+        log.debug("applied the change of %s from %s, made %.0f ms ago", change.key, change.origin, delay * 1000)
+
+    # -- health ------------------------------------------------------------------------------------------------
+
+    def _unhealthy_reason(self) -> str | None:
+        stats = self.consumer.stats()
+        if stats.reachable is False:
+            return "kafka unreachable"
+        if stats.lag_age is None:
+            return "not caught up yet (lag not measured)"
+        if stats.lag_age > MAX_LAG_AGE:
+            return f"no answer from kafka for {stats.lag_age:.1f}s"
+        if stats.lag is not None and stats.lag > MAX_LAG:
+            return f"lag {stats.lag} > {MAX_LAG} records"
+        oldest = min(self._applying.values(), default=None)
+        if oldest is not None and time.monotonic() - oldest > MAX_APPLY_SECONDS:
+            return f"a change has been applying for {time.monotonic() - oldest:.1f}s"
+        return None
+
+    async def _watch(self) -> None:
+        while True:
+            self.check()
+            await trio.sleep(CHECK_INTERVAL)
+
+    def check(self) -> None:
+        reason = self._unhealthy_reason()
+        healthy = reason is None
+        if healthy != self.healthy:
+            self.since = time.monotonic()
+            if healthy:
+                log.info("change feed %s is caught up: trusting local metadata (no revalidation with S3 until "
+                         "a change arrives or --dir-cache-time passes)", self.topic)
+            else:
+                log.info("change feed %s unhealthy (%s): falling back to --attr-timeout revalidation and "
+                         "--dir-cache-time", self.topic, reason)
+        self.healthy = healthy
+        self.reason = reason or "caught up"
+
+    def status(self) -> dict[str, Any]:
+        delays = sorted(self._delays)
+        return {
+            "topic": self.topic,
+            "mode": "trusted" if self.healthy else "fallback",
+            "reason": self.reason,
+            "for_seconds": round(time.monotonic() - self.since, 1),
+            "applied": self.applied,
+            "own_skipped": self.own_skipped,
+            "published": self.publisher.published if self.publisher is not None else 0,
+            "delay_p50_ms": round(statistics.median(delays) * 1000, 1) if delays else None,
+            "consumer": dataclasses.asdict(self.consumer.stats()),
+        }
