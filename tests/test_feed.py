@@ -1,0 +1,147 @@
+"""The change feed (issue 13): a change closed on mount A is seen by a new open or stat on mount B within 1 s.
+
+Two real mounts on one prefix with separate caches and one topic prefix. B runs with timers far longer than the
+bound (--attr-timeout and --dir-cache-time 60 s), so only the feed can make A's changes visible to B in time:
+the kernel's cached entries and attributes, B's namespace caches and its cache tier must all follow the feed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+from helpers import Mount, Stack, wait_until
+
+from hybridfs.core.attrs import NS
+
+LONG_TIMERS = ["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"]
+BOUND = 1.0  # seconds: the visibility bound the issue asks for (p99)
+
+
+def status(mount: Mount) -> dict[str, Any]:
+    return json.loads(os.getxattr(mount.path, "user.hybridfs.status"))
+
+
+def feed_trusted(mount: Mount) -> bool:
+    return status(mount).get("feed", {}).get("mode") == "trusted"
+
+
+def visible_within(predicate: Any, what: str, bound: float = BOUND) -> float:
+    """Poll ``predicate`` (with a deadline well past the bound, so a miss reports how late it was) and
+    assert it held within ``bound`` seconds; return the time it took."""
+    start = time.monotonic()
+    wait_until(predicate, timeout=bound * 10, interval=0.01, message=what)
+    took = time.monotonic() - start
+    assert took < bound, f"{what}: visible after {took:.2f}s, bound {bound:g}s"
+    return took
+
+
+def read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.fixture
+def pair(mount_factory: Any) -> tuple[Mount, Mount]:
+    a = mount_factory()
+    b = mount_factory(extra_args=LONG_TIMERS)
+    for m in (a, b):
+        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+    return a, b
+
+
+def test_changes_on_one_mount_reach_the_other_within_a_second(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    (a.path / "f.txt").write_bytes(b"version 1")
+    assert visible_within(lambda: read(b.path / "f.txt") == b"version 1", "create")
+    os.stat(b.path / "f.txt")  # the kernel caches entry and attributes for 60 s on B
+
+    (a.path / "f.txt").write_bytes(b"version 2, longer")
+    visible_within(lambda: read(b.path / "f.txt") == b"version 2, longer", "overwrite (new open on B)")
+
+    os.chmod(a.path / "f.txt", 0o600)
+    visible_within(lambda: os.stat(b.path / "f.txt").st_mode & 0o777 == 0o600, "chmod")
+
+    os.utime(a.path / "f.txt", ns=(1_600_000_000 * NS, 1_600_000_000 * NS))
+    visible_within(lambda: os.stat(b.path / "f.txt").st_mtime_ns == 1_600_000_000 * NS, "utime")
+
+    os.rename(a.path / "f.txt", a.path / "g.txt")
+    visible_within(lambda: not (b.path / "f.txt").exists() and read(b.path / "g.txt") == b"version 2, longer",
+                   "rename")
+
+    (a.path / "g.txt").unlink()
+    visible_within(lambda: not (b.path / "g.txt").exists(), "delete")
+
+    (a.path / "d").mkdir()
+    visible_within(lambda: (b.path / "d").is_dir(), "mkdir")
+    os.symlink("target-name", a.path / "d" / "link")
+    visible_within(lambda: os.path.islink(b.path / "d" / "link")
+                   and os.readlink(b.path / "d" / "link") == "target-name", "symlink")
+    (a.path / "d" / "link").unlink()
+    (a.path / "d").rmdir()
+    visible_within(lambda: not (b.path / "d").exists(), "rmdir")
+
+    # Each mount applied the other's changes and skipped its own.
+    sa, sb = status(a)["feed"], status(b)["feed"]
+    assert sb["applied"] >= 9, sb
+    assert sa["own_skipped"] >= 9 and sa["applied"] == 0, sa
+    assert sb["mode"] == "trusted", sb
+
+
+def test_a_changed_file_is_not_served_from_the_older_cached_copy(pair: tuple[Mount, Mount]) -> None:
+    a, b = pair
+    (a.path / "c.bin").write_bytes(b"a" * 10_000)
+    wait_until(lambda: read(b.path / "c.bin") == b"a" * 10_000, timeout=10, message="first version on B")
+    wait_until(lambda: os.getxattr(b.path / "c.bin", "user.hybridfs.state") == b"cached", timeout=10,
+               message="B caches the first version")
+    (a.path / "c.bin").write_bytes(b"b" * 10_000)
+    visible_within(lambda: read(b.path / "c.bin") == b"b" * 10_000, "overwrite of a cached file")
+
+
+def test_a_garbage_record_is_skipped_and_the_mount_keeps_serving(pair: tuple[Mount, Mount], stack: Stack) -> None:
+    a, b = pair
+    for m in (a, b):  # both mounts consume the topic
+        m.allow_log(r"invalid event: .* sent to the dead-letter topic")
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    topic = f"{b.topic_prefix}.changes"
+    producer.produce(topic, key=b.key("x.txt").encode(), value=b"\xff not json")
+    producer.produce(topic, key=b"../escape", value=b"{}")
+    producer.produce(topic, key=b.key("y.txt").encode(), value=json.dumps(
+        {"version": 1, "key": b.key("y.txt"), "origin": "evil", "time": 1.0,
+         "attrs": {"type": "file", "mode": -1}}).encode())
+    assert producer.flush(10) == 0
+    wait_until(lambda: b.log_text().count("sent to the dead-letter topic") >= 3, timeout=10,
+               message="three bad records set aside on B")
+    assert "invalid event: malformed JSON" in b.log_text()
+    (a.path / "after.txt").write_bytes(b"still served")
+    visible_within(lambda: read(b.path / "after.txt") == b"still served", "a change after the garbage")
+    assert feed_trusted(b)
+
+
+@pytest.mark.slow
+def test_visibility_latency_over_200_changes(pair: tuple[Mount, Mount]) -> None:
+    """p50/p99 of "closed on A" -> "a new stat on B sees it", over 200 overwrites (printed; p99 < 1 s)."""
+    a, b = pair
+    (a.path / "v.txt").write_bytes(b"0")
+    wait_until(lambda: (b.path / "v.txt").exists(), timeout=10, message="v.txt on B")
+    delays = []
+    for i in range(1, 201):
+        body = b"x" * i
+        (a.path / "v.txt").write_bytes(body)  # returns once S3 holds it
+        start = time.monotonic()
+        wait_until(lambda body=body: os.stat(b.path / "v.txt").st_size == len(body), timeout=10, interval=0.002,
+                   message=f"change {i} on B")
+        delays.append(time.monotonic() - start)
+    delays.sort()
+    p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    print(f"\nfeed visibility A->B over {len(delays)} changes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+          f"max {delays[-1] * 1000:.0f} ms")
+    assert p99 < BOUND
