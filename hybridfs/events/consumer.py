@@ -134,6 +134,7 @@ class EventConsumer:
         self.fresh_lag = fresh_lag
         self._lag_at: float | None = None  # monotonic time of the last successful lag measurement
         self._lag_done = threading.Event()
+        self._assigned = 0  # partitions assigned to this member now (set by the consumer thread)
         self._next_offsets: dict[int, int] = {}  # partition -> offset after the last message received
 
         self.dead_letter_limiter = trio.CapacityLimiter(1)
@@ -383,11 +384,13 @@ class EventConsumer:
 
         def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
             self._epoch += 1
+            self._assigned = len(partitions)
             log.debug("%s: assigned %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
             self._mark_reachable()
 
         def on_revoke(c: Consumer, partitions: list[TopicPartition]) -> None:
             self._epoch += 1
+            self._assigned = 0
             log.debug("%s: revoked %s", self.name, [f"{p.topic}[{p.partition}]" for p in partitions])
 
         if self.fresh_lag:
@@ -535,6 +538,8 @@ class EventConsumer:
                 self._lag_done.set()
 
     def _measure_lag(self, probe: Consumer, committed: dict[int, int]) -> None:
+        if not self._assigned:  # not consuming (yet): no lag that means "caught up"
+            return
         meta = probe.list_topics(self.topic, timeout=1.0).topics.get(self.topic)
         if meta is None or meta.error is not None or not meta.partitions:
             return
