@@ -7,9 +7,12 @@ the kernel's cached entries and attributes, B's namespace caches and its cache t
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +46,16 @@ def visible_within(predicate: Any, what: str, bound: float = BOUND) -> float:
 
 
 def read(path: Path) -> bytes | None:
+    """The file's bytes; None when it is not there, or when it was replaced in S3 between our open and our
+    read (ESTALE: an open that raced the change, before the feed told this mount of it)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ESTALE:
+            return None
+        raise
 
 
 @pytest.fixture
@@ -145,3 +154,69 @@ def test_visibility_latency_over_200_changes(pair: tuple[Mount, Mount]) -> None:
     print(f"\nfeed visibility A->B over {len(delays)} changes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
           f"max {delays[-1] * 1000:.0f} ms")
     assert p99 < BOUND
+
+
+def test_kafka_outage_falls_back_to_the_timers(mount_factory: Any) -> None:
+    """Kafka stopped (the shared broker: run it rarely): B notices within the health bound, says so once, and
+    serves no version staler than its timers; writes on A keep working; trust comes back with Kafka."""
+    from test_hydration import KAFKA_BACK_TIMEOUT, KAFKA_OUTAGE_LOG, kafka_stopped
+
+    a = mount_factory()
+    b = mount_factory(extra_args=["--attr-timeout", "1", "--dir-cache-time", "2"])
+    for m in (a, b):
+        m.allow_log(KAFKA_OUTAGE_LOG)
+        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+    (a.path / "o.txt").write_bytes(b"before the outage")
+    visible_within(lambda: read(b.path / "o.txt") == b"before the outage", "a change before the outage")
+    with kafka_stopped():
+        # 3 s without a lag measurement, plus one measurement interval and the status check.
+        wait_until(lambda: not feed_trusted(b), timeout=6, message="B to fall back")
+        assert "falling back to --attr-timeout revalidation" in b.log_text()
+        (a.path / "o.txt").write_bytes(b"during the outage")  # writes never wait for Kafka
+        # Fallback: an open revalidates after --attr-timeout (1 s): no stale read past the timer.
+        visible_within(lambda: read(b.path / "o.txt") == b"during the outage", "a change during the outage",
+                       bound=1.0 + 0.5)
+        assert status(a)["bus"]["outbox"] >= 1
+    wait_until(lambda: feed_trusted(b), timeout=KAFKA_BACK_TIMEOUT, message="B to trust the feed again")
+    assert b.log_text().count("falling back to --attr-timeout revalidation") == 1
+    wait_until(lambda: status(a)["bus"]["outbox"] == 0, timeout=KAFKA_BACK_TIMEOUT, message="A's outbox drains")
+
+
+def _timed_ls(path: Path) -> float:
+    start = time.monotonic()
+    out = subprocess.run(["ls", "-l", str(path)], capture_output=True, text=True, check=True).stdout
+    took = time.monotonic() - start
+    assert out.count("\n") >= 2000
+    return took
+
+
+@pytest.mark.slow
+def test_ls_l_of_a_directory_the_feed_described(mount_factory: Any, tmp_path: Path) -> None:
+    """`ls -l` of 2,000 files written through another mount: a fresh mount that replayed the feed, the same
+    without events (the behaviour before the feed), and s3fs (printed; the feed's must be faster)."""
+    from hybridfs.bench.mounts import S3fsMount
+
+    a = mount_factory()
+    (a.path / "many").mkdir()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: (a.path / "many" / f"f{i:04d}").write_bytes(b"x" * (i % 100)), range(2000)))
+    fed = mount_factory(extra_args=["--dir-cache-time", "2"])
+    wait_until(lambda: feed_trusted(fed) and status(fed)["feed"]["applied"] >= 2001, timeout=60,
+               message="the fresh mount to replay the feed")
+    plain = mount_factory(extra_args=["--no-events", "--dir-cache-time", "2"])
+    s3fs = S3fsMount(tmp_path / "s3fs", a.prefix, tmp_path)
+    if s3fs.available() is not None:
+        pytest.fail(f"s3fs: {s3fs.available()}")
+    s3fs.start()
+    try:
+        times = {}
+        for name, root in (("feed", fed.path), ("no feed", plain.path), ("s3fs", s3fs.mountpoint)):
+            first = _timed_ls(root / "many")
+            time.sleep(2.5)  # measuring the listing after --dir-cache-time expired: a timer, not synchronisation
+            again = _timed_ls(root / "many")
+            times[name] = (first, again)
+    finally:
+        s3fs.stop()
+    print("\nls -l of 2,000 entries (first, after --dir-cache-time): " + ", ".join(
+        f"{name} {f:.2f}s/{g:.2f}s" for name, (f, g) in times.items()))
+    assert times["feed"][0] < times["no feed"][0] and times["feed"][1] < times["no feed"][1]
