@@ -108,6 +108,7 @@ class EventConsumer:
         decoder: Decoder = decode_event,
         lag_interval: float = _LAG_INTERVAL,
         fresh_lag: bool = False,
+        commit_interval: float = 0.0,
     ) -> None:
         self.bootstrap = bootstrap
         # Static group membership (KIP-345): a restarted member takes its partitions back at once instead of
@@ -134,6 +135,9 @@ class EventConsumer:
         self.fresh_lag = fresh_lag
         self._lag_at: float | None = None  # monotonic time of the last successful lag measurement
         self._lag_done = threading.Event()
+        # Seconds between commits (0: after every message). A busy topic of quick handlers commits in batches:
+        # a commit is a broker request, and a lost one only means records are handled again (idempotently).
+        self.commit_interval = commit_interval
         self._assigned = 0  # partitions assigned to this member now (set by the consumer thread)
         self._next_offsets: dict[int, int] = {}  # partition -> offset after the last message received
 
@@ -398,8 +402,11 @@ class EventConsumer:
             threading.Thread(target=self._lag_loop, args=(consumer,), name=f"{self.name}-lag", daemon=True).start()
         try:
             consumer.subscribe([self.topic], on_assign=on_assign, on_revoke=on_revoke)
+            next_commit = 0.0
             while not self._stop.is_set():
-                self._run_commits(consumer, asynchronous=True)
+                if time.monotonic() >= next_commit:
+                    next_commit = time.monotonic() + self.commit_interval
+                    self._run_commits(consumer, asynchronous=True)
                 with self._outstanding_lock:
                     outstanding = self._outstanding
                 if not paused and outstanding >= self.max_buffered:

@@ -52,6 +52,7 @@ MAX_LAG_AGE = 3.0  # seconds since the lag was last measured against the broker
 MAX_APPLY_SECONDS = 2.0  # one change being applied for longer: the consumer is stuck
 LAG_INTERVAL = 1.0
 CHECK_INTERVAL = 0.25
+MAX_BUFFERED = 20_000  # records received and not applied yet (a few hundred bytes each)
 
 
 class FeedPublisher:
@@ -90,6 +91,10 @@ class FeedService:
         self.consumer = EventConsumer(bootstrap, self.topic, group, self.handle, allowed_prefix="",
                                       dead_letter_topic=dead_letter_topic, kafka_config=kafka_config,
                                       instance_id=group, name="feed", decoder=decode_record,
+                                      # Applying a change takes microseconds: no back-pressure (pausing
+                                      # the partitions drops librdkafka's prefetched records: a round trip
+                                      # per pause), and one at a time keeps every key's order.
+                                      concurrency=1, max_buffered=MAX_BUFFERED, commit_interval=0.5,
                                       lag_interval=LAG_INTERVAL, fresh_lag=True)
         self.healthy = False
         self.reason = "starting"
