@@ -128,7 +128,8 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
     await nursery.start(hydrate_consumer.run)
     await nursery.start(evict_consumer.run)
     await nursery.start(census.run)
-    feed = FeedService(fs, bootstrap=cfg.kafka, topic_prefix=cfg.topic_prefix, group=f"hybridfs-changes-{cfg.cache_id}",
+    feed_group = f"hybridfs-changes-{cfg.cache_id}-{cfg.topic_prefix}"
+    feed = FeedService(fs, bootstrap=cfg.kafka, topic_prefix=cfg.topic_prefix, group=feed_group,
                        origin=mount.origin, dead_letter_topic=topics.dead_letter, kafka_config=cfg.kafka_options,
                        publisher=fs.changes if isinstance(fs.changes, FeedPublisher) else None)
     fs.ns.trusted = feed.trusted
