@@ -131,7 +131,8 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
     feed_group = f"hybridfs-changes-{cfg.cache_id}-{cfg.topic_prefix}"
     feed = FeedService(fs, bootstrap=cfg.kafka, topic_prefix=cfg.topic_prefix, group=feed_group,
                        origin=mount.origin, dead_letter_topic=topics.dead_letter, kafka_config=cfg.kafka_options,
-                       publisher=fs.changes if isinstance(fs.changes, FeedPublisher) else None)
+                       publisher=fs.changes if isinstance(fs.changes, FeedPublisher) else None,
+                       index_path=mount.state_dir / "feed-index.sqlite")
     fs.ns.trusted = feed.trusted
     await nursery.start(feed.run)
     return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census, feed)

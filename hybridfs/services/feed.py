@@ -29,6 +29,7 @@ import logging
 import statistics
 import time
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -37,8 +38,17 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from hybridfs.core.changes import Change
 from hybridfs.events.bus import EventBus
 from hybridfs.events.consumer import EventConsumer
+from hybridfs.events.schema import InvalidEvent
 from hybridfs.events.topics import TopicCreator
-from hybridfs.services.feed_schema import TOPIC_CONFIG, changes_topic, decode_change, encode_change
+from hybridfs.services.feed_index import FeedIndex
+from hybridfs.services.feed_schema import (
+    TOPIC_CONFIG,
+    attrs_json,
+    changes_topic,
+    decode_change,
+    encode_change,
+    stat_from_attrs_json,
+)
 
 if TYPE_CHECKING:
     from hybridfs.core.filesystem import Filesystem
@@ -81,7 +91,7 @@ def decode_record(msg: Message, allowed_prefix: str) -> Change:
 class FeedService:
     def __init__(self, fs: Filesystem, *, bootstrap: str, topic_prefix: str, group: str, origin: str,
                  dead_letter_topic: str, kafka_config: dict[str, Any] | None = None,
-                 publisher: FeedPublisher | None = None) -> None:
+                 publisher: FeedPublisher | None = None, index_path: Path | None = None) -> None:
         self.fs = fs
         self.origin = origin
         self.topic = changes_topic(topic_prefix)
@@ -103,18 +113,28 @@ class FeedService:
         self.own_skipped = 0
         self._applying: dict[int, float] = {}  # id of a change being applied -> monotonic start
         self._delays: deque[float] = deque(maxlen=1000)  # seconds from a change being made to applied here
+        self.index_path = index_path
+        self.index: FeedIndex | None = None
+        self.index_loaded = 0
+        self._index_due: dict[str, str | None] = {}  # key -> attrs JSON (None: delete the row), not written yet
+        self._index_limiter = trio.CapacityLimiter(1)
 
     def trusted(self) -> bool:
         return self.healthy
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._load_index()
         async with trio.open_nursery() as nursery:
+            if self.index is not None:
+                nursery.start_soon(self._write_index)
             await nursery.start(self.creator.run)
             await nursery.start(self.consumer.run)
             nursery.start_soon(self._watch)
             task_status.started()
 
     async def handle(self, change: Change) -> None:
+        if self.index is not None:
+            self._index_due[change.key] = attrs_json(change)
         if change.origin == self.origin:
             self.own_skipped += 1  # applied here when it was made
             return
@@ -128,6 +148,54 @@ class FeedService:
         delay = max(0.0, time.time() - change.time) if change.time > 0 else 0.0
         self._delays.append(delay)
         log.debug("applied the change of %s from %s, made %.0f ms ago", change.key, change.origin, delay * 1000)
+
+    # -- the metadata index --------------------------------------------------------------------------------------
+
+    async def _load_index(self) -> None:
+        """What the feed told earlier runs becomes what the namespace knows (never over something it knows)."""
+        if self.index_path is None:
+            return
+        try:
+            self.index = await trio.to_thread.run_sync(FeedIndex, self.index_path, limiter=self._index_limiter)
+            rows = await trio.to_thread.run_sync(self.index.rows, limiter=self._index_limiter)
+        except Exception as exc:  # sqlite3.Error, OSError: a cache of the feed, never worth failing the mount
+            log.info("metadata index %s unusable (%s); going without it", self.index_path, exc)
+            self.index = None
+            return
+        known = self.fs.ns.last_known
+        for key, attrs in rows:
+            path = self.fs.keys.path(key)
+            if not path or path in known:
+                continue
+            try:
+                known[path] = stat_from_attrs_json(attrs, key)
+            except InvalidEvent as exc:
+                log.debug("metadata index row of %s skipped: %s", key, exc.reason)
+                continue
+            self.index_loaded += 1
+        if self.index_loaded:
+            log.info("metadata index: attributes of %d keys known from earlier runs", self.index_loaded)
+
+    async def _write_index(self) -> None:
+        index = self.index
+        assert index is not None
+        try:
+            while True:
+                await trio.sleep(1.0)
+                await self._flush_index(index)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._flush_index(index)
+                await trio.to_thread.run_sync(index.close, limiter=self._index_limiter)
+
+    async def _flush_index(self, index: FeedIndex) -> None:
+        if not self._index_due:
+            return
+        batch, self._index_due = list(self._index_due.items()), {}
+        try:
+            await trio.to_thread.run_sync(index.write, batch, limiter=self._index_limiter)
+        except Exception as exc:  # the next restart asks S3 for these: no harm beyond the time
+            log.info("metadata index %s: %d rows not written: %s", self.index_path, len(batch), exc)
 
     # -- health ------------------------------------------------------------------------------------------------
 
@@ -173,6 +241,7 @@ class FeedService:
             "reason": self.reason,
             "for_seconds": round(time.monotonic() - self.since, 1),
             "applied": self.applied,
+            "index_loaded": self.index_loaded,
             "own_skipped": self.own_skipped,
             "published": self.publisher.published if self.publisher is not None else 0,
             "delay_p50_ms": round(statistics.median(delays) * 1000, 1) if delays else None,

@@ -212,3 +212,21 @@ def decode_change(key: bytes | None, value: bytes | None, headers: Any, *, allow
         return Change(object_key, None, origin=origin, time=float(when))
     st, target = _stat(obj["attrs"], object_key)
     return Change(object_key, st, target=target, origin=origin, time=float(when))
+
+
+# --- the metadata index's rows (hybridfs.services.feed_index) -------------------------------------------------
+
+
+def attrs_json(change: Change) -> str | None:
+    """The ``attrs`` member of ``change`` as JSON, for the metadata index; None when there is nothing to keep."""
+    attrs = None if change.removed else _attrs(change)
+    return None if attrs is None else json.dumps(attrs, separators=(",", ":"), sort_keys=True)
+
+
+def stat_from_attrs_json(text: str, key: str) -> Stat:
+    """A row of the metadata index back as a Stat; InvalidEvent when the row is unusable."""
+    try:
+        attrs = json.loads(text)
+    except ValueError as exc:
+        raise InvalidEvent(f"malformed JSON: {exc}"[:300]) from None
+    return _stat(attrs, key)[0]
