@@ -11,6 +11,7 @@ import concurrent.futures
 import errno
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import time
@@ -220,3 +221,26 @@ def test_ls_l_of_a_directory_the_feed_described(mount_factory: Any, tmp_path: Pa
     print("\nls -l of 2,000 entries (first, after --dir-cache-time): " + ", ".join(
         f"{name} {f:.2f}s/{g:.2f}s" for name, (f, g) in times.items()))
     assert times["feed"][0] < times["no feed"][0] and times["feed"][1] < times["no feed"][1]
+
+
+def test_a_restarted_mount_knows_what_the_feed_told_it(mount_factory: Any) -> None:
+    """The metadata index: B's attributes from the feed survive B's restart (SQLite in its state directory)."""
+    a = mount_factory()
+    b = mount_factory(extra_args=LONG_TIMERS)
+    for m in (a, b):
+        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+    (a.path / "known").mkdir()
+    for i in range(5):
+        (a.path / "known" / f"f{i}").write_bytes(b"x" * i)
+        os.chmod(a.path / "known" / f"f{i}", 0o640)
+    wait_until(lambda: status(b)["feed"]["applied"] >= 11, timeout=10, message="B to apply A's changes")
+    b.unmount()  # its last batch of index rows is written on the way out
+    with sqlite3.connect(b.state_dir / "feed-index.sqlite") as db:
+        rows = dict(db.execute("SELECT key, attrs FROM attrs").fetchall())
+    assert json.loads(rows[a.key("known/f3")])["mode"] == 0o100640
+    again = mount_factory(cache_dir=b.cache_dir, extra_args=[*LONG_TIMERS, "--state-dir", str(b.state_dir)])
+    assert status(again)["feed"]["index_loaded"] >= 6
+    assert "metadata index: attributes of" in again.log_text()
+    wait_until(lambda: feed_trusted(again), timeout=30, message="the restarted mount to catch up")
+    modes = {e.name: e.stat(follow_symlinks=False).st_mode for e in os.scandir(again.path / "known")}
+    assert modes == {f"f{i}": 0o100640 for i in range(5)}
