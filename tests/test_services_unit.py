@@ -652,3 +652,9 @@ def test_status_summary_and_rendering() -> None:
     text = render(status)
     assert "5.0 MiB of 10.0 MiB (50%)" in text and "7 cloud-only" in text and "1 waiting in the outbox" in text
     assert "hit ratio 75.0%" in text
+    assert "feed" not in text  # no feed (events off, or an older mount): no line
+    status["feed"] = {"topic": "t.changes", "mode": "fallback", "reason": "kafka unreachable", "for_seconds": 3.0,
+                      "applied": 7, "published": 2, "delay_p50_ms": 12.5, "consumer": {"lag": None}}
+    line = next(x for x in render(status).splitlines() if x.startswith("feed"))
+    assert "t.changes: FALLBACK (revalidating with S3) for 3.0s (kafka unreachable)" in line
+    assert "7 changes applied, p50 12.5 ms" in line and "lag ?" in line

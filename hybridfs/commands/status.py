@@ -171,6 +171,15 @@ def render(status: dict[str, Any]) -> str:
     lines.append(f"consumed   hydrate {consumed.get('hydrator')} (lag {_lag(lag.get('hydrator'))}), evict "
                  f"{consumed.get('purger')} (lag {_lag(lag.get('purger'))}), {s['events_dead_lettered']} "
                  "dead-lettered")
+    feed = status.get("feed") or {}
+    if feed:
+        trusted = feed.get("mode") == "trusted"
+        mode = "TRUSTED (metadata served locally)" if trusted else "FALLBACK (revalidating with S3)"
+        delay = feed.get("delay_p50_ms")
+        lines.append(f"feed       {feed.get('topic', '?')}: {mode} for {feed.get('for_seconds', '?')}s "
+                     f"({feed.get('reason', '?')}); {feed.get('applied', 0)} changes applied"
+                     f"{'' if delay is None else f', p50 {delay} ms after they were made'}, "
+                     f"{feed.get('published', 0)} published, lag {_lag((feed.get('consumer') or {}).get('lag'))}")
     hydrator = _get(status, "services", "hydrator") or {}
     purger = _get(status, "services", "purger") or {}
     if hydrator:
