@@ -150,6 +150,11 @@ class MountConfig:
     kafka_options: dict[str, str] = _opt({}, "extra librdkafka settings (TLS, SASL), key=value",
                                          kind="kv", secret=True)
     no_events: bool = _opt(False, "run without Kafka: no hydration or eviction events")
+    s3_events_topic: str = _opt("", "Kafka topic of the bucket's S3 event records (MinIO and Ceph RGW bucket "
+                                    "notifications, AWS S3 through EventBridge): objects created or removed by "
+                                    "other tools are seen within a second instead of after --dir-cache-time "
+                                    "(default: off; `hybridfs stack env` exports the local stack's topic as "
+                                    "HYBRIDFS_S3_EVENTS_TOPIC)")
     # Metadata caching
     attr_timeout: float = _opt(1.0, "seconds the kernel may cache attributes and entries")
     dir_cache_time: float = _opt(5.0, "seconds listings and attributes are cached (rclone's --dir-cache-time)")
@@ -210,6 +215,9 @@ class MountConfig:
         if not self.no_events and not self.kafka:
             raise ConfigError("kafka: no bootstrap servers (pass --kafka, set HYBRIDFS_KAFKA_BOOTSTRAP, "
                               "or --no-events)")
+        if self.s3_events_topic and not self.kafka:
+            raise ConfigError(f"s3_events_topic = {self.s3_events_topic!r}: needs Kafka (pass --kafka or set "
+                              "HYBRIDFS_KAFKA_BOOTSTRAP)")
         checks = [
             ("cache_size", self.cache_size > 0, "must be positive"),
             ("part_size", 5 * 1024**2 <= self.part_size <= 5 * 1024**3, "must be between 5M and 5G (S3 limits)"),
@@ -229,6 +237,8 @@ class MountConfig:
             ("min_free", 0 <= self.min_free < 1, "must be in [0, 1)"),
             ("max_age", self.max_age >= 0, "must not be negative"),
             ("evict_interval", self.evict_interval > 0, "must be positive"),
+            ("s3_events_topic", re.fullmatch(r"[A-Za-z0-9._-]{0,249}", self.s3_events_topic) is not None,
+             "a Kafka topic name: only letters, digits, '.', '_' and '-'"),
             ("topic_prefix", re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.topic_prefix) is not None,
              "only letters, digits, '.', '_' and '-'"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -37,11 +37,13 @@ from hybridfs.core.paths import KeyMapper
 from hybridfs.core.reader import ReadSettings
 from hybridfs.core.writer import WriteSettings
 from hybridfs.events.bus import EventBus
+from hybridfs.events.s3events import S3EventFeed
 from hybridfs.events.schema import Event
 from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
 from hybridfs.services.feed import FeedPublisher
 from hybridfs.services.feed_schema import changes_topic
+from hybridfs.services.foreign import ForeignWrites, agent_tokens
 from hybridfs.tasks import Supervisor, failpoint
 from hybridfs.tiers.cache import DirectoryInUse, LocalCache, lock_directory
 from hybridfs.tiers.s3 import CloudStore, S3Settings
@@ -71,11 +73,13 @@ class Mount:
         self.cfg = cfg
         bucket, prefix = bucket_and_prefix(cfg.source)
         self.origin = f"{socket.gethostname()}:{os.path.abspath(cfg.mountpoint)}"
+        self.started_at = time.time()  # S3 event records are read from (about) here
         self.state_dir = Path(cfg.state_dir)
         self.store = CloudStore(S3Settings(
             bucket=bucket, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None,
             max_attempts=cfg.s3_max_attempts, connect_timeout=cfg.s3_connect_timeout,
-            read_timeout=cfg.s3_read_timeout, threads=cfg.s3_threads, part_size=cfg.part_size))
+            read_timeout=cfg.s3_read_timeout, threads=cfg.s3_threads, part_size=cfg.part_size,
+            user_agent_extra=" ".join(self._agent_tokens())))
         self.cache = LocalCache(Path(cfg.cache_dir), cfg.cache_size)
         self.keys = KeyMapper(prefix)
         defaults = Defaults(uid=cfg.uid, gid=cfg.gid, file_mode=cfg.file_mode, dir_mode=cfg.dir_mode)
@@ -107,6 +111,7 @@ class Mount:
         self.draining = False  # a stop signal arrived: refusing opens, waiting for uploads
         self.terminated = False  # we ended the FUSE loop ourselves: the mount is still attached
         self._stopping_sent = False
+        self.foreign: tuple[ForeignWrites, S3EventFeed] | None = None  # with --s3-events-topic
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._prepare_dirs)
@@ -126,6 +131,7 @@ class Mount:
             if self.bus is not None:
                 await supervisor.start(self.bus.run, name="event bus")
             await self._start_services(supervisor, fs)
+            await self._start_foreign_writes(supervisor, fs)
             supervisor.start_soon(self.store.breaker.run, self.store.probe, name="S3 probe")
             ops = FuseOperations(fs, attr_timeout=self.cfg.attr_timeout, entry_timeout=self.cfg.attr_timeout)
             fsname = f"hybridfs:{self.cfg.source}"
@@ -182,6 +188,28 @@ class Mount:
         from hybridfs import services
 
         self.services = await services.start_all(nursery, self, fs)
+
+    async def _start_foreign_writes(self, nursery: Supervisor, fs: Filesystem) -> None:
+        """With ``--s3-events-topic``: changes other tools make to the bucket invalidate what we cache."""
+        if not self.cfg.s3_events_topic:
+            return
+        foreign = ForeignWrites(fs, self._agent_tokens())
+        feed = S3EventFeed(self.cfg.kafka, self.cfg.s3_events_topic, self.store.bucket, foreign.handle,
+                           kafka_config=self.cfg.kafka_options, client_id=f"hybridfs-s3-events-{self.cfg.cache_id}",
+                           start_time=self.started_at)
+        await nursery.start(feed.run, name="S3 event records")
+        self.foreign = (foreign, feed)
+        feed_trusted = fs.ns.trusted  # the change feed's health: trust local metadata only while both are
+
+        def trusted() -> bool:
+            return feed_trusted() and ForeignWrites.healthy(feed)
+
+        fs.ns.trusted = trusted
+
+    def _agent_tokens(self) -> list[str]:
+        """What this mount's S3 requests say in their User-Agent (recognised in the S3 event records)."""
+        feed = None if self.cfg.no_events else f"{self.cfg.kafka} {changes_topic(self.cfg.topic_prefix)}"
+        return agent_tokens(self.origin, feed)
 
     async def _announce_ready(self) -> None:
         """READY=1 only once the kernel forwards requests to us and we answer them."""
@@ -295,6 +323,9 @@ class Mount:
         if supervisor is not None:
             extra["tasks"] = supervisor.status()
         extra["uploads"] = {"aborts_pending": len(self.store.pending_aborts)}
+        foreign = self.foreign
+        if foreign is not None:
+            extra["s3_events"] = foreign[0].status(foreign[1])
         return extra
 
     def _known_attributes(self, key: str, etag: str) -> dict[str, str] | None:

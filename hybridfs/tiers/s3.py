@@ -95,6 +95,9 @@ class S3Settings:
     read_timeout: float = 30.0
     threads: int = 16
     part_size: int = 8 * 1024**2
+    # Added to the User-Agent of every request: bucket notifications carry it (MinIO's and Ceph's
+    # ``source.userAgent``), so a mount recognises the records of its own changes.
+    user_agent_extra: str = ""
 
 
 def _clean_etag(raw: str) -> str:
@@ -142,6 +145,7 @@ def make_client(settings: S3Settings) -> Any:
         # pool only bounds idle connections kept: make it large enough for every caller at once.
         max_pool_connections=max(128, settings.threads * 4),
         s3={"addressing_style": "path"} if settings.endpoint_url else {},
+        user_agent_extra=settings.user_agent_extra or None,
     )
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
