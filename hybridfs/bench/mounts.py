@@ -44,6 +44,7 @@ class FuseMount:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.cold = False  # the current (or last) start was a cold one
+        self.label = ""  # set when one run has several mounts of this filesystem: names the log file
 
     @property
     def cache_dir(self) -> Path:
@@ -68,7 +69,7 @@ class FuseMount:
 
     @property
     def log_path(self) -> Path:
-        return self.logs / f"{self.name}.log"
+        return self.logs / f"{self.label or self.name}.log"
 
     # -- lifecycle
 
@@ -163,11 +164,13 @@ def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
 class HybridfsMount(FuseMount):
     name = "hybridfs"
 
-    def __init__(self, base: Path, prefix: str, logs: Path, topic_prefix: str, cache_size: int) -> None:
+    def __init__(self, base: Path, prefix: str, logs: Path, topic_prefix: str, cache_size: int,
+                 extra_args: tuple[str, ...] = ()) -> None:
         super().__init__(base, prefix, logs)
         self.base_topic_prefix = topic_prefix
         self.topic_prefix = topic_prefix
         self.cache_size = cache_size
+        self.extra_args = extra_args
         self.topics_used: list[str] = []
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -178,7 +181,7 @@ class HybridfsMount(FuseMount):
             sys.executable, "-m", "hybridfs", "mount", f"s3://{BUCKET}/{self.prefix}", str(self.mountpoint),
             "--cache-dir", str(self.cache_dir), "--state-dir", str(self.state_dir),
             "--kafka", KAFKA_BOOTSTRAP, "--topic-prefix", self.topic_prefix, "--cache-size", str(self.cache_size),
-            "--endpoint-url", S3_ENDPOINT,
+            "--endpoint-url", S3_ENDPOINT, *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, **_s3_env()}
         env.pop("JOURNAL_STREAM", None)

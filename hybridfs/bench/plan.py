@@ -28,6 +28,7 @@ class Sizes:
     list_count: int  # entries in the listed directory
     randread_seconds: int  # fio runtime of one random-read run
     block: int = MiB  # sequential I/O size
+    coherence_changes: int = 200  # changes timed per writer in the coherence workloads
 
     def describe(self) -> dict[str, object]:
         return {
@@ -41,22 +42,24 @@ class Sizes:
             "list_entries": self.list_count,
             "randread_seconds": self.randread_seconds,
             "block_bytes": self.block,
+            "coherence_changes": self.coherence_changes,
         }
 
     def summary(self) -> str:
         return (f"{self.mode}: {self.runs} runs each; big file {human_bytes(self.big_file)}; "
                 f"{self.many_count} x {human_bytes(self.many_size)} files; {self.small_count} small files of "
                 f"{human_bytes(self.small_size)}; listing {self.list_count} entries; random reads "
-                f"{self.randread_seconds}s per run; {human_bytes(self.block)} blocks")
+                f"{self.randread_seconds}s per run; {human_bytes(self.block)} blocks; {self.coherence_changes} "
+                f"coherence changes")
 
 
 FULL = Sizes(mode="full", runs=5, big_file=GiB, many_count=128, many_size=8 * MiB, small_count=2000,
              small_size=4096, list_count=10000, randread_seconds=15)
 QUICK = Sizes(mode="quick", runs=3, big_file=256 * MiB, many_count=32, many_size=8 * MiB, small_count=500,
-              small_size=4096, list_count=2000, randread_seconds=5)
+              small_size=4096, list_count=2000, randread_seconds=5, coherence_changes=100)
 # For the smoke test only (`--tiny`): proves the harness end to end in seconds.
 TINY = Sizes(mode="tiny", runs=2, big_file=8 * MiB, many_count=3, many_size=8 * MiB, small_count=20,
-             small_size=4096, list_count=50, randread_seconds=1)
+             small_size=4096, list_count=50, randread_seconds=1, coherence_changes=10)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Workload:
         return self.describe.format(
             big=human_bytes(sizes.big_file), n=sizes.many_count, each=human_bytes(sizes.many_size),
             small=sizes.small_count, small_size=human_bytes(sizes.small_size), entries=sizes.list_count,
-            secs=sizes.randread_seconds, block=human_bytes(sizes.block),
+            secs=sizes.randread_seconds, block=human_bytes(sizes.block), changes=sizes.coherence_changes,
             many_total=human_bytes(sizes.many_count * sizes.many_size))
 
 
@@ -131,6 +134,20 @@ WORKLOADS: tuple[Workload, ...] = (
     ), "`hybridfs evict --wait` of the {n} x {each} files (verified cloud-only), then `hybridfs hydrate "
        "--wait` of them (verified cached), each timed from the command's start; baseline: boto3 download of "
        "the same objects to the local disk"),
+    Workload("coherence", (
+        _m("coherence-mount-p50", "ms", "change on mount A seen on mount B, p50"),
+        _m("coherence-mount-p99", "ms", "change on mount A seen on mount B, p99"),
+        _m("coherence-s3-p50", "ms", "boto3 change seen on mount B, p50"),
+        _m("coherence-s3-p99", "ms", "boto3 change seen on mount B, p99"),
+    ), "two mounts with separate caches on one prefix, both reading the bucket's S3 event records "
+       "(--s3-events-topic); {changes} changes (create, overwrite, chmod, rename, delete in turn) closed on A, "
+       "then {changes} made with boto3: per change the time from its return until a new open+read or stat on B "
+       "shows it"),
+    Workload("coherence-timers", (
+        _m("coherence-timers-p50", "ms", "change on A seen on B, no S3 event records, p50"),
+        _m("coherence-timers-p99", "ms", "change on A seen on B, no S3 event records, p99"),
+    ), "as coherence (mount A to mount B only), with the mounts' default options: what the metadata timers "
+       "alone give"),
 )
 
 WORKLOAD_NAMES = tuple(w.name for w in WORKLOADS)

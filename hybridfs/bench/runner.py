@@ -37,6 +37,8 @@ METHODS: dict[str, str] = {
     "seq-read-cold": "seq_read_cold",
     "list-dir": "list_dir",
     "hydrate-evict": "hydrate_evict",
+    "coherence": "coherence",
+    "coherence-timers": "coherence_timers",
 }
 
 
@@ -323,6 +325,7 @@ class Runner:
             except Exception:  # cleanup carries on whatever one step does
                 log.exception("stopping %s", subject.name)
         mounts = [s.mount for s in self.subjects if isinstance(s, FsSubject) and s.mount is not None]
+        mounts += [m for s in self.subjects if isinstance(s, FsSubject) for m in s.extra_mounts]
         still = [str(m.mountpoint) for m in mounts if m.mounted]
         if still:
             self.say(f"warning: still mounted: {', '.join(still)}")
@@ -334,8 +337,8 @@ class Runner:
             log.info("deleted %d objects under %s/", deleted, self.run_id)
         except Exception as exc:
             self.say(f"warning: could not delete s3://{s3util.BUCKET}/{self.run_id}/: {exc}")
-        topics = [t for s in self.subjects if isinstance(s, FsSubject) and isinstance(s.mount, HybridfsMount)
-                  for t in s.mount.topics_used]
+        topics = [t for s in self.subjects if isinstance(s, FsSubject)
+                  for m in [s.mount, *s.extra_mounts] if isinstance(m, HybridfsMount) for t in m.topics_used]
         delete_topics(topics)
         if not still:
             shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,8 @@ class FsSubject(Subject):
         self.name = name
         self._root = root
         self.mount = mount
+        self.extra_mounts: list[FuseMount] = []  # the coherence workloads' pairs, stopped with the subject
+        self._pairs: dict[str, tuple[HybridfsMount, HybridfsMount]] = {}
 
     @property
     def root(self) -> Path:
@@ -152,6 +155,8 @@ class FsSubject(Subject):
         return self.mount.key(rel)
 
     def close(self) -> None:
+        for extra in self.extra_mounts:
+            extra.stop()
         if self.mount is not None:
             self.mount.stop()
 
@@ -370,6 +375,64 @@ class FsSubject(Subject):
                         "hydrate-objects": n / (hydrated - evicted)})
 
 
+    # -- coherence between two mounts
+
+    def _pair(self, kind: str, extra_args: tuple[str, ...]) -> tuple[HybridfsMount, HybridfsMount]:
+        """Mounts A and B of one kind, on a prefix of their own, each with its own cache; started once."""
+        if not isinstance(self.mount, HybridfsMount):
+            raise NotAvailable("needs two mounts of one system on one prefix (hybridfs only in this harness)")
+        pair = self._pairs.get(kind)
+        if pair is None:
+            base, mount = self.mount.base.parent, self.mount
+            made = []
+            for side in ("a", "b"):
+                made.append(HybridfsMount(base / f"{kind}-{side}", f"{mount.prefix}-{kind}", mount.logs,
+                                          topic_prefix=f"{mount.base_topic_prefix}-{kind}",
+                                          cache_size=mount.cache_size, extra_args=extra_args))
+                made[-1].label = f"hybridfs-{kind}-{side}"
+                self.extra_mounts.append(made[-1])
+            pair = self._pairs[kind] = (made[0], made[1])
+        for started in pair:
+            started.ensure(cold=False)
+        return pair
+
+    def _shared_folder(self, a: Path, b: Path, folder: str) -> None:
+        (a / folder).mkdir()
+        wait_for(lambda: (b / folder).is_dir(), f"{folder} made on mount A to show on mount B")
+
+    def coherence(self, run: int) -> Outcome:
+        from hybridfs.bench.coherence import Boto3Writer, MountWriter, measure
+        from hybridfs.stack.config import S3_EVENTS_TOPIC
+
+        a, b = self._pair("coh", ("--s3-events-topic", S3_EVENTS_TOPIC))
+        changes = self.env.sizes.coherence_changes
+        self._shared_folder(a.mountpoint, b.mountpoint, f"m{run}")
+        mounts = measure(MountWriter(a.mountpoint), b.mountpoint, f"m{run}", changes)
+        self._shared_folder(a.mountpoint, b.mountpoint, f"s{run}")
+        direct = measure(Boto3Writer(self.env.s3, BUCKET, a.prefix), b.mountpoint, f"s{run}", changes)
+        return Outcome({"coherence-mount-p50": mounts.p50() * 1000, "coherence-mount-p99": mounts.p99() * 1000,
+                        "coherence-s3-p50": direct.p50() * 1000, "coherence-s3-p99": direct.p99() * 1000},
+                       notes=[f"A to B run {run + 1}: {mounts.summary()}", f"boto3 to B run {run + 1}: "
+                              f"{direct.summary()}"])
+
+    def coherence_timers(self, run: int) -> Outcome:
+        from hybridfs.bench.coherence import MountWriter, measure
+
+        a, b = self._pair("cot", ())
+        self._shared_folder(a.mountpoint, b.mountpoint, f"m{run}")
+        mounts = measure(MountWriter(a.mountpoint), b.mountpoint, f"m{run}", self.env.sizes.coherence_changes)
+        return Outcome({"coherence-timers-p50": mounts.p50() * 1000, "coherence-timers-p99": mounts.p99() * 1000},
+                       notes=[f"run {run + 1}: {mounts.summary()}"])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.01)
+
+
 def run_verb(verb: str, paths: list[str], *flags: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "hybridfs", verb, *paths, *flags], capture_output=True,
                           text=True, timeout=STATE_TIMEOUT, check=False)
@@ -510,6 +573,11 @@ class Boto3Subject(Subject):
         if seen != count:
             raise RuntimeError(f"listed {seen} objects, expected {count}")
         return Outcome({"list-dir": elapsed * 1000})
+
+    def coherence(self, run: int) -> Outcome:
+        raise NotAvailable("boto3 asks S3 every time: nothing to keep coherent")
+
+    coherence_timers = coherence
 
     def hydrate_evict(self, run: int) -> Outcome:
         """The hydration baseline: download the many-files set to the local disk (no eviction counterpart)."""
