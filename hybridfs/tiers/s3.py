@@ -104,6 +104,15 @@ def _clean_etag(raw: str) -> str:
     return raw.strip('"')
 
 
+def _deleted_is_conflict(exc: FsError, condition: Condition | None, what: str) -> FsError:
+    """S3 (and MinIO) answer an If-Match write to a key that no longer exists with 404 NoSuchKey, not 412: the
+    object was deleted since the write's version was read, which is a conflict like any other change."""
+    if (condition is not None and condition.etag is not None and exc.errno == errno.ENOENT
+            and "NoSuchUpload" not in exc.message):
+        return WriteConflict(errno.ESTALE, f"{what}: object deleted remotely", level=logging.INFO)
+    return exc
+
+
 def map_client_error(exc: Exception, what: str) -> FsError:
     """Turn a boto3/botocore failure into the errno a caller should see, with a message that says why."""
     if isinstance(exc, FsError):
@@ -298,8 +307,11 @@ class CloudStore:
                   condition: Condition | None = None) -> str:
         """One PUT; with ``condition``, only if S3 still holds what the condition names (else WriteConflict)."""
         extra = condition.args() if condition is not None else {}
-        resp = await self._call(f"PUT {key}", self.client.put_object, Bucket=self.bucket, Key=key,
-                                Body=data, Metadata=metadata, **extra)
+        try:
+            resp = await self._call(f"PUT {key}", self.client.put_object, Bucket=self.bucket, Key=key,
+                                    Body=data, Metadata=metadata, **extra)
+        except FsError as exc:
+            raise _deleted_is_conflict(exc, condition, f"PUT {key}") from exc
         self.bytes_written += len(data)
         return _clean_etag(resp["ETag"])
 
@@ -387,11 +399,14 @@ class CloudStore:
     async def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]], *,
                                  condition: Condition | None = None) -> str:
         extra = condition.args() if condition is not None else {}
-        resp = await self._call(
-            f"CompleteMultipartUpload {key}", self.client.complete_multipart_upload, Bucket=self.bucket,
-            Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]}, **extra,
-        )
+        try:
+            resp = await self._call(
+                f"CompleteMultipartUpload {key}", self.client.complete_multipart_upload, Bucket=self.bucket,
+                Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]}, **extra,
+            )
+        except FsError as exc:
+            raise _deleted_is_conflict(exc, condition, f"CompleteMultipartUpload {key}") from exc
         await self._journal("forget", key, upload_id)
         return _clean_etag(resp["ETag"])
 
