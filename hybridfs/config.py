@@ -139,6 +139,9 @@ class MountConfig:
                                                 "seconds, left by crashed mounts (0: never)")
     read_chunk_size: int = _opt(8 * 1024**2, "ranged GET size for cache misses", kind="size")
     readahead_chunks: int = _opt(16, "chunks fetched ahead of a sequential reader")
+    kernel_readahead: int = _opt(4 * 1024**2, "the kernel's read-ahead on the mount (its bdi read_ahead_kb; "
+                                              "larger: fewer, overlapping read requests; 0: leave the kernel's "
+                                              "128K)", kind="size")
     memory: int = _opt(0, "memory budget shared by read-ahead and write buffers, e.g. 512M; readers and writers "
                           "wait for it (default 0: min(1G, RAM/8))", kind="size")
     offline_start: bool = _opt(False, "mount even when the S3 endpoint does not answer at start (a restart during "

@@ -183,6 +183,21 @@ class Mount:
 
         self.services = await services.start_all(nursery, self, fs)
 
+    def _set_kernel_readahead(self) -> None:
+        """Widen the kernel's read-ahead for this mount: with the default 128 KiB a sequential reader has one
+        small request in flight at a time, each a round trip through the FUSE queue and Python; a few MiB keep
+        several requests in flight (measured: 1.4-1.7x warm sequential reads). Needs root; else the default."""
+        kib = self.cfg.kernel_readahead // 1024
+        if kib <= 0:
+            return
+        dev = os.stat(self.cfg.mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        try:
+            with open(path, "w") as fh:
+                fh.write(str(kib))
+        except OSError as exc:
+            log.info("kernel read-ahead left at its default: cannot write %s (%s)", path, exc.strerror)
+
     async def _announce_ready(self) -> None:
         """READY=1 only once the kernel forwards requests to us and we answer them."""
         mountpoint = self.cfg.mountpoint
@@ -192,6 +207,7 @@ class Mount:
             if self.draining:  # stopped before it was ever ready: STOPPING=1 is all systemd hears
                 return
             if ok:
+                await trio.to_thread.run_sync(self._set_kernel_readahead)
                 notify("READY=1")
                 notify(f"STATUS={self._status_line()}")
                 log.info("ready: %s answers", mountpoint)
