@@ -121,6 +121,8 @@ class MountConfig:
     mountpoint: str = _opt("", "directory to mount on")
     cache_dir: str = _opt("", "local cache directory (required)")
     cache_size: int = _opt(10 * 1024**3, "cache size limit, e.g. 10G", kind="size")
+    cache_fsync: bool = _opt(False, "fsync every file committed to the cache (off: a copy torn by a power loss "
+                                    "fails its checksums on first read and is fetched again from S3)")
     state_dir: str = _opt("", "state directory for the event outbox and spool files "
                               "(default ~/.local/state/hybridfs/<cache-id>)")
     cache_id: str = _opt("", "identity of this cache: one Kafka consumer group per cache (default: host + "

@@ -76,7 +76,7 @@ class Mount:
             bucket=bucket, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None,
             max_attempts=cfg.s3_max_attempts, connect_timeout=cfg.s3_connect_timeout,
             read_timeout=cfg.s3_read_timeout, threads=cfg.s3_threads, part_size=cfg.part_size))
-        self.cache = LocalCache(Path(cfg.cache_dir), cfg.cache_size)
+        self.cache = LocalCache(Path(cfg.cache_dir), cfg.cache_size, fsync=cfg.cache_fsync)
         self.keys = KeyMapper(prefix)
         defaults = Defaults(uid=cfg.uid, gid=cfg.gid, file_mode=cfg.file_mode, dir_mode=cfg.dir_mode)
         self.namespace = Namespace(self.store, self.keys, defaults, dir_cache_time=cfg.dir_cache_time,
