@@ -130,7 +130,7 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
                   + "; ".join(results.retried) + "."]
     tgt = targets(results)
     if any(t["ratio"] is not None for t in tgt):
-        lines += ["", "Targets (issue 6):", ""]
+        lines += ["", "Targets (issue 14):", ""]
         for t in tgt:
             if t["ratio"] is None:
                 verdict = "not measured"
