@@ -121,6 +121,8 @@ class MountConfig:
     mountpoint: str = _opt("", "directory to mount on")
     cache_dir: str = _opt("", "local cache directory (required)")
     cache_size: int = _opt(10 * 1024**3, "cache size limit, e.g. 10G", kind="size")
+    cache_fsync: bool = _opt(False, "fsync every file committed to the cache (off: a copy torn by a power loss "
+                                    "fails its checksums on first read and is fetched again from S3)")
     state_dir: str = _opt("", "state directory for the event outbox and spool files "
                               "(default ~/.local/state/hybridfs/<cache-id>)")
     cache_id: str = _opt("", "identity of this cache: one Kafka consumer group per cache (default: host + "
@@ -139,6 +141,9 @@ class MountConfig:
                                                 "seconds, left by crashed mounts (0: never)")
     read_chunk_size: int = _opt(8 * 1024**2, "ranged GET size for cache misses", kind="size")
     readahead_chunks: int = _opt(16, "chunks fetched ahead of a sequential reader")
+    kernel_readahead: int = _opt(4 * 1024**2, "the kernel's read-ahead on the mount (its bdi read_ahead_kb; "
+                                              "larger: fewer, overlapping read requests; 0: leave the kernel's "
+                                              "128K)", kind="size")
     memory: int = _opt(0, "memory budget shared by read-ahead and write buffers, e.g. 512M; readers and writers "
                           "wait for it (default 0: min(1G, RAM/8))", kind="size")
     offline_start: bool = _opt(False, "mount even when the S3 endpoint does not answer at start (a restart during "

@@ -45,6 +45,9 @@ def test_bench_tiny_run_writes_results_and_cleans_up(stack: Stack, s3: Any, tmp_
     for system in ("hybridfs", "disk", "boto3"):
         assert write["results"][system] > 0 and len(write["runs"][system]) == 1
     assert write["acked_before_durable"]["hybridfs"] is False  # close() returns once S3 holds the object
+    # Peak RSS of the process doing the work: the mount, and this bench process for boto3; the disk has none.
+    assert write["peak_rss_mib"]["hybridfs"][0] > 10 and write["peak_rss_mib"]["boto3"][0] > 10
+    assert "disk" not in write["peak_rss_mib"]
     assert workloads["seq-write-1file-durable"]["results"]["disk"] is None  # no S3 copy: said so
     assert workloads["seq-read-warm"]["results"]["boto3"] is None
     assert "no local cache" in workloads["seq-read-warm"]["notes"]["boto3"]
@@ -52,6 +55,7 @@ def test_bench_tiny_run_writes_results_and_cleans_up(stack: Stack, s3: Any, tmp_
 
     table = (out / "results.md").read_text()
     assert "| seq write, 1 file (close returned) | MB/s |" in table
+    assert "peak RSS MiB (hybridfs / boto3)" in table
     assert (out / "bench.png").stat().st_size > 0 and (out / "ratios.png").stat().st_size > 0
     assert not (out / "work").exists()  # scratch data removed
     assert _bench_objects(s3, stack.bucket, data["run"]["id"]) == []

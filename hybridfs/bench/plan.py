@@ -180,14 +180,15 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-# The targets of issue 6: (metric, baseline, minimum ratio). Ratio = hybridfs relative to the baseline, > 1 better.
+# The targets of issue 14: (metric, baseline, minimum ratio). Ratio = hybridfs relative to the baseline, > 1
+# better. (Its eviction target, 200 files/s through one CLI call, is absolute: the table's evict row shows it.)
 TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("seq-write-1file", "boto3", 0.8),
+    ("seq-write-1file", "s3fs", 1.2),
+    ("seq-write-many", "boto3", 0.9),
+    ("seq-read-cold", "boto3", 0.9),
     ("seq-read-warm", "s3fs", 1.0),
-    ("seq-read-warm", "rclone", 1.0),
     ("rand-read-warm", "s3fs", 1.0),
-    ("rand-read-warm", "rclone", 1.0),
-    ("seq-read-cold", "boto3", 0.8),
-    ("seq-write-1file", "boto3", 0.7),
-    ("seq-write-many", "boto3", 0.7),
+    ("hydrate", "boto3", 0.8),
     ("small-create", "s3fs", 2.0),
 )

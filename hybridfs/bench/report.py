@@ -54,6 +54,7 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
             "runs": {s: [_round(v) for v in r.runs.get(s, [])] for s in systems},
             "acked_before_durable": {s: r.acked_before_durable(s) for s in systems if r.runs.get(s)},
             "durability_lag_seconds": {s: [round(v, 3) for v in lags] for s, lags in r.lags.items()},
+            "peak_rss_mib": {s: [round(v, 1) for v in values] for s, values in r.peak_rss.items()},
             "ratios": {b: _round(ratio(r, b)) for b in BASELINES if b in systems and "hybridfs" in systems},
             "notes": {s: "; ".join(n) for s, n in r.notes.items()},
         })  # fmt: skip
@@ -94,7 +95,10 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
         f"{ACK_MARK} = close() returned before S3 held the data (write-back).",
         "",
     ]
+    rss_systems = [s for s in systems if any(r.peak_rss.get(s) for r in results.metrics)]
     head = ["Workload", "Unit", *systems, *(f"vs {b}" for b in baselines)]
+    if rss_systems:
+        head.append("peak RSS MiB (" + " / ".join(rss_systems) + ")")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
     for r in results.metrics:
@@ -109,6 +113,9 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
         for b in baselines:
             value = ratio(r, b)
             cells.append("" if value is None else f"{value:.2f}x")
+        if rss_systems:
+            peaks = [r.rss(s) for s in rss_systems]
+            cells.append(" / ".join("-" if p is None else f"{p:.0f}" for p in peaks))
         lines.append("| " + " | ".join(cells) + " |")
     extra = [(r, s, n) for r in results.metrics for s, notes in r.notes.items() for n in notes
              if r.median(s) is not None]
@@ -123,7 +130,7 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
                   + "; ".join(results.retried) + "."]
     tgt = targets(results)
     if any(t["ratio"] is not None for t in tgt):
-        lines += ["", "Targets (issue 6):", ""]
+        lines += ["", "Targets (issue 14):", ""]
         for t in tgt:
             if t["ratio"] is None:
                 verdict = "not measured"
@@ -245,6 +252,7 @@ def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any], str]:
         r.runs = {s: list(v) for s, v in w.get("runs", {}).items() if v}
         r.notes = {s: [n] for s, n in w.get("notes", {}).items() if n}
         r.lags = {s: list(v) for s, v in w.get("durability_lag_seconds", {}).items()}
+        r.peak_rss = {s: list(v) for s, v in w.get("peak_rss_mib", {}).items()}
         r.acked_early = {s: [bool(flag)] for s, flag in w.get("acked_before_durable", {}).items()}
         systems += [s for s in w.get("results", {}) if s not in systems]
         metrics.append(r)

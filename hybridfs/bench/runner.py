@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -50,10 +51,15 @@ class MetricResult:
     notes: dict[str, list[str]] = field(default_factory=dict)
     acked_early: dict[str, list[bool]] = field(default_factory=dict)  # per system, per run
     lags: dict[str, list[float]] = field(default_factory=dict)  # per system, per run: close() -> in S3 (s)
+    peak_rss: dict[str, list[float]] = field(default_factory=dict)  # per system, per run: MiB (see PeakRss)
 
     def median(self, system: str) -> float | None:
         values = self.runs.get(system)
         return statistics.median(values) if values else None
+
+    def rss(self, system: str) -> float | None:
+        values = self.peak_rss.get(system)
+        return max(values) if values else None
 
     def acked_before_durable(self, system: str) -> bool:
         return any(self.acked_early.get(system, []))
@@ -100,6 +106,42 @@ def _shielded() -> Iterator[None]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+class PeakRss:
+    """Peak resident memory of the process doing a system's work (the FUSE daemon; boto3: this process) over one
+    run: the kernel's high-water mark (VmHWM) is reset before the run (``clear_refs`` 5) and read after it. A
+    mount restarted during the run (a cold start) reports the peak of the new process."""
+
+    def __init__(self, subject: Subject) -> None:
+        self.subject = subject
+        self.reset_ok = False
+        self.started_pid = pid = self.pid()
+        if pid is not None:
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+                self.reset_ok = True
+            except OSError as exc:
+                log.debug("cannot reset the peak RSS of %s (pid %d): %s", subject.name, pid, exc)
+
+    def pid(self) -> int | None:
+        if isinstance(self.subject, Boto3Subject):
+            return os.getpid()
+        mount = getattr(self.subject, "mount", None)
+        proc = getattr(mount, "proc", None)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def read_mib(self) -> float | None:
+        pid = self.pid()
+        if pid is None or (pid == self.started_pid and not self.reset_ok):  # a lifetime peak says nothing
+            return None
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
 
 STACK_WAIT = 180.0  # seconds to wait for the stack when another session restarted it
@@ -211,6 +253,7 @@ class Runner:
                 name = subject.name
                 method: Callable[[int], Outcome] = getattr(subject, METHODS[workload.name])
                 started = time.monotonic()
+                rss = PeakRss(subject)
                 try:
                     outcome = self._attempt(method, run, workload.name, name)
                 except NotAvailable as exc:
@@ -239,7 +282,7 @@ class Runner:
                     continue
                 finally:
                     spent[name] = spent.get(name, 0.0) + time.monotonic() - started
-                self._record(mine, name, outcome)
+                self._record(mine, name, outcome, rss.read_mib())
                 self.say(name[0], end="")
             self.say(" " if run + 1 < self.sizes.runs else "", end="")
         self.say("")
@@ -287,11 +330,13 @@ class Runner:
             r.note(system, text)
 
     @staticmethod
-    def _record(mine: list[MetricResult], system: str, outcome: Outcome) -> None:
+    def _record(mine: list[MetricResult], system: str, outcome: Outcome, rss_mib: float | None) -> None:
         for r in mine:
             value = outcome.values.get(r.metric.name)
             if value is None:
                 continue
+            if rss_mib is not None:
+                r.peak_rss.setdefault(system, []).append(rss_mib)
             r.runs.setdefault(system, []).append(value)
             r.acked_early.setdefault(system, []).append(r.metric.name in outcome.acked_early)
             if r.metric.name in outcome.lag:

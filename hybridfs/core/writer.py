@@ -39,7 +39,7 @@ from hybridfs.core.budget import MemoryBudget
 from hybridfs.errors import FsError, io_error
 from hybridfs.tasks import Spawner, failpoint
 from hybridfs.tiers.cache import LocalCache, TeeFile
-from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, WriteConflict
+from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, Part, WriteConflict
 
 log = logging.getLogger("hybridfs.writer")
 
@@ -218,7 +218,7 @@ class StreamWriter:
         self.buffer_offset = 0  # file offset of the first buffered byte
         self.upload_id: str | None = None
         self.token = new_token()
-        self.parts: list[tuple[int, str]] = []
+        self.parts: list[Part] = []
         self.next_part = 1
         self.slots = trio.Semaphore(settings.max_inflight)
         self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
@@ -235,7 +235,9 @@ class StreamWriter:
         self.buffered += len(data)
         self.size += len(data)
         # From here the bytes are ours: a failure below marks the stream failed, it never loses them.
-        while self.failed is None and self.buffered >= part_size_for(self.next_part, self.settings.part_size):
+        # A part is cut once a byte beyond it arrives, so a file of exactly one part is one PUT at close (not
+        # CreateMultipartUpload + UploadPart + CompleteMultipartUpload: two round trips and MinIO's merge).
+        while self.failed is None and self.buffered > part_size_for(self.next_part, self.settings.part_size):
             await self._cut_part()
 
     def _fail(self, exc: FsError) -> None:
@@ -265,10 +267,7 @@ class StreamWriter:
                 self.slots.release()
             self._fail(timeout_error(self.key, self.settings.timeout))
             return
-        joined = self._take_buffer()
-        data = joined[:size]  # the same object when the part is exactly the buffer
-        if len(joined) > size:
-            self.chunks, self.buffered = [joined[size:]], len(joined) - size
+        data = self._take_part(size)
         offset, self.buffer_offset = self.buffer_offset, self.buffer_offset + size
         self._send_part(offset, data, self._take_charge(size))
 
@@ -313,7 +312,7 @@ class StreamWriter:
                     return
                 try:  # caught here, so that a failing upload never cancels the local copy beside it
                     failpoint("part")
-                    etag = await self.store.upload_part(self.key, upload_id, number, data)
+                    part = await self.store.upload_part(self.key, upload_id, number, data)
                 except FsError as exc:
                     if self.upload_id != upload_id:  # handed over or aborted meanwhile: nobody needs this part
                         log.debug("part %d of %s after its upload was dropped: %s", number, self.key, exc)
@@ -323,7 +322,7 @@ class StreamWriter:
                     log.exception("part %d of %s: internal error", number, self.key)
                     self._fail(io_error(f"part {number} of {self.key}: internal error {exc!r}"))
                 else:
-                    self.parts.append((number, etag))
+                    self.parts.append(part)
         except Exception as exc:  # a bug in the local copy: the stream can no longer be handed over safely
             log.exception("local copy of part %d of %s: internal error", number, self.key)
             await self.tee.discard(f"internal error {exc!r}")
@@ -345,6 +344,25 @@ class StreamWriter:
             await self.slots.acquire()
         for _ in range(self.settings.max_inflight):
             self.slots.release()
+
+    def _take_part(self, size: int) -> bytes:
+        """The first ``size`` buffered bytes as one object, copied once: only the write that straddles the part's
+        end is split (its tail stays buffered)."""
+        taken, count = 0, 0
+        while taken + len(self.chunks[count]) <= size:
+            taken += len(self.chunks[count])
+            count += 1
+            if taken == size:
+                break
+        pieces: list[bytes | memoryview] = list(self.chunks[:count])
+        rest = self.chunks[count:]
+        if taken < size:
+            straddling = memoryview(rest[0])
+            pieces.append(straddling[:size - taken])
+            rest[0] = bytes(straddling[size - taken:])
+        data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+        self.chunks, self.buffered = rest, self.buffered - size
+        return data
 
     def _take_buffer(self) -> bytes:
         data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -376,11 +394,25 @@ class StreamWriter:
         if self.upload_id is None:  # smaller than a part: one PUT; the buffer stays until S3 has it
             data = b"".join(self.chunks)
             self.chunks, self.buffered = [data], len(data)
-            await self.tee.write(0, data)
             token = new_token()
             meta = with_token(metadata, token)
-            return await self.fence.commit(self.spawner, self.key, condition, token,
-                                           lambda cond: self.store.put(self.key, data, meta, condition=cond))
+            outcome: list[str | FsError] = []
+
+            async def put() -> None:
+                try:
+                    outcome.append(await self.fence.commit(
+                        self.spawner, self.key, condition, token,
+                        lambda cond: self.store.put(self.key, data, meta, condition=cond)))
+                except FsError as exc:  # raised below, once the local copy beside it is written
+                    outcome.append(exc)
+
+            # The local copy never raises (a failure is recorded in the tee), so it runs beside the PUT.
+            async with trio.open_nursery() as both:
+                both.start_soon(self.tee.write, 0, data)
+                await put()
+            if isinstance(outcome[0], FsError):
+                raise outcome[0]
+            return outcome[0]
         if self.buffered:
             await self.slots.acquire()
             data, offset = self._take_buffer(), self.buffer_offset
@@ -585,7 +617,7 @@ class SpoolWriter:
         """Parts read from the spool, ``max_inflight`` at a time; the commit is fenced like a stream's."""
         token = new_token()
         upload_id = await self.store.create_multipart(self.key, with_token(metadata, token))
-        parts: list[tuple[int, str]] = []
+        parts: list[Part] = []
         errors: list[FsError] = []
         completed = False
         try:
@@ -608,7 +640,7 @@ class SpoolWriter:
             if not completed:
                 self.store.schedule_abort(self.key, upload_id)
 
-    async def _part(self, upload_id: str, number: int, offset: int, size: int, parts: list[tuple[int, str]],
+    async def _part(self, upload_id: str, number: int, offset: int, size: int, parts: list[Part],
                     errors: list[FsError], limiter: trio.Semaphore) -> None:
         budget = self.settings.budget
         charged = 0
@@ -616,7 +648,7 @@ class SpoolWriter:
             if budget is not None:
                 charged = await budget.acquire(size)
             data = await self.read(offset, size)
-            parts.append((number, await self.store.upload_part(self.key, upload_id, number, data)))
+            parts.append(await self.store.upload_part(self.key, upload_id, number, data))
         except FsError as exc:
             errors.append(exc)
         except OSError as exc:

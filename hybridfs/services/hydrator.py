@@ -44,7 +44,7 @@ from hybridfs.events.schema import Event, RejectEvent
 from hybridfs.keylocks import KeyLocks
 from hybridfs.services.common import S3Waiter, Store, clean_etag
 from hybridfs.services.planner import Planner, PlannerSettings
-from hybridfs.tiers.cache import LocalCache
+from hybridfs.tiers.cache import LocalCache, Sums
 from hybridfs.tiers.s3 import ObjectInfo
 
 log = logging.getLogger("hybridfs.services.hydrator")
@@ -195,7 +195,7 @@ class Hydrator:
         committed = False
         try:
             try:
-                size = await self._fetch(key, info, temp)
+                size, sums = await self._fetch(key, info, temp)
             except FsError as exc:
                 if exc.errno in (errno.ESTALE, errno.ENOENT):
                     current = await self._current(key)
@@ -221,7 +221,7 @@ class Hydrator:
                 log.debug("not hydrating %s version %s: the cache got version %s meanwhile", key, info.etag,
                           now.etag)
                 return "superseded"
-            committed = await self.cache.commit(temp, key, info.etag, info.size)
+            committed = await self.cache.commit(temp, key, info.etag, info.size, sums)
         finally:
             if not committed:
                 with trio.CancelScope(shield=True):
@@ -235,15 +235,21 @@ class Hydrator:
         log.debug("hydrated %s (%d bytes) in %.3fs", key, info.size, elapsed)
         return "hydrated"
 
-    async def _fetch(self, key: str, info: ObjectInfo, temp: Path) -> int:
+    async def _fetch(self, key: str, info: ObjectInfo, temp: Path) -> tuple[int, Sums | None]:
         """Download ``info``'s version of ``key`` to ``temp``; returns the bytes the object had (for a small
-        object the range asks for one byte more than expected, so a larger object shows)."""
+        object the range asks for one byte more than expected, so a larger object shows) and, for a small
+        object, the checksums of the bytes received (the commit need not read the file back for them)."""
         if info.size <= self.settings.small_object:
             data = await self.s3.call(lambda: self.store.get_range(key, 0, info.size + 1, info.etag))
-            await trio.to_thread.run_sync(_write, temp, data, limiter=self.cache.limiter)
-            return len(data)
+            block = self.cache.block_size
+
+            def write() -> Sums | None:
+                _write(temp, data)
+                return Sums.of_bytes(key, info.etag, data, block) if len(data) == info.size else None
+
+            return len(data), await trio.to_thread.run_sync(write, limiter=self.cache.limiter)
         await self.s3.call(lambda: self.store.download_file(key, info.etag, str(temp)))
-        return await trio.to_thread.run_sync(_size_of, temp, limiter=self.cache.limiter)
+        return await trio.to_thread.run_sync(_size_of, temp, limiter=self.cache.limiter), None
 
     def status(self) -> dict[str, object]:
         return {
