@@ -152,12 +152,16 @@ class WritePath:
                 if of.size == 0 and offset == 0:
                     writer = of.writer = self.stream_writer(of, self.key_of(of.node))
                 else:
+                    log.debug("%s: first write at %d of a file of %d bytes: spooled", self.key_of(of.node),
+                              offset, of.size)
                     writer = await self._to_spool(of)
             if isinstance(writer, StreamWriter):
                 try:
                     await writer.write(offset, data)
                     return
                 except NeedsSpool:
+                    log.debug("%s: write of %d bytes at %d, the stream is at %d: spooled", self.key_of(of.node),
+                              len(data), offset, writer.size)
                     writer = await self._to_spool(of)
             await writer.write(offset, data)
 
