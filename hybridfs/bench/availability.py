@@ -19,6 +19,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -379,6 +381,7 @@ class SystemRun:
         self.say = say
         self.notes: list[str] = []
         self.lost_with_disk = 0
+        self.scheduler: Scheduler | None = None
 
     def run(self) -> RunResult:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -397,6 +400,7 @@ class SystemRun:
             faults = Faults(disk, proxy, self.kafka)
             scheduler = Scheduler(workload, faults, self.phases, self.settings, rng,
                                   lambda phase: self._phase_ended(phase, workload))
+            self.scheduler = scheduler
             scheduler.run(self.say)
             if self.kafka is not None and self.kafka.proc is None:
                 self.kafka.start()
@@ -426,6 +430,14 @@ class SystemRun:
             disk.clear()
         if proxy is not None:
             proxy.clear()
+        hung = self.scheduler is not None and any(t.is_alive() for t in self.scheduler.threads)
+        if hung and isinstance(system, FuseMount) and system.proc is not None:
+            # An op still hanging in the mount keeps it busy: detach it and ask the process to finish (SIGTERM
+            # is a clean unmount for all three), instead of waiting minutes for fusermount3 -u to be possible.
+            log.info("%s: ops still hanging at the end; lazy unmount and SIGTERM", self.name)
+            subprocess.run(["fusermount3", "-u", "-z", str(system.mountpoint)], capture_output=True, check=False)
+            with contextlib.suppress(ProcessLookupError):
+                system.proc.send_signal(signal.SIGTERM)
         system.stop()
         if proxy is not None:
             proxy.close()
