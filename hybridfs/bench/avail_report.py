@@ -225,7 +225,7 @@ def chart(data: dict[str, Any], out_dir: Path) -> Path | None:
 def write_all(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"json": out_dir / "availability.json"}
-    written["json"].write_text(json.dumps(data, indent=1) + "\n")
+    written["json"].write_text(json.dumps(data, separators=(",", ":")) + "\n")  # every op: keep it compact
     png = chart(data, out_dir)
     if png is not None:
         written["chart"] = png
