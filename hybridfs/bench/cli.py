@@ -49,6 +49,10 @@ def register(subparsers: Any) -> None:
                         help="only re-render results.md and the charts from an earlier JSON (into --out or its dir)")
     parser.add_argument("--no-stack", action="store_true", help="do not run `hybridfs stack up` (already running)")
     parser.set_defaults(func=run)
+    verbs = parser.add_subparsers(dest="bench_verb", metavar="VERB", required=False)
+    from hybridfs.bench.avail_cli import register as register_availability
+
+    register_availability(verbs)
 
 
 def _split(values: list[str] | str | None) -> list[str]:

@@ -45,10 +45,14 @@ class FuseMount:
         self.starts = 0
         self.cold = False  # the current (or last) start was a cold one
         self.label = ""  # set when one run has several mounts of this filesystem: names the log file
+        self.endpoint = S3_ENDPOINT  # `bench availability` puts a fault proxy here
+        self.cache_override: Path | None = None  # ... and the cache on a disk it can fault
 
     @property
     def cache_dir(self) -> Path:
         """The warm cache persists across restarts; a cold start gets a separate cache, emptied first."""
+        if self.cache_override is not None:
+            return self.cache_override
         return self.base / ("cache-cold" if self.cold else "cache")
 
     # -- what differs per filesystem
@@ -172,6 +176,8 @@ class HybridfsMount(FuseMount):
         self.cache_size = cache_size
         self.extra_args = extra_args
         self.topics_used: list[str] = []
+        self.kafka = KAFKA_BOOTSTRAP
+        self.state_override: Path | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +186,8 @@ class HybridfsMount(FuseMount):
         argv = [
             sys.executable, "-m", "hybridfs", "mount", f"s3://{BUCKET}/{self.prefix}", str(self.mountpoint),
             "--cache-dir", str(self.cache_dir), "--state-dir", str(self.state_dir),
-            "--kafka", KAFKA_BOOTSTRAP, "--topic-prefix", self.topic_prefix, "--cache-size", str(self.cache_size),
-            "--endpoint-url", S3_ENDPOINT, *self.extra_args,
+            "--kafka", self.kafka, "--topic-prefix", self.topic_prefix, "--cache-size", str(self.cache_size),
+            "--endpoint-url", self.endpoint, *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, **_s3_env()}
         env.pop("JOURNAL_STREAM", None)
@@ -189,6 +195,8 @@ class HybridfsMount(FuseMount):
 
     @property
     def state_dir(self) -> Path:
+        if self.state_override is not None:
+            return self.state_override
         return self.base / ("state-cold" if self.cold else "state")
 
     def wipe_cold(self) -> None:
@@ -213,7 +221,7 @@ class S3fsMount(FuseMount):
         passwd.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
         passwd.chmod(0o600)
         options = ",".join([
-            f"url={S3_ENDPOINT}", "use_path_request_style", f"passwd_file={passwd}", f"use_cache={self.cache_dir}",
+            f"url={self.endpoint}", "use_path_request_style", f"passwd_file={passwd}", f"use_cache={self.cache_dir}",
         ])  # fmt: skip
         argv = ["s3fs", f"{BUCKET}:/{self.prefix}", str(self.mountpoint), "-f", "-o", options]
         return argv, dict(os.environ)
@@ -229,7 +237,7 @@ class RcloneMount(FuseMount):
         env.update({
             "RCLONE_CONFIG_HFSBENCH_TYPE": "s3",
             "RCLONE_CONFIG_HFSBENCH_PROVIDER": "Minio",
-            "RCLONE_CONFIG_HFSBENCH_ENDPOINT": S3_ENDPOINT,
+            "RCLONE_CONFIG_HFSBENCH_ENDPOINT": self.endpoint,
             "RCLONE_CONFIG_HFSBENCH_ACCESS_KEY_ID": ACCESS_KEY,
             "RCLONE_CONFIG_HFSBENCH_SECRET_ACCESS_KEY": SECRET_KEY,
             "RCLONE_CONFIG_HFSBENCH_REGION": REGION,
