@@ -28,10 +28,14 @@ KAFKA_BOOTSTRAP = f"{HOST}:{KAFKA_PORT}"
 S3_ENDPOINT = f"http://{HOST}:{S3_PORT}"
 
 # MinIO publishes the bucket's S3 event records (ObjectCreated:*, ObjectRemoved:*) to this Kafka topic, so that
-# mounts see changes made with other tools (boto3, aws s3, rclone). Target id and queue ARN as MinIO names them.
+# mounts see changes made with other tools (boto3, aws s3, rclone). Two Kafka targets publish each record, because
+# MinIO offers fast or durable, not both: the direct one within milliseconds (dropped while Kafka is down), the
+# queued one from a queue directory that MinIO flushes every 3 s (kept across Kafka outages). Records come twice
+# and out of order (the direct target sends each on its own); consumers only invalidate on a record, so the second
+# copy costs one more revalidation and the order does not matter.
 S3_EVENTS_TOPIC = "hybridfs.s3-events"
-MINIO_KAFKA_TARGET = "HYBRIDFS"
-S3_EVENTS_QUEUE_ARN = f"arn:minio:sqs::{MINIO_KAFKA_TARGET}:kafka"
+MINIO_KAFKA_TARGETS = {"HYBRIDFS": False, "HYBRIDFSQUEUED": True}  # target id -> through a queue directory
+S3_EVENTS_QUEUE_ARNS = tuple(f"arn:minio:sqs::{target}:kafka" for target in MINIO_KAFKA_TARGETS)
 S3_EVENT_TYPES = ("s3:ObjectCreated:*", "s3:ObjectRemoved:*")
 
 SERVICES = ("kafka", "s3")

@@ -16,14 +16,14 @@ from hybridfs.stack.config import (
     BUCKET,
     HOST,
     KAFKA_BOOTSTRAP,
-    MINIO_KAFKA_TARGET,
+    MINIO_KAFKA_TARGETS,
     MINIO_MODULE,
     MINIO_VERSION,
     REGION,
     S3_CONSOLE_PORT,
     S3_ENDPOINT,
     S3_EVENT_TYPES,
-    S3_EVENTS_QUEUE_ARN,
+    S3_EVENTS_QUEUE_ARNS,
     S3_EVENTS_TOPIC,
     S3_PORT,
     SECRET_KEY,
@@ -120,17 +120,18 @@ class MinIO(Service):
         return argv, env
 
     def _kafka_notify_env(self) -> dict[str, str]:
-        """The bucket's S3 event records go to the stack's Kafka. The queue directory makes delivery asynchronous
-        and durable: a PUT does not wait for Kafka, and records raised while Kafka is down are sent when it is back
-        (MinIO also starts while Kafka is not up yet, as at `stack up`, where both start at once)."""
-        target = MINIO_KAFKA_TARGET
-        return {
-            f"MINIO_NOTIFY_KAFKA_ENABLE_{target}": "on",
-            f"MINIO_NOTIFY_KAFKA_BROKERS_{target}": KAFKA_BOOTSTRAP,
-            f"MINIO_NOTIFY_KAFKA_TOPIC_{target}": S3_EVENTS_TOPIC,
-            f"MINIO_NOTIFY_KAFKA_QUEUE_DIR_{target}": str(self.events_queue_dir),
-            f"MINIO_NOTIFY_KAFKA_QUEUE_LIMIT_{target}": "100000",
-        }
+        """The bucket's S3 event records go to the stack's Kafka through two targets (see S3_EVENTS_TOPIC): one
+        direct, one through a queue directory. Neither makes a PUT wait for Kafka, and MinIO also starts while
+        Kafka is not up yet (as at `stack up`, where both start at once)."""
+        env: dict[str, str] = {}
+        for target, queued in MINIO_KAFKA_TARGETS.items():
+            env[f"MINIO_NOTIFY_KAFKA_ENABLE_{target}"] = "on"
+            env[f"MINIO_NOTIFY_KAFKA_BROKERS_{target}"] = KAFKA_BOOTSTRAP
+            env[f"MINIO_NOTIFY_KAFKA_TOPIC_{target}"] = S3_EVENTS_TOPIC
+            if queued:
+                env[f"MINIO_NOTIFY_KAFKA_QUEUE_DIR_{target}"] = str(self.events_queue_dir)
+                env[f"MINIO_NOTIFY_KAFKA_QUEUE_LIMIT_{target}"] = "100000"
+        return env
 
     @property
     def events_queue_dir(self) -> Path:
@@ -162,13 +163,14 @@ def publish_bucket_events(bucket: str) -> None:
     """Every object created or removed in ``bucket`` raises an S3 event record on the Kafka target."""
     from botocore.exceptions import ClientError
 
-    config = {"QueueConfigurations": [{"QueueArn": S3_EVENTS_QUEUE_ARN, "Events": list(S3_EVENT_TYPES)}]}
+    config = {"QueueConfigurations": [{"QueueArn": arn, "Events": list(S3_EVENT_TYPES)}
+                                      for arn in S3_EVENTS_QUEUE_ARNS]}
     try:
         _client().put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config)
     except ClientError as exc:  # a MinIO started by an older hybridfs, without the Kafka target
         raise CliError(
-            f"s3: MinIO refused the Kafka notification target {S3_EVENTS_QUEUE_ARN} ({exc}); it was started "
-            "without it: restart it with `hybridfs stack down s3 && hybridfs stack up`"
+            f"s3: MinIO refused the Kafka notification targets {', '.join(S3_EVENTS_QUEUE_ARNS)} ({exc}); it "
+            "was started without them: restart it with `hybridfs stack down s3 && hybridfs stack up`"
         ) from exc
 
 
