@@ -30,6 +30,9 @@ CACHE_ENTRIES = 200_000
 REPORTED_ENTRIES = 10_000  # object versions whose unusable metadata was logged (one line per version)
 PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
 PREFETCH_PARALLEL = 8
+# How long a revalidation of attributes we could serve anyway may wait for S3 before the last known ones are
+# served (a few round trips to a healthy S3; well under what a program waiting on stat or open tolerates).
+REVALIDATE_WITHIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Namespace:
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
         try:
-            st = await self._fetch(path)
+            st = await self._revalidate(path)
         except FsError as exc:
             fallback = self._fallback(path, exc)
             if fallback is None:
@@ -102,6 +105,16 @@ class Namespace:
             raise not_found(path)
         self.remember(path, st)
         return st
+
+    async def _revalidate(self, path: str) -> Stat | None:
+        """``_fetch``, bounded when we have attributes to fall back on: a stalled or slow S3 must not hold up a
+        stat or open of a cached file for the S3 read timeout (contract 5 covers slow as well as refused)."""
+        if self.last_known.get(path) is None and self._cached_stat(path) is None:
+            return await self._fetch(path)
+        with trio.move_on_after(REVALIDATE_WITHIN):
+            return await self._fetch(path)
+        raise FsError(errno.EIO, f"S3 did not answer within {REVALIDATE_WITHIN:g}s (stalled or slow)",
+                      level=logging.INFO)
 
     def _fallback(self, path: str, exc: FsError) -> Stat | None:
         """While S3 is unreachable, the last attributes we saw keep cached files readable (contract 5)."""
