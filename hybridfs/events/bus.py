@@ -188,12 +188,7 @@ class EventBus:
                 exc,
             )
             return
-        self._published += 1
-        if self._state == "closed":
-            self._store_after_close(item)
-            return
-        self._queue.append(item)
-        self._poke()
+        self._enqueue(item)
 
     def publish_record(self, topic: str, key: bytes, value: bytes | None,
                        headers: Sequence[tuple[str, bytes]] = ()) -> None:
@@ -202,7 +197,9 @@ class EventBus:
         if value == b"":
             log.error("cannot publish an empty record for %r: an empty value means a tombstone", key)
             return
-        item: _Item = (topic, bytes(key), value or b"", tuple(headers))
+        self._enqueue((topic, bytes(key), value or b"", tuple(headers)))
+
+    def _enqueue(self, item: _Item) -> None:
         self._published += 1
         if self._state == "closed":
             self._store_after_close(item)

@@ -22,6 +22,7 @@ Delivery is at least once. A partition's offset is committed only past messages 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import queue
@@ -80,6 +81,30 @@ class _PartitionTrack:
     def commit_point(self) -> int:
         """The offset to commit: every offset below it has finished."""
         return min(self.open) if self.open else self.highest + 1
+
+
+async def run_consumer_thread(main: Callable[[], None], token: trio.lowlevel.TrioToken, stop: threading.Event,
+                              close_timeout: float) -> None:
+    """Run a consumer's polling loop ``main`` in a thread until cancelled; then set ``stop`` and wait (shielded,
+    at most ``close_timeout``) for the thread to close its consumer. Abandoned on cancel, so a thread stuck in
+    librdkafka never holds up the mount's shutdown for longer than that."""
+    done = trio.Event()
+
+    def body() -> None:
+        try:
+            main()
+        finally:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+    try:
+        await trio.to_thread.run_sync(body, abandon_on_cancel=True)
+    finally:
+        stop.set()
+        with trio.move_on_after(close_timeout, shield=True):
+            await done.wait()
 
 
 class EventConsumer:
@@ -236,25 +261,9 @@ class EventConsumer:
     async def _run_thread(self, consumer: Consumer) -> None:
         """Run the consumer thread until cancelled; then stop it and wait (shielded) for it to close."""
         self._stop.clear()
-        done = trio.Event()
-        token = self._token
-        assert token is not None
-
-        def body() -> None:
-            try:
-                self._thread_main(consumer)
-            finally:
-                try:
-                    token.run_sync_soon(done.set)
-                except trio.RunFinishedError:
-                    pass
-
-        try:
-            await trio.to_thread.run_sync(body, abandon_on_cancel=True)
-        finally:
-            self._stop.set()
-            with trio.move_on_after(self.close_timeout, shield=True):
-                await done.wait()
+        assert self._token is not None
+        await run_consumer_thread(functools.partial(self._thread_main, consumer), self._token, self._stop,
+                                  self.close_timeout)
 
     async def _dispatch(self, receive: trio.MemoryReceiveChannel[tuple[Message, int]]) -> None:
         slots = trio.Semaphore(self.concurrency)

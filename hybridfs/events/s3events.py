@@ -22,6 +22,7 @@ one WARNING, one INFO when it is back.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from typing import Any
 import trio
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from hybridfs.events.consumer import run_consumer_thread
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
 
 __all__ = ["BadRecord", "S3Change", "S3EventFeed", "S3FeedStats", "parse_s3_events"]
@@ -223,24 +225,8 @@ class S3EventFeed:
         self._token = trio.lowlevel.current_trio_token()
         consumer = self._new_consumer()  # bad settings fail here, before started()
         task_status.started()
-        done = trio.Event()
-        token = self._token
-
-        def body() -> None:
-            try:
-                self._thread_main(consumer)
-            finally:
-                try:
-                    token.run_sync_soon(done.set)
-                except trio.RunFinishedError:
-                    pass
-
-        try:
-            await trio.to_thread.run_sync(body, abandon_on_cancel=True)
-        finally:
-            self._stop.set()
-            with trio.move_on_after(self.close_timeout, shield=True):
-                await done.wait()
+        await run_consumer_thread(functools.partial(self._thread_main, consumer), self._token, self._stop,
+                                  self.close_timeout)
 
     def _new_consumer(self) -> Consumer:
         conf = client_config(
