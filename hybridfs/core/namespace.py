@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,25 @@ class Namespace:
             return cached.stat
         if max_age is None and path in self.missing:
             raise not_found(path)
+        # Bounded when we have attributes to fall back on: a stalled or slow S3 must not hold up a stat or open
+        # of a cached file for the S3 read timeout (contract 5 covers slow as well as refused) — neither our own
+        # HEAD nor a prefetch's that we would wait for.
+        bounded = self.last_known.get(path) is not None or self._cached_stat(path) is not None
+        with trio.move_on_after(REVALIDATE_WITHIN if bounded else math.inf):
+            try:
+                return await self._ask_s3(path, max_age)
+            except FsError as exc:
+                fallback = self._fallback(path, exc)
+                if fallback is None:
+                    raise
+                return fallback
+        stalled = FsError(errno.EIO, f"S3 did not answer within {REVALIDATE_WITHIN:g}s (stalled or slow)",
+                          level=logging.INFO)
+        fallback = self._fallback(path, stalled)
+        assert fallback is not None  # bounded only when there is one
+        return fallback
+
+    async def _ask_s3(self, path: str, max_age: float | None) -> Stat:
         prefetch = self._prefetching.get(path)
         if prefetch is not None:  # a HEAD for it is already under way: wait for that one
             await prefetch.wait()
@@ -90,13 +110,7 @@ class Namespace:
                 return cached.stat
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
-        try:
-            st = await self._revalidate(path)
-        except FsError as exc:
-            fallback = self._fallback(path, exc)
-            if fallback is None:
-                raise
-            return fallback
+        st = await self._fetch(path)
         if self._s3_down:
             self._s3_down = False
             log.info("S3 answers again")
@@ -105,16 +119,6 @@ class Namespace:
             raise not_found(path)
         self.remember(path, st)
         return st
-
-    async def _revalidate(self, path: str) -> Stat | None:
-        """``_fetch``, bounded when we have attributes to fall back on: a stalled or slow S3 must not hold up a
-        stat or open of a cached file for the S3 read timeout (contract 5 covers slow as well as refused)."""
-        if self.last_known.get(path) is None and self._cached_stat(path) is None:
-            return await self._fetch(path)
-        with trio.move_on_after(REVALIDATE_WITHIN):
-            return await self._fetch(path)
-        raise FsError(errno.EIO, f"S3 did not answer within {REVALIDATE_WITHIN:g}s (stalled or slow)",
-                      level=logging.INFO)
 
     def _fallback(self, path: str, exc: FsError) -> Stat | None:
         """While S3 is unreachable, the last attributes we saw keep cached files readable (contract 5)."""
