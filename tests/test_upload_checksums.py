@@ -7,10 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from typing import Any
 
 import google_crc32c
-from helpers import Mount
+from helpers import Mount, wait_until
 
 MiB = 1024 * 1024
 
@@ -57,3 +58,23 @@ def test_multipart_parts_carry_their_crc32c(mount_factory: Any, s3: Any) -> None
     expected = base64.b64encode(int(composite).to_bytes(4, "big")).decode()
     assert checksum is not None and checksum.split("-")[0] == expected
     assert (mount.path / "parts.bin").read_bytes() == data
+
+
+def test_a_stream_spanning_seconds_is_not_copied_after_its_upload(mount_factory: Any, s3: Any) -> None:
+    """The multipart upload carries no times: S3's LastModified (the completion, i.e. the close) is the mtime.
+    Comparing times at close copied every upload that spanned a second boundary onto itself: the whole object
+    again (minutes for a large file), and its parts' checksums lost."""
+    mount = mount_factory(extra_args=["--part-size", "5M"])
+    path = mount.path / "slow.bin"
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(6 * MiB))  # one part sent
+        start = time.time()
+        fh.flush()
+        wait_until(lambda: time.time() - start > 1.1, timeout=5, message="a second boundary")
+        fh.write(os.urandom(MiB))
+    closed = time.time()
+    head = s3.head_object(Bucket=mount.bucket, Key=mount.key("slow.bin"), ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"').endswith("-2") and head.get("ChecksumCRC32C"), head  # as uploaded, no copy
+    assert "mtime" not in head["Metadata"]
+    assert abs(path.stat().st_mtime - closed) < 2.5
+    assert s3.get_object(Bucket=mount.bucket, Key=mount.key("slow.bin"))["ContentLength"] == 7 * MiB

@@ -279,7 +279,10 @@ class WritePath:
         condition = Condition(of.stat.etag)
         try:
             try:
-                done = await writer.finish(metadata_for(st), condition, deadline)
+                if isinstance(writer, StreamWriter):
+                    done = await writer.finish(metadata_for(st), condition, deadline, times_set=of.mtime_set)
+                else:
+                    done = await writer.finish(metadata_for(st), condition, deadline)
             except NeedsSpool:
                 writer = await self._to_spool(of)
                 writer.key = key

@@ -188,6 +188,14 @@ class WriteFence:
         return self._landed.pop(key, None)
 
 
+_TIME_KEYS = frozenset({"mtime", "ctime", "atime"})
+
+
+def without_times(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata without the file's times: an object without them shows S3's LastModified (attrs.stat_from_object)."""
+    return {name: value for name, value in metadata.items() if name not in _TIME_KEYS}
+
+
 def with_token(metadata: dict[str, str], token: str) -> dict[str, str]:
     return {**metadata, WRITE_TOKEN: token}
 
@@ -255,8 +263,8 @@ class StreamWriter:
         with trio.move_on_after(self.settings.timeout) as scope:
             if self.upload_id is None:
                 try:
-                    self.upload_id = await self.store.create_multipart(self.key, with_token(self.metadata,
-                                                                                           self.token))
+                    self.upload_id = await self.store.create_multipart(
+                        self.key, with_token(without_times(self.metadata), self.token))
                 except FsError as exc:
                     self._fail(exc)
                     return
@@ -373,8 +381,10 @@ class StreamWriter:
     def parts_started(self) -> bool:
         return self.upload_id is not None
 
-    async def finish(self, metadata: dict[str, str], condition: Condition, deadline: float) -> Uploaded:
-        """Upload what remains and make the object whole in S3, by ``deadline`` (trio time).
+    async def finish(self, metadata: dict[str, str], condition: Condition, deadline: float, *,
+                     times_set: bool = False) -> Uploaded:
+        """Upload what remains and make the object whole in S3, by ``deadline`` (trio time). ``times_set``: the
+        file's times were set explicitly (utime) while it streamed, so they must be stored, not S3's own.
 
         Raises NeedsSpool when the upload had already failed, FsError when it fails now; either way every byte
         is still here for ``hand_over``.
@@ -382,7 +392,7 @@ class StreamWriter:
         if self.failed is not None:
             raise NeedsSpool()
         with trio.move_on_at(deadline) as scope:
-            etag = await self._complete(metadata, condition)
+            etag = await self._complete(metadata, condition, times_set)
         if scope.cancelled_caught:
             self._fail(timeout_error(self.key, self.settings.timeout))
             raise self.failed or timeout_error(self.key, self.settings.timeout)
@@ -390,7 +400,7 @@ class StreamWriter:
         cached = await self.tee.commit(self.key, etag, self.size)
         return Uploaded(etag, self.size, cached, self.tee.failed)
 
-    async def _complete(self, metadata: dict[str, str], condition: Condition) -> str:
+    async def _complete(self, metadata: dict[str, str], condition: Condition, times_set: bool) -> str:
         if self.upload_id is None:  # smaller than a part: one PUT; the buffer stays until S3 has it
             data = b"".join(self.chunks)
             self.chunks, self.buffered = [data], len(data)
@@ -426,7 +436,11 @@ class StreamWriter:
             self.spawner, self.key, condition, self.token,
             lambda cond: self.store.complete_multipart(self.key, upload_id, parts, condition=cond))
         self.upload_id = None
-        if metadata != self.metadata:  # attributes changed while streaming (utimens, chmod)
+        # The multipart upload was created without times: S3's LastModified (its completion, i.e. this close) is
+        # the mtime, as it should be. Only attributes changed while streaming (chmod, chown, utime) cost a copy;
+        # comparing the times too copied every upload that spanned a second boundary (the whole object again,
+        # without its part checksums).
+        if times_set or without_times(metadata) != without_times(self.metadata):
             await self.store.copy(self.key, self.key, metadata)
             info = await self.store.head(self.key)
             etag = info.etag if info else etag
