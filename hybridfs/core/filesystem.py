@@ -131,6 +131,11 @@ class Filesystem:
         self._hydrate_asked: TTLCache[tuple[str, str], bool] = TTLCache(100_000,
                                                                           settings.hydrate_dedupe_seconds)
         self.status_extra: Callable[[], dict[str, object]] = dict
+        # When this mount last changed each key (wall clock, like Change.time): a foreign record made before
+        # that is older than what we know (a replay of the compacted feed arriving after our own delete) and
+        # must not bring the old state back. Only needed while such records are applied as live (see _apply_put).
+        self._changed_here: TTLCache[str, float] = TTLCache(100_000, 2 * LIVE_CHANGE_SECONDS)
+        self._started_at = time.time()
         self.reads_from_cache = 0
         self.reads_from_cloud = 0
         self.read_bytes = {"cache": 0, "s3": 0, "local": 0}  # bytes read() returned, by where they came from
@@ -751,6 +756,7 @@ class Filesystem:
 
     def _publish(self, change: Change) -> None:
         """S3 acknowledged ``change``: tell the other mounts (never blocks, never fails the operation)."""
+        self._changed_here[change.key] = change.time
         try:
             self.changes.publish_change(change)
         except Exception:  # a bug in the sink must not fail a change S3 already holds
@@ -776,6 +782,18 @@ class Filesystem:
             return
         if self._written_here(path):
             log.debug("change of %s from %s not applied: the file is being written here", path, change.origin)
+            return
+        if change.time <= self._changed_here.get(change.key, 0.0):
+            log.debug("change of %s from %s not applied: this mount changed it since", path, change.origin)
+            return
+        if change.time < self._started_at:
+            # A replay (a fresh mount reads the compacted feed from its start) of what happened before this mount
+            # existed. It may arrive after this mount made or removed the path anew (seen: sqlite's -wal and -shm
+            # coming back as ghosts), so it never asserts a state: what we know of the path is invalidated and
+            # asked of S3 again, with the record's attributes kept only as the last known ones.
+            await self._invalidate_path(path, change.key)
+            if change.stat is not None and not change.removed:
+                self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
             return
         self.changes_applied += 1
         if change.removed:
