@@ -112,7 +112,7 @@ def test_env_output_matches(stack: Stack, service: str | None) -> None:
         assert parsed == stack.env
         assert set(parsed) == {
             "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "HYBRIDFS_KAFKA_BOOTSTRAP", "HYBRIDFS_BUCKET",
+            "HYBRIDFS_KAFKA_BOOTSTRAP", "HYBRIDFS_BUCKET", "HYBRIDFS_S3_EVENTS_TOPIC",
         }  # fmt: skip
 
 

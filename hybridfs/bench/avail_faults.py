@@ -83,11 +83,19 @@ class FaultDisk:
             self.filler.unlink()
 
     def make_readonly(self) -> None:
-        for argv in (["mount", "--bind", str(self.root), str(self.root)],
-                     ["mount", "-o", "remount,bind,ro", str(self.root)]):  # fmt: skip
-            result = _run(argv)
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
+        bind = ["mount", "--bind", str(self.root), str(self.root)]
+        result = _run(bind)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(bind)}: {result.stderr.strip()}")
+        # The kernel refuses (EBUSY) to make a mount read-only while a file is open for writing through it; the
+        # system under test may open one through the new bind mount before the remount: try again, briefly.
+        remount = ["mount", "-o", "remount,bind,ro", str(self.root)]
+        deadline = time.monotonic() + 5
+        while (result := _run(remount)).returncode != 0:
+            if "busy" not in result.stderr or time.monotonic() > deadline:
+                _run(["umount", "-l", str(self.root)])
+                raise RuntimeError(f"{' '.join(remount)}: {result.stderr.strip()}")
+            time.sleep(0.05)  # a retry interval, not a wait for a condition we could poll
         self.readonly = True
 
     def make_writable(self) -> None:
