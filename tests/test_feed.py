@@ -14,6 +14,7 @@ import os
 import sqlite3
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,41 @@ def test_a_garbage_record_is_skipped_and_the_mount_keeps_serving(pair: tuple[Mou
     (a.path / "after.txt").write_bytes(b"still served")
     visible_within(lambda: read(b.path / "after.txt") == b"still served", "a change after the garbage")
     assert feed_trusted(b)
+
+
+# getcwd in a loop until a file outside the mount appears: a lookup of the directory (a stat from the test) would
+# rehash the dentry the feed unhashed, so only a process that asks for its cwd alone sees the window.
+GETCWD_UNTIL_STOPPED = """
+import os, sys
+while not os.path.exists(sys.argv[1]):
+    os.getcwd()
+print(os.getcwd(), flush=True)
+"""
+
+
+def test_a_working_directory_survives_changes_to_its_directory(pair: tuple[Mount, Mount], tmp_path: Path) -> None:
+    """A process on B with its cwd in d/ keeps it while A changes d/ and what is in it: the feed invalidates
+    the directory's attributes, never its entry (that unhashes the dentry, and getcwd fails with ENOENT: git
+    on a fresh mount replaying the feed said "unable to get current working directory")."""
+    a, b = pair
+    (a.path / "d").mkdir()
+    wait_until(lambda: (b.path / "d").is_dir(), timeout=10, message="d on B")
+    applied = status(b)["feed"]["applied"]
+    stop = tmp_path / "stop"
+    inside = subprocess.Popen([sys.executable, "-c", GETCWD_UNTIL_STOPPED, str(stop)], cwd=b.path / "d",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        os.chmod(a.path / "d", 0o750)
+        (a.path / "d" / "f").write_bytes(b"new")
+        wait_until(lambda: status(b)["feed"]["applied"] >= applied + 2, timeout=10,
+                   message="B to apply the chmod and the create")
+        stop.touch()
+        out, err = inside.communicate(timeout=30)
+    finally:
+        inside.kill()
+    assert inside.returncode == 0, err
+    assert out.strip() == str(b.path / "d")
+    assert os.stat(b.path / "d").st_mode & 0o777 == 0o750
 
 
 @pytest.mark.slow

@@ -791,7 +791,7 @@ class Filesystem:
             # existed. It may arrive after this mount made or removed the path anew (seen: sqlite's -wal and -shm
             # coming back as ghosts), so it never asserts a state: what we know of the path is invalidated and
             # asked of S3 again, with the record's attributes kept only as the last known ones.
-            await self._invalidate_path(path, change.key)
+            await self._invalidate_path(path, change.key, entry=not change.is_dir)
             if change.stat is not None and not change.removed:
                 self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
             return
@@ -799,7 +799,7 @@ class Filesystem:
         if change.removed:
             await self._apply_removed(path, change)
         elif change.stat is None:
-            await self._invalidate_path(path, change.key)
+            await self._invalidate_path(path, change.key, entry=not change.is_dir)
         else:
             await self._apply_put(path, change, change.stat)
 
@@ -826,7 +826,7 @@ class Filesystem:
         if node is not None:
             self._detach_if_replaced(node, st)
         await self._drop_older_copy(change.key, st)
-        await self._forget_in_kernel(path, node)
+        await self._forget_in_kernel(path, node, entry=not change.is_dir)
 
     async def _apply_removed(self, path: str, change: Change) -> None:
         if change.is_dir:  # rmdir, or a directory moved: what is below says so itself
@@ -844,10 +844,10 @@ class Filesystem:
             await self.cache.remove(change.key)
         await self._forget_in_kernel(path, node)
 
-    async def _invalidate_path(self, path: str, key: str) -> None:
+    async def _invalidate_path(self, path: str, key: str, *, entry: bool = True) -> None:
         self.ns.invalidate(path)
         self.ns.last_known.pop(path, None)  # its metadata may have changed with its ETag kept (a copy)
-        await self._forget_in_kernel(path, self.inodes.existing(path))
+        await self._forget_in_kernel(path, self.inodes.existing(path), entry=entry)
 
     async def _drop_older_copy(self, key: str, st: Stat) -> None:
         entry = self.cache.lookup(key)
@@ -858,9 +858,14 @@ class Filesystem:
         elif not self.is_open(key):  # open here: its readers keep the copy; the next open drops it
             await self.cache.remove(key)
 
-    async def _forget_in_kernel(self, path: str, node: Node | None) -> None:
+    async def _forget_in_kernel(self, path: str, node: Node | None, *, entry: bool = True) -> None:
+        """Make the kernel ask again: the inode's attributes (and pages), and with ``entry`` the name too.
+
+        A directory that is still there keeps its entry: dropping it unhashes the dentry of every process's
+        working directory below it (getcwd fails with ENOENT: git did, on a fresh mount replaying the feed's
+        record of its mkdir). Only a live rmdir drops a directory's entry."""
         parent = self.inodes.existing(parent_of(path))
-        if parent is not None:
+        if parent is not None and (entry or node is None):
             await self.kernel.forget_entry(parent.ino, name_of(path).encode())
         if node is not None:
             node.kernel_etag = None
