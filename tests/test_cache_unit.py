@@ -7,6 +7,7 @@ import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import botocore.exceptions
 import pytest
@@ -187,21 +188,37 @@ def test_commits_in_threads_never_change_what_the_trio_thread_iterates(tmp_path:
     run(body, tmp_path / "c")
 
 
-def test_remove_during_a_commit_wins(tmp_path: Path) -> None:
-    """A file deleted through the mount while its tee is being committed must not come back as cached."""
+@pytest.mark.parametrize("during", ["storing the data", "writing the index row"])
+def test_remove_during_a_commit_wins(tmp_path: Path, during: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file deleted through the mount while its tee is being committed must not come back as cached: the
+    remove lands while the commit's worker call (the data, then the index row) is held back."""
 
     async def body(cache: LocalCache) -> None:
+        real_run = cache._run
+        calls: list[int] = []
+        held, release = trio.Event(), trio.Event()
+        hold_at = 0 if during == "storing the data" else 1
+
+        async def gated_run(fn: Any) -> Any:
+            calls.append(1)
+            if len(calls) - 1 == hold_at:
+                held.set()
+                await release.wait()
+            return await real_run(fn)
+
+        monkeypatch.setattr(cache, "_run", gated_run)
         temp = cache.new_temp_path()
         temp.write_bytes(b"z" * 5000)
+        results: list[bool] = []
+
+        async def commit() -> None:
+            results.append(await cache.commit(temp, "k", "e", 5000))
+
         async with trio.open_nursery() as nursery:
-            results: list[bool] = []
-
-            async def commit() -> None:
-                results.append(await cache.commit(temp, "k", "e", 5000))
-
             nursery.start_soon(commit)
-            await trio.testing.wait_all_tasks_blocked()  # the commit is in its worker thread now
+            await held.wait()
             await cache.remove("k")
+            release.set()
         assert results == [False] and cache.lookup("k") is None
         assert not cache.data_path("k", "e").exists()
 

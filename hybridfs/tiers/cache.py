@@ -864,6 +864,16 @@ class LocalCache:
                 self._disk_failed(exc, f"indexing {key}")
                 log.warning("cache: could not store %s: %s", key, exc)
                 return False
+            if self._generation[key] != generation:
+                # Removed while the row was written (remove takes no lock when nothing is cached yet): the
+                # removal still wins, or a file deleted through the mount would come back as cached.
+                try:
+                    await self._run(lambda: index.delete_versions([(key, etag)]))
+                except (OSError, sqlite3.Error) as exc:
+                    self._stale_rows.add((key, etag))
+                    self._disk_failed(exc, f"removing {key}")
+                await self._forget_files(files)
+                return False
             old = self.entries.get(key)
             self.entries[key] = CacheEntry(key, etag, size, now, pinned, attrs)
             if attrs is None:
