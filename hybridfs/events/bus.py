@@ -21,7 +21,9 @@ the polling thread; they only append to deques that the trio side drains, so all
 trio thread (atomic between awaits).
 
 Logging: an outage is one WARNING ("kafka unreachable at X: events wait in outbox (N)") and its end one INFO;
-every retry and reconnect in between is DEBUG.
+every retry and reconnect in between is DEBUG. Messages that time out while the broker acknowledged others
+within ``message_timeout`` mean a slow broker (a loaded machine, a burst of thousands of events), not an outage:
+one INFO, and they are produced again from the outbox like any other failed delivery.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import re
 import threading
 import time
@@ -169,6 +172,8 @@ class EventBus:
         self._produced = 0
         self._failed = 0
         self._reachable: bool | None = None
+        self._last_delivery = -math.inf  # time.monotonic() of the last acknowledged event
+        self._slow_reported = False
         self._warned_codes: set[int] = set()  # delivery error codes already logged at WARNING in this streak
         self._warned_state: set[str] = set()
         self._fatal = False  # the producer hit a fatal error and must be replaced
@@ -486,9 +491,16 @@ class EventBus:
         if failures:
             summary = ", ".join(f"{n} x {text}" for text, n in failures.items())
             log.debug("deliveries failed (%s); the events stay in the outbox and are retried", summary)
-        if unreachable is not None:
-            self._mark_unreachable(unreachable)
         if delivered:
+            self._last_delivery = time.monotonic()
+        if unreachable is not None:
+            if self._acknowledging_others(unreachable):
+                self._report_slow(failures)
+            else:
+                self._mark_unreachable(unreachable)
+        if delivered:
+            if not failures:  # a clean batch ends a slow episode: the next one is reported again
+                self._slow_reported = False
             self._produced += len(delivered)
             self._mark_reachable()
             assert self._outbox is not None
@@ -511,6 +523,18 @@ class EventBus:
 
     def _waiting(self) -> int:
         return self._outbox_count + len(self._queue)
+
+    def _acknowledging_others(self, err: KafkaError) -> bool:
+        """A message time-out while the broker acknowledged other events within the time-out: slow, not gone."""
+        return (err.code() == KafkaError._MSG_TIMED_OUT
+                and time.monotonic() - self._last_delivery < self.message_timeout)
+
+    def _report_slow(self, failures: dict[str, int]) -> None:
+        level = logging.DEBUG if self._slow_reported or self._reachable is False else logging.INFO
+        self._slow_reported = True
+        log.log(level, "kafka at %s is slow: %d events not acknowledged within %gs while others were; they are "
+                "produced again from the outbox (%d waiting)", self.bootstrap, sum(failures.values()),
+                self.message_timeout, self._waiting())
 
     def _mark_unreachable(self, err: KafkaError) -> None:
         if self._reachable is False:
