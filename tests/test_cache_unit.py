@@ -272,3 +272,32 @@ def test_breaker_opens_after_consecutive_outages_and_a_probe_closes_it() -> None
         assert breaker.status()["state"] == "closed" and breaker.status()["refused_calls"] == 1
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.allow_log(r"S3 marked down after 2 failed calls in a row")
+def test_two_5xx_answers_make_the_breaker_probe_first() -> None:
+    """5xx answers mean S3 is there: a request may be failing, not S3 (an UploadPart refused twice). The breaker
+    probes at once and stays closed when the probe is answered; it opens when the probe is not."""
+
+    async def main() -> None:
+        breaker = Breaker(threshold=2, probe_interval=3.0, clock=trio.current_time)
+        answers: list[bool] = [True, False]
+
+        async def probe() -> bool:
+            return answers.pop(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(breaker.run, probe)
+            breaker.observe(_answer(500))
+            breaker.observe(_answer(500))
+            assert breaker.suspect and not breaker.is_open
+            breaker.check("DELETE k")  # calls still go to S3 while the probe runs
+            await trio.testing.wait_all_tasks_blocked()
+            assert not breaker.suspect and not breaker.is_open and breaker.failures == 0
+            breaker.observe(_answer(503))
+            breaker.observe(_answer(503))
+            await trio.testing.wait_all_tasks_blocked()
+            assert breaker.is_open and breaker.trips == 1  # the probe was not answered either
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -6,6 +6,11 @@ turns into last-known attributes for cached files (contract 5) and writes turn i
 background task (``run``) probes S3 every ``probe_interval`` seconds with one request without retries; the
 first answer closes the breaker. An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
 
+States: CLOSED -(threshold failures, the last one a connection failure or time-out)-> OPEN;
+CLOSED -(threshold failures, the last one a 5xx answer)-> SUSPECT: S3 answered, so the failures may be
+request-scoped (one UploadPart refused twice). SUSPECT probes at once, calls still go to S3: an answer makes it
+CLOSED again (failures forgotten), no answer makes it OPEN. OPEN -(a probe answered)-> CLOSED.
+
 Threads: all state belongs to the trio thread (``CloudStore._call`` reports outcomes after its worker thread
 returned); nothing here blocks.
 """
@@ -52,11 +57,12 @@ class Breaker:
         self.clock = clock
         self.failures = 0  # consecutive outage failures
         self.is_open = False
+        self.suspect = False  # threshold reached by 5xx answers: a probe decides (see the module's states)
         self.opened_at: float | None = None
         self.trips = 0
         self.refused = 0  # calls failed at once while open
         self.last_error = ""
-        self._opened = trio.Event()
+        self._wake = trio.Event()  # set on OPEN or SUSPECT: the run task has a probe to make
 
     def check(self, what: str) -> None:
         """Before a call: EIO at once while S3 is known to be down."""
@@ -67,6 +73,7 @@ class Breaker:
 
     def success(self) -> None:
         self.failures = 0
+        self.suspect = False
         if self.is_open:
             self._close()
 
@@ -80,39 +87,64 @@ class Breaker:
             return
         self.failures += 1
         self.last_error = str(exc)[:200]
-        if not self.is_open and self.failures >= self.threshold:
-            self.is_open = True
-            self.opened_at = self.clock()
-            self.trips += 1
-            self._opened.set()
-            log.warning("S3 marked down after %d failed calls in a row (%s); calls fail at once until a probe "
-                        "answers (every %.0fs)", self.failures, self.last_error, self.probe_interval)
+        if self.is_open or self.failures < self.threshold:
+            return
+        if isinstance(exc, botocore.exceptions.ClientError):
+            if not self.suspect:
+                self.suspect = True
+                self._wake.set()
+            return
+        self._open()
+
+    def _open(self) -> None:
+        self.suspect = False
+        self.is_open = True
+        self.opened_at = self.clock()
+        self.trips += 1
+        self._wake.set()
+        log.warning("S3 marked down after %d failed calls in a row (%s); calls fail at once until a probe "
+                    "answers (every %.0fs)", self.failures, self.last_error, self.probe_interval)
 
     def _close(self) -> None:
         down = self.clock() - self.opened_at if self.opened_at is not None else 0.0
         self.is_open = False
         self.opened_at = None
         self.failures = 0
-        self._opened = trio.Event()
         log.info("S3 answers again (it was marked down for %.1fs)", down)
 
     async def run(self, probe: Callable[[], Awaitable[bool]]) -> None:
-        """Background task: while open, probe every ``probe_interval`` seconds; close on the first answer."""
+        """Background task: a SUSPECT breaker probes at once; an OPEN one every ``probe_interval`` seconds
+        until the first answer closes it."""
         while True:
-            await self._opened.wait()
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if self.suspect and not self.is_open:
+                answered = await self._probe(probe)
+                if not self.suspect:  # a call succeeded meanwhile
+                    continue
+                self.suspect = False
+                if answered:
+                    log.debug("S3 answered a probe after %d failed calls in a row: those requests failed, S3 is "
+                              "up (%s)", self.failures, self.last_error)
+                    self.failures = 0
+                else:
+                    self._open()
             while self.is_open:
                 await trio.sleep(self.probe_interval)
-                try:
-                    answered = await probe()
-                except Exception as exc:  # a probe must never end the mount
-                    log.debug("S3 probe failed: %s", exc)
-                    answered = False
-                if answered and self.is_open:
+                if await self._probe(probe) and self.is_open:
                     self._close()
+
+    @staticmethod
+    async def _probe(probe: Callable[[], Awaitable[bool]]) -> bool:
+        try:
+            return await probe()
+        except Exception as exc:  # a probe must never end the mount
+            log.debug("S3 probe failed: %s", exc)
+            return False
 
     def status(self) -> dict[str, object]:
         return {
-            "state": "open" if self.is_open else "closed",
+            "state": "open" if self.is_open else "suspect" if self.suspect else "closed",
             "down_seconds": round(self.clock() - self.opened_at, 1) if self.opened_at is not None else None,
             "consecutive_failures": self.failures,
             "trips": self.trips,
