@@ -174,7 +174,7 @@ def s3_options(endpoint_url: str | None) -> dict[str, Any]:
 def make_client(settings: S3Settings) -> Any:
     """A boto3 client configured from the standard chain (env, profile, instance role) plus our timeouts."""
     config = botocore.config.Config(
-        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         # The mount's own calls (the s3 limiter), the hydrator's, the purger's and s3transfer's threads share one
