@@ -128,3 +128,29 @@ def test_a_symlink_object_longer_than_path_max_is_refused_not_read(mounted: Moun
         os.readlink(mounted.path / "long-link")
     assert err.value.errno == errno.EIO
     assert os.readlink(mounted.path / "max-link") == "y" * 4095
+
+
+@pytest.mark.parametrize("size", [4096, 12 * 1024 * 1024], ids=["one PUT", "streamed multipart"])
+def test_times_set_on_an_open_file_before_close_reach_s3(mount_factory: MountFactory, s3: Any, tmp_path: Any,
+                                                         size: int) -> None:
+    """futimens after the last write and before close (what tar, cp -p and rsync -a do) is what S3 keeps and a
+    fresh mount shows; before the fix S3 got the close time."""
+    mount = mount_factory(extra_args=["--part-size", "5M"])
+    fd = os.open(mount.path / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, os.urandom(size))
+        os.utime(fd, ns=(1_500_000_000_000_000_000, 1_400_000_000_000_000_000))
+    finally:
+        os.close(fd)
+    meta = s3.head_object(Bucket=mount.bucket, Key=mount.key("f"))["Metadata"]
+    assert (meta["atime"], meta["mtime"]) == ("1500000000", "1400000000")
+    local = tmp_path / "local"
+    local.write_bytes(b"copied with cp -p")
+    os.utime(local, (1_300_000_000, 1_200_000_000))
+    subprocess.run(["cp", "-p", str(local), str(mount.path / "copied")], check=True)
+    mount.unmount()
+    fresh = mount_factory()
+    for name, mtime in (("f", 1_400_000_000), ("copied", 1_200_000_000)):
+        st = os.stat(fresh.path / name)
+        assert int(st.st_mtime) == mtime, name
+    assert os.stat(fresh.path / "f").st_size == size
