@@ -11,11 +11,11 @@ Layout under the cache directory::
 
 Integrity: the checksums are computed from the bytes S3 acknowledged (the tee computes them from the parts it
 uploads) or served (a hydration, from the file it downloaded), and verified on every read from the cache
-(``open_verified``, through ``core/reader.CacheReader``), on every copy into a spool (``copy_verified``) and before a re-upload
-(``verify``). A mismatch drops the copy, counts a checksum failure and asks for a hydration (``on_corrupt``).
-A commit writes the data and the sidecar before the index row, and fsyncs them only with ``fsync`` (the
-mount's ``--cache-fsync``): a copy a power loss tore fails its checksums on first read, is dropped and fetched
-again, since S3 holds every cached version.
+(``open_verified``, through ``core/reader.CacheReader``), on every copy into a spool (``copy_verified``) and before
+a re-upload (``verify``). A mismatch drops the copy, counts a checksum failure and asks for a hydration
+(``on_corrupt``). A commit writes the data and the sidecar before the index row, and fsyncs them only with
+``fsync`` (the mount's ``--cache-fsync``): a copy a power loss tore fails its checksums on first read, is dropped
+and fetched again, since S3 holds every cached version.
 
 Self-healing: the index is only a fast path. At open, and when the probe (``check``, called every few seconds)
 finds the index missing, replaced or corrupt, or the directory replaced, gone or read-only, the cache
