@@ -205,6 +205,7 @@ class Mount:
             return feed_trusted() and ForeignWrites.healthy(feed)
 
         fs.ns.trusted = trusted
+        fs.ns.lasting = trusted  # every writer's changes reach us now: known attributes stand until one arrives
 
     def _agent_tokens(self) -> list[str]:
         """What this mount's S3 requests say in their User-Agent (recognised in the S3 event records)."""

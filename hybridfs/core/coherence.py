@@ -71,6 +71,7 @@ def _forget_ancestors(fs: Filesystem, path: str, *, removed: bool) -> None:
         ns.missing.pop(ancestor, None)
         if removed and ancestor:
             ns.stats.pop(ancestor, None)
+            ns.standing.pop(ancestor, None)
         listing = ns.listings.get(ancestor)
         if listing is not None and (removed or name_of(child) not in listing):
             ns.listings.pop(ancestor, None)

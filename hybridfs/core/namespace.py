@@ -66,6 +66,11 @@ class Namespace:
         # know is kept up to date by the feed, so opens do not revalidate after --attr-timeout, and a listing's
         # entry whose ETag matches what we know is complete (docs/semantics.md, "Trust while the feed is healthy").
         self.trusted: Callable[[], bool] = _never
+        # Set by the mount when it also consumes the bucket's S3 event records: True while both consumers are
+        # caught up. Then every change, by a mount or another tool, reaches us as an event, and attributes we
+        # know stand until one arrives (``standing``), past --dir-cache-time.
+        self.lasting: Callable[[], bool] = _never
+        self.standing: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self.slow_revalidations = 0  # stats answered from the last known attributes because S3 was slow
 
     # -- queries --------------------------------------------------------------------------------------------
@@ -82,6 +87,8 @@ class Namespace:
         if cached is not None and cached.stat.complete and (
                 max_age is None or time.monotonic() - cached.fetched <= max_age):
             return cached.stat
+        if max_age is None and path in self.standing and self.lasting():
+            return self.standing[path]
         if max_age is None and path in self.missing:
             raise not_found(path)
         # Bounded when we have attributes to fall back on: a stalled or slow S3 must not hold up a stat or open
@@ -300,6 +307,10 @@ class Namespace:
     def remember(self, path: str, st: Stat) -> None:
         self.stats[path] = CachedStat(st, time.monotonic())
         self.last_known[path] = st
+        if st.complete:
+            self.standing[path] = st
+        else:
+            self.standing.pop(path, None)
         self.missing.pop(path, None)
         if st.is_dir:  # things we remembered as missing below it may exist now (a directory moved here)
             for p in [p for p in list(self.missing.keys()) if p.startswith(path + "/")]:
@@ -317,6 +328,7 @@ class Namespace:
     def forget(self, path: str) -> None:
         """``path`` no longer exists (we deleted or renamed it)."""
         self.stats.pop(path, None)
+        self.standing.pop(path, None)
         self.last_known.pop(path, None)
         self.pending.pop(path, None)
         self.listings.pop(path, None)
@@ -329,12 +341,13 @@ class Namespace:
         """Someone else changed ``path``: the next stat asks S3, the next listing of its parent lists again.
         What a HEAD last told (``last_known``) stays, for while S3 is down."""
         self.stats.pop(path, None)
+        self.standing.pop(path, None)
         self.missing.pop(path, None)
         self.listings.pop(path, None)
         self.listings.pop(parent_of(path), None)
 
     def forget_tree(self, path: str) -> None:
-        for cache in (self.stats, self.listings):
+        for cache in (self.stats, self.listings, self.standing):
             for p in [p for p in list(cache.keys()) if p.startswith(path + "/")]:
                 cache.pop(p, None)
         self.forget(path)
