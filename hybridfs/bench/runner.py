@@ -25,7 +25,7 @@ from hybridfs.bench import s3 as s3util
 from hybridfs.bench.mounts import FuseMount, HybridfsMount, MountError, RcloneMount, S3fsMount
 from hybridfs.bench.plan import Metric, Sizes, Workload
 from hybridfs.bench.workloads import METRIC_NA, Boto3Subject, Env, FsSubject, NotAvailable, Outcome, Subject
-from hybridfs.stack.config import KAFKA_BOOTSTRAP
+from hybridfs.stack.config import KAFKA_BOOTSTRAP, S3_EVENTS_TOPIC
 
 log = logging.getLogger("hybridfs.bench")
 
@@ -180,7 +180,10 @@ class Runner:
             prefix = f"{self.run_id}/{name}"
             mount: FuseMount | None = None
             if name == "hybridfs":
-                mount = HybridfsMount(base, prefix, self.logs, topic_prefix=self.run_id, cache_size=cache_size)
+                # As `hybridfs stack up` sets it up: the bucket's S3 event records are on Kafka (the recommended
+                # configuration with MinIO; docs/semantics.md, "Writers outside hybridfs").
+                mount = HybridfsMount(base, prefix, self.logs, topic_prefix=self.run_id, cache_size=cache_size,
+                                      extra_args=("--s3-events-topic", S3_EVENTS_TOPIC))
             elif name == "s3fs":
                 mount = S3fsMount(base, prefix, self.logs)
             elif name == "rclone":
