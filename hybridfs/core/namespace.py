@@ -107,6 +107,9 @@ class Namespace:
         # outage to warn about; the breaker and the failing calls say when S3 is really down.
         known = self.last_known.get(path) or self._cached_stat(path)
         assert known is not None  # bounded only when there is one
+        # Counted as an answer for --attr-timeout: the open (or stat) that follows at once must not wait for S3
+        # a second time (a lookup then an open of a cached file took 2 s against a stalled S3).
+        self.stats[path] = CachedStat(known, time.monotonic())
         self.slow_revalidations += 1
         log.debug("%s: S3 did not answer a revalidation within %gs; serving the last known attributes", path,
                   REVALIDATE_WITHIN)
