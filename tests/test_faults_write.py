@@ -110,6 +110,24 @@ def test_part_failing_after_retries_keeps_mount_and_every_byte(
     assert_serving(mount)
 
 
+def test_one_object_refused_twice_does_not_mark_s3_down(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """Two closes of one file fail with 500 after botocore's retries; S3 answers everything else. Those failures
+    are the request's, not S3's: the next write of another file goes to S3 and succeeds (before: the circuit
+    breaker counted them as an outage and failed every call with EIO for 2 s)."""
+    mount = through_proxy(mount_factory, s3_proxy)
+    refused = s3_proxy.add(Rule(method="PUT", path=object_path(mount, "refused.txt"), times=4))  # 2 closes x 2
+    for attempt in range(2):
+        with pytest.raises(OSError) as failure:
+            (mount.path / "refused.txt").write_bytes(b"refused %d" % attempt)
+        assert failure.value.errno == errno.EIO
+    assert refused.hits == 4
+    (mount.path / "other.txt").write_bytes(b"S3 is up")
+    assert s3_bytes(s3, mount, "other.txt") == b"S3 is up"
+    breaker = json.loads(os.getxattr(mount.path, "user.hybridfs.status"))["s3"]["breaker"]
+    assert breaker["trips"] == 0 and breaker["refused_calls"] == 0, breaker
+
+
 def test_parts_failing_for_good_fail_close_and_leave_nothing(
         s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
     mount = through_proxy(mount_factory, s3_proxy)
