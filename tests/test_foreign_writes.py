@@ -154,6 +154,34 @@ def test_known_attributes_stand_past_the_dir_cache_time_until_a_record_arrives(
     assert read_or_none(mount.path / "f3") == b"overwritten by boto3"
 
 
+def test_with_kafka_stopped_known_attributes_expire_with_the_timers_again(
+    mount_factory: MountFactory, s3: Any, stack: Stack
+) -> None:
+    """Kafka stopped (the shared broker: run it rarely): no record can arrive, so attributes no longer stand; a
+    boto3 overwrite made during the outage shows within --dir-cache-time, as without the feed."""
+    from test_hydration import KAFKA_BACK_TIMEOUT, KAFKA_OUTAGE_LOG, kafka_stopped
+
+    mount = mount_factory(extra_args=["--s3-events-topic", S3_EVENTS_TOPIC, "--dir-cache-time", "1",
+                                      "--attr-timeout", "0.2"])
+    mount.allow_log(KAFKA_OUTAGE_LOG)
+    mount.allow_log(r"kafka unreachable at .*: changes made with other tools are seen only when the metadata timers")
+    wait_feed_reading(mount)
+    wait_until(lambda: status(mount)["feed"]["mode"] == "trusted", timeout=30, message="the change feed trusted")
+    target = mount.path / "f"
+    target.write_bytes(b"v1")
+    assert target.stat().st_size == 2
+    new = b"v2, written with boto3 while Kafka is down"
+    with kafka_stopped():
+        wait_until(lambda: status(mount)["feed"]["mode"] != "trusted", timeout=6, message="the feed to fall back")
+        s3.put_object(Bucket=stack.bucket, Key=mount.key("f"), Body=new)
+        # --dir-cache-time (1 s) + --attr-timeout (0.2 s), with room for a loaded machine
+        wait_until(lambda: target.stat().st_size == len(new), timeout=3, interval=0.05,
+                   message="the overwrite, by the timers, with no record to tell")
+        assert read_or_none(target) == new
+    wait_until(lambda: status(mount)["feed"]["mode"] == "trusted", timeout=KAFKA_BACK_TIMEOUT,
+               message="the feed trusted again")
+
+
 def minio_record(bucket: str, key: str, event: str, etag: str | None = None, size: int | None = None) -> bytes:
     """A record the way MinIO's Kafka target writes it (key URL-encoded)."""
     from urllib.parse import quote_plus
