@@ -395,8 +395,8 @@ class Runner:
 
 def delete_topics_in_a_child(prefixes: list[str]) -> None:
     """``delete_topics`` in a process of its own: the bench process died with SIGSEGV (exit 139) in its cleanup
-    after the coherence workloads, before writing its results; librdkafka's teardown is the suspect (not
-    reproduced in isolation). A crash there now costs the topics, never the results."""
+    after the coherence workloads, before writing its results; in a child, this call is what dies (status -11).
+    A crash there now costs the topics, never the results."""
     if not prefixes:
         return
     code = "import sys; from hybridfs.bench.runner import delete_topics; delete_topics(sys.argv[1:])"
