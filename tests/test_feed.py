@@ -234,6 +234,10 @@ def test_ls_l_of_a_directory_the_feed_described(mount_factory: Any, tmp_path: Pa
     from hybridfs.bench.mounts import S3fsMount
 
     a = mount_factory()
+    # 2,000 changes at once, right after another test restarted the shared broker: seen twice (CI and here) that
+    # Kafka acknowledged nothing for the 10 s message time-out. Not what this test measures; the bus's outage
+    # handling has its own tests (test_events_kafka.py).
+    a.allow_log(r"kafka unreachable at .*: events wait in outbox \(\d+\) \[Local: Message timed out\]")
     (a.path / "many").mkdir()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: (a.path / "many" / f"f{i:04d}").write_bytes(b"x" * (i % 100)), range(2000)))
