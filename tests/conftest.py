@@ -62,14 +62,34 @@ def _run_stack(pytestconfig: pytest.Config, action: str) -> None:
         pytest.fail(f"`hybridfs stack {action}` failed (exit {result.returncode}); its output is above")
 
 
+def _prune_topics(pytestconfig: pytest.Config, *args: str) -> None:
+    """`hybridfs stack prune ARGS`, best effort: topics left behind cost the broker's start-up, not this run."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        try:
+            result = subprocess.run([sys.executable, "-m", "hybridfs", "stack", "prune", *args], timeout=600,
+                                    check=False, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            print("==> hybridfs stack prune: no answer within 600 s", flush=True)
+            return
+        print(f"==> hybridfs stack prune: {(result.stdout + result.stderr).strip().splitlines()[-1:]}"
+              f" (exit {result.returncode})", flush=True)
+
+
+_TOPIC_PREFIXES: list[str] = []  # every topic prefix this session handed out, deleted when it ends
+
+
 @pytest.fixture(scope="session")
 def stack(pytestconfig: pytest.Config) -> Iterator[Stack]:
     _run_stack(pytestconfig, "up")
+    _prune_topics(pytestconfig)  # what killed runs left (older than a run lasts)
     env = stack_env()
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         yield Stack(env=env, bucket=BUCKET, bootstrap=KAFKA_BOOTSTRAP, endpoint=S3_ENDPOINT)
+    if _TOPIC_PREFIXES and os.environ.get("HYBRIDFS_TEST_KEEP_DATA") != "1":
+        _prune_topics(pytestconfig, *(arg for p in _TOPIC_PREFIXES for arg in ("--prefix", p)))
     if os.environ.get("HYBRIDFS_TEST_STACK_DOWN") == "1":
         _run_stack(pytestconfig, "down")
 
@@ -106,7 +126,9 @@ def _delete_prefix(s3: Any, bucket: str, key_prefix: str) -> None:
 
 @pytest.fixture
 def topic_prefix(request: pytest.FixtureRequest) -> str:
-    return f"t-{_short_name(request)}-{secrets.token_hex(4)}"
+    value = f"t-{_short_name(request)}-{secrets.token_hex(4)}"
+    _TOPIC_PREFIXES.append(value)
+    return value
 
 
 # -- in-process logging: an unexpected WARNING+ fails the test

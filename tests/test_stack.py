@@ -18,8 +18,10 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from helpers import Stack, run_hybridfs, wait_until
 
+from hybridfs.events.topics import create_topics
 from hybridfs.stack import StackPaths, stack_env
 from hybridfs.stack.manage import make_services
+from hybridfs.stack.prune import delete, existing_topics
 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -58,7 +60,7 @@ def _pids() -> dict[str, int]:
 
 
 def test_kafka_message_roundtrip(stack: Stack, topic_prefix: str) -> None:
-    topic = f"{topic_prefix}-roundtrip"
+    topic = f"{topic_prefix}.roundtrip"
     producer = Producer({"bootstrap.servers": stack.bootstrap, "enable.idempotence": True})
     producer.produce(topic, key=b"k1", value=b"hello through a real broker")
     assert producer.flush(30) == 0, "message not delivered within 30 s"
@@ -219,3 +221,34 @@ def test_minio_publishes_the_buckets_s3_events_to_kafka(stack: Stack, s3: Any, p
         assert kinds == ["ObjectCreated", "ObjectCreated", "ObjectRemoved", "ObjectRemoved"], seen
     finally:
         consumer.close()
+
+
+def _topics(bootstrap: str) -> set[str]:
+    return set(existing_topics(bootstrap))
+
+
+def test_prune_deletes_old_scratch_topics_and_keeps_young_and_foreign_ones(stack: Stack, topic_prefix: str) -> None:
+    """Topics of killed runs piled up to 14,789 partitions, the broker ran out of heap loading them at start and a
+    whole CI run found no Kafka. A topic left by a run made hours ago is deleted; one just made (a run beside this
+    one) and one not named like a test's stay."""
+    old, young, foreign = f"{topic_prefix}-old.hydrate", f"{topic_prefix}-young.hydrate", f"keep-{topic_prefix}"
+    create_topics(stack.bootstrap, [old, young, foreign])
+    data_dir = make_services(StackPaths.from_env(), ["kafka"])[0].dir / "data"
+    wait_until(lambda: list(data_dir.glob(f"{old}-*/partition.metadata")), timeout=30,
+               message="the old topic's partitions on the broker's disk")
+    made_hours_ago = os.path.getmtime(next(data_dir.glob(f"{old}-*/partition.metadata"))) - 3 * 3600
+    for meta in data_dir.glob(f"{old}-*/partition.metadata"):  # as if a killed run made it three hours ago
+        os.utime(meta, (made_hours_ago, made_hours_ago))
+    out = run_hybridfs("stack", "prune").stdout
+    assert "deleting" in out, out
+    wait_until(lambda: old not in _topics(stack.bootstrap), timeout=30, message="the old topic to go")
+    assert {young, foreign} <= _topics(stack.bootstrap)
+    run_hybridfs("stack", "prune", "--prefix", f"{topic_prefix}-young", "--prefix", f"keep-{topic_prefix}")
+    wait_until(lambda: young not in _topics(stack.bootstrap), timeout=30, message="the young topic to go")
+    assert foreign in _topics(stack.bootstrap)  # neither PREFIX.* nor PREFIX-*: never touched
+    assert delete([foreign], stack.bootstrap) == 1
+
+
+def test_prune_rejects_a_negative_age() -> None:
+    done = run_hybridfs("stack", "prune", "--older-than", "-1", check=False)
+    assert done.returncode == 2 and "hours must be 0 or more" in done.stderr, done.stderr

@@ -411,22 +411,13 @@ def delete_topics_in_a_child(prefixes: list[str]) -> None:
 
 
 def delete_topics(prefixes: list[str]) -> None:
-    """Best effort: the Kafka topics the bench's mounts created."""
+    """Best effort: the Kafka topics the bench's mounts created (all their kinds, the change feed's too)."""
     if not prefixes:
         return
     try:
-        from confluent_kafka.admin import AdminClient
+        from hybridfs.stack import prune
 
-        from hybridfs.events.schema import topic_names
-
-        names = [t for p in prefixes for t in topic_names(p)]
-        admin = AdminClient({"bootstrap.servers": KAFKA_BOOTSTRAP, "log_level": 3})
-        existing = set(admin.list_topics(timeout=10).topics)
-        doomed = [t for t in names if t in existing]
-        if doomed:
-            for future in admin.delete_topics(doomed, operation_timeout=10).values():
-                with contextlib.suppress(Exception):
-                    future.result(timeout=15)
+        prune.delete(prune.topics_of(prefixes, prune.existing_topics(KAFKA_BOOTSTRAP)), KAFKA_BOOTSTRAP)
     except Exception as exc:
         log.info("could not delete the bench's Kafka topics: %s", exc)
 

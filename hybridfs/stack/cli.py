@@ -1,4 +1,4 @@
-"""``hybridfs stack up|down|status|env [kafka|s3]``: the local Kafka + MinIO stack on 127.0.0.1."""
+"""``hybridfs stack up|down|status|env|prune``: the local Kafka + MinIO stack on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -6,8 +6,22 @@ import argparse
 import shlex
 from typing import Any
 
-from hybridfs.stack import manage
-from hybridfs.stack.config import SERVICES, StackPaths, stack_env
+from confluent_kafka import KafkaException
+
+from hybridfs.cli import CliError
+from hybridfs.stack import manage, prune
+from hybridfs.stack.config import KAFKA_BOOTSTRAP, SERVICES, StackPaths, stack_env
+from hybridfs.stack.kafka import Kafka
+
+
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not 0 <= value < 1e6:
+        raise argparse.ArgumentTypeError(f"hours must be 0 or more: {text!r}")
+    return value
 
 
 def _names(args: argparse.Namespace) -> list[str]:
@@ -31,6 +45,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     for st in statuses:
         print(st.line())
     return 0 if all(st.up for st in statuses) else 3
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    try:
+        if args.prefix:
+            doomed = prune.topics_of(args.prefix, prune.existing_topics())
+        else:
+            data_dir = Kafka(StackPaths.from_env()).data_dir
+            doomed = prune.stale_scratch_topics(prune.partition_ages(data_dir), args.older_than * 3600)
+        if not doomed:
+            print("kafka: no topics to delete")
+            return 0
+        print(f"kafka: deleting {len(doomed)} topics left by tests and benchmarks", flush=True)
+        deleted = prune.delete(doomed, progress=len(doomed) > prune.BATCH)
+    except KafkaException as exc:
+        raise CliError(f"kafka: cannot list or delete topics at {KAFKA_BOOTSTRAP}: {exc}") from None
+    print(f"kafka: deleted {deleted} of {len(doomed)} topics")
+    return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -66,3 +98,11 @@ def register(subparsers: Any) -> None:
                 help=f"{timeout_help} (default {timeouts[name]:.0f})",
             )  # fmt: skip
         parser.set_defaults(func=func)
+    prune_help = ("delete the Kafka topics that tests and benchmarks left (names t-*.* and bench-*.*) older than "
+                  "--older-than hours, or those of the given --prefix")
+    prune_parser = actions.add_parser("prune", help=prune_help, description=prune_help)
+    prune_parser.add_argument("--older-than", type=_hours, default=prune.DEFAULT_OLDER_THAN_HOURS, metavar="HOURS",
+                              help="only topics made this long ago or earlier (default %(default)s)")
+    prune_parser.add_argument("--prefix", action="append", default=[], metavar="PREFIX",
+                              help="delete the topics PREFIX.* and PREFIX-* whatever their age (repeatable)")
+    prune_parser.set_defaults(func=cmd_prune)

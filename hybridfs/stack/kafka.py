@@ -22,7 +22,7 @@ from hybridfs.stack.service import Service
 
 log = logging.getLogger(__name__)
 
-HEAP = "-Xmx512m"
+HEAP = "-Xmx1g"  # 512 MiB ran out loading ~15,000 partitions at start (see stack/prune.py)
 
 
 def _package_text(name: str) -> str:
