@@ -1014,6 +1014,11 @@ class LocalCache:
         try:
             return await self._run(open_both)
         except (OSError, ValueError, KeyError, struct.error) as exc:
+            entry = self.entries.get(key)
+            if isinstance(exc, FileNotFoundError) and (entry is None or entry.etag != etag):
+                # dropped or replaced while we opened it (a read racing the drop of a corrupt copy): expected
+                log.debug("cache copy of %s went away while it was opened; reading from S3", key)
+                return None
             if isinstance(exc, OSError) and exc.errno != errno.ENOENT:  # one lost file is not a lost disk
                 self._disk_failed(exc, f"opening {key}")
             log.warning("cache copy of %s unusable (%s); reading from S3", key, exc)
