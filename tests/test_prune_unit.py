@@ -29,7 +29,8 @@ def test_ages_are_of_the_youngest_partition_and_deleted_partitions_are_not_topic
 
 def test_only_old_topics_named_like_tests_and_benchmarks_are_stale() -> None:
     ages = {"t-x-1.hydrate": 8000.0, "bench-20261201-1.evict": 8000.0, "t-y-2.hydrate": 60.0,
-            "hybridfs.s3-events": 9e9, "__consumer_offsets": 9e9, "prod.hydrate": 9e9, "test-z.hydrate": 9e9, "t-z-3-roundtrip": 8000.0}
+            "hybridfs.s3-events": 9e9, "__consumer_offsets": 9e9, "prod.hydrate": 9e9, "test-z.hydrate": 9e9,
+            "t-z-3-roundtrip": 8000.0}
     assert stale_scratch_topics(ages, 7200) == ["bench-20261201-1.evict", "t-x-1.hydrate", "t-z-3-roundtrip"]
 
 
