@@ -340,6 +340,8 @@ class Mount:
         if supervisor is not None:
             extra["tasks"] = supervisor.status()
         extra["uploads"] = {"aborts_pending": len(self.store.pending_aborts)}
+        extra["namespace"] = {"slow_revalidations": self.namespace.slow_revalidations,
+                              "stale_answers": self.namespace.stale_answers}
         foreign = self.foreign
         if foreign is not None:
             extra["s3_events"] = foreign[0].status(foreign[1])

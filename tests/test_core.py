@@ -185,3 +185,71 @@ def test_sizes_parts_and_config_errors() -> None:
                       low_watermark=0.95)
     with pytest.raises(ConfigError, match=r"low_watermark = 0\.95"):
         cfg.validate()
+
+
+class LateStore:
+    """A bucket of one object whose HEAD and LIST S3 answers at once and that reach the caller when the test
+    releases them: by then the object may have changed (the answer is on its way, like a slow network's)."""
+
+    def __init__(self, key: str, info: ObjectInfo) -> None:
+        self.key, self.info = key, info
+        self.asks = 0
+        self.both_asked = trio.Event()
+        self.release = trio.Event()
+
+    async def _late(self, answer: Any) -> Any:
+        self.asks += 1
+        if self.asks == 2:
+            self.both_asked.set()
+        await self.release.wait()
+        return answer
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self._late(self.info if key == self.key else None)
+
+    async def first_keys(self, prefix: str, limit: int = 2) -> list[str]:
+        return []
+
+    async def list_dir(self, prefix: str) -> Any:
+        from hybridfs.tiers.s3 import Listing
+
+        return await self._late(Listing(files=[ObjectInfo(self.key, 3, "v1", 0)], subdirs=[]))
+
+
+@pytest.mark.parametrize("change", ["remember", "forget", "invalidate"])
+def test_an_answer_older_than_a_change_is_not_kept(change: str) -> None:
+    """A HEAD (or listing) that S3 answered before a change arrived (the feed's record of another mount's close,
+    our own unlink) and that reaches the namespace after it: the caller that asked gets it, nobody after. Before,
+    it was stored over the change, and while the feed is trusted nothing asked S3 again for --dir-cache-time."""
+    keys = KeyMapper("p")
+    v1 = ObjectInfo("p/f", 3, "v1", 0, {})
+    v2 = stat_from_object(ObjectInfo("p/f", 11, "v2", 0, {}), Defaults(uid=0, gid=0))
+
+    async def main() -> None:
+        store = LateStore("p/f", v1)
+        ns = Namespace(store, keys, Defaults(uid=0, gid=0), dir_cache_time=60)  # type: ignore[arg-type]
+        answers: dict[str, Any] = {}
+
+        async def stat() -> None:
+            answers["stat"] = (await ns.stat("f")).size
+
+        async def listing() -> None:
+            answers["list"] = {name: st.size for name, st in (await ns.list("")).items()}
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stat)
+                nursery.start_soon(listing)
+                await store.both_asked.wait()  # both S3 requests answered, their answers on their way
+                getattr(ns, change)(*(("f", v2) if change == "remember" else ("f",)))
+                store.release.set()
+        assert answers == {"stat": 3, "list": {"f": 3}}  # asked before the change: the old version is right
+        after = ns.stats.get("f")
+        if change == "remember":
+            assert after is not None and after.stat.size == 11
+        else:
+            assert after is None or after.stat.size != 3
+        assert ns.listings.get("") is None  # the listing was under way when f changed: not kept either
+        assert ns.stale_answers >= 1 and ns._watched == {}
+
+    trio.run(main)

@@ -11,6 +11,7 @@ import concurrent.futures
 import errno
 import json
 import os
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 from helpers import Mount, Stack, wait_until
+from s3proxy import Rule, S3FaultProxy
 
 from hybridfs.core.attrs import NS
 
@@ -284,3 +286,33 @@ def test_a_restarted_mount_knows_what_the_feed_told_it(mount_factory: Any) -> No
     wait_until(lambda: feed_trusted(again), timeout=30, message="the restarted mount to catch up")
     modes = {e.name: e.stat(follow_symlinks=False).st_mode for e in os.scandir(again.path / "known")}
     assert modes == {f"f{i}": 0o100640 for i in range(5)}
+
+
+def test_an_s3_answer_older_than_a_change_from_the_feed_is_not_kept(
+    mount_factory: Any, s3: Any, s3_proxy: S3FaultProxy
+) -> None:
+    """B looks up a file (made with boto3); S3 answers its HEAD at once, but the answer is still on its way when
+    A's overwrite of the file reaches B through the feed. The old answer is right for the lookup that asked before
+    the change, and for nobody after: kept, it stood over the feed's news for --dir-cache-time, since a trusted
+    feed makes B ask S3 no more (before: B showed the old size for the whole 120 s)."""
+    a = mount_factory()
+    b = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--attr-timeout", "0.2", "--dir-cache-time",
+                                  "120", "--negative-cache-time", "120"])
+    for m in (a, b):
+        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+    s3.put_object(Bucket=a.bucket, Key=a.key("f"), Body=b"one")  # not through a mount: no record on the feed
+    late = s3_proxy.add(Rule(method="HEAD", path=re.escape(b.key("f")) + "$", action="late", times=1))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(os.stat, b.path / "f")
+        wait_until(lambda: late.held == 1, timeout=10, message="S3's answer to B's HEAD, held back")
+        applied = status(b)["feed"]["applied"]
+        (a.path / "f").write_bytes(b"two, from A")
+        # Begun is enough: B's namespace has it at once; the kernel's invalidation of f then waits for the lookup
+        # (the kernel holds the directory's lock for it), so "applied" comes only after the release below.
+        wait_until(lambda: status(b)["feed"]["applied"] > applied or status(b)["feed"]["applying"] > 0,
+                   timeout=10, message="A's change being applied on B")
+        s3_proxy.remove(late)  # the old answer reaches B now
+        assert first.result(timeout=30).st_size == 3  # asked before A's close: the old version is right for it
+    wait_until(lambda: os.stat(b.path / "f").st_size == 11, timeout=5, message="A's overwrite on B")
+    assert read(b.path / "f") == b"two, from A"
+    assert status(b)["namespace"]["stale_answers"] >= 1

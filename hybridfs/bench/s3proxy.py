@@ -38,7 +38,7 @@ from xml.sax.saxutils import escape
 log = logging.getLogger("hybridfs.s3proxy")
 
 CHUNK = 64 * 1024
-ACTIONS = ("error", "delay", "stall", "reset")
+ACTIONS = ("error", "delay", "late", "stall", "reset")
 
 
 @dataclass(eq=False)
@@ -51,6 +51,8 @@ class Rule:
       "error": the body is read and discarded, the answer is ``status`` with an S3 XML error (``code``, ``message``),
                after ``delay`` seconds if given;
       "delay": sleep ``delay`` seconds, then forward;
+      "late": forward at once, then hold S3's answer until the rule is removed (or ``delay`` seconds, if > 0,
+              passed): an answer still on its way while the object changes, untrue when the client reads it;
       "stall": no answer until the rule is removed, the proxy cleared or closed, or ``delay`` seconds (if > 0)
                passed; then the connection is closed without a response;
       "reset": the connection is reset (RST) before any answer.
@@ -71,6 +73,7 @@ class Rule:
     # "delay": S3's status for each request forwarded after its delay (None: S3 did not answer), in order.
     answers: list[int | None] = field(default_factory=list)
     matched: int = 0  # requests that matched, including those skipped by ``after``
+    held: int = 0  # "late": answers S3 has given that the proxy holds (or held) back
     _released: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -291,9 +294,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif rule.action == "stall":
             rule._released.wait(rule.delay if rule.delay > 0 else None)
             self.close_connection = True
-        elif rule.action == "delay":
-            time.sleep(rule.delay)
-            status = self._forward()
+        elif rule.action in ("delay", "late"):
+            if rule.action == "delay":
+                time.sleep(rule.delay)
+            status = self._forward(hold=rule if rule.action == "late" else None)
             with proxy._lock:
                 rule.answers.append(status)
         else:
@@ -320,8 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _forward(self) -> int | None:
-        """Forward the request; S3's status (None when S3 failed to answer)."""
+    def _forward(self, hold: Rule | None = None) -> int | None:
+        """Forward the request (relaying S3's answer when the ``hold`` rule releases it); S3's status (None when
+        S3 failed to answer)."""
         proxy = self.server.proxy
         upstream = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=300)
         try:
@@ -332,6 +337,10 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.endheaders()
             self._copy_body(upstream.sock)
             response = upstream.getresponse()
+            if hold is not None:  # the status line and headers are in: S3 has answered
+                with proxy._lock:
+                    hold.held += 1
+                hold._released.wait(hold.delay if hold.delay > 0 else None)
         except OSError:
             upstream.close()
             log.debug("s3proxy: upstream failed for %s %s", self.command, self.path, exc_info=True)

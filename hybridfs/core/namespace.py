@@ -72,6 +72,10 @@ class Namespace:
         self.lasting: Callable[[], bool] = _never
         self.standing: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self.slow_revalidations = 0  # stats answered from the last known attributes because S3 was slow
+        # Fetches under way, path -> [how many, changes to the path since the first began]: an answer S3 gave
+        # before a change arrived (from the feed, a record, or our own) is not stored (see ``_Watch``).
+        self._watched: dict[str, list[int]] = {}
+        self.stale_answers = 0  # S3 answers not stored because the path changed while they were on their way
 
     # -- queries --------------------------------------------------------------------------------------------
 
@@ -95,7 +99,8 @@ class Namespace:
         # of a cached file for the S3 read timeout (contract 5 covers slow as well as refused) — neither our own
         # HEAD nor a prefetch's that we would wait for.
         bounded = self.last_known.get(path) is not None or self._cached_stat(path) is not None
-        with trio.move_on_after(REVALIDATE_WITHIN if bounded else math.inf):
+        watch = self._watch(path)
+        with watch, trio.move_on_after(REVALIDATE_WITHIN if bounded else math.inf):
             try:
                 return await self._ask_s3(path, max_age)
             except FsError as exc:
@@ -109,7 +114,8 @@ class Namespace:
         assert known is not None  # bounded only when there is one
         # Counted as an answer for --attr-timeout: the open (or stat) that follows at once must not wait for S3
         # a second time (a lookup then an open of a cached file took 2 s against a stalled S3).
-        self.stats[path] = CachedStat(known, time.monotonic())
+        if not watch.changed:
+            self.stats[path] = CachedStat(known, time.monotonic())
         self.slow_revalidations += 1
         log.debug("%s: S3 did not answer a revalidation within %gs; serving the last known attributes", path,
                   REVALIDATE_WITHIN)
@@ -124,14 +130,19 @@ class Namespace:
                 return cached.stat
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
-        st = await self._fetch(path)
+        with self._watch(path) as watch:
+            st = await self._fetch(path)
         if self._s3_down:
             self._s3_down = False
             log.info("S3 answers again")
-        if st is None:
+        if watch.changed:  # true for this caller, which asked before the change; not for later ones
+            self._stale(path)
+        elif st is None:
             self.vanished(path)
+        else:
+            self._store(path, st)
+        if st is None:
             raise not_found(path)
-        self.remember(path, st)
         return st
 
     def _fallback(self, path: str, exc: FsError) -> Stat | None:
@@ -204,8 +215,12 @@ class Namespace:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
         listing = self.listings.get(path)
         if listing is None:
-            listing = await self._fetch_listing(path)
-            self.listings[path] = listing
+            with self._watch(path) as watch:
+                listing = await self._fetch_listing(path)
+            if watch.changed:
+                self._stale(path)
+            else:
+                self.listings[path] = listing
             self._prefetch(path, listing)
         merged = dict(listing)
         prefix = f"{path}/" if path else ""
@@ -245,13 +260,16 @@ class Namespace:
             failpoint("prefetch")
             async with limiter:
                 key = self.keys.dir_prefix(path) if is_dir else self.keys.key(path)
-                info = await self.store.head(key)
+                with self._watch(path) as watch:
+                    info = await self.store.head(key)
             if path in self.pending:
                 return
-            if info is not None:
-                self.remember(path, self.parse(info, is_dir=is_dir))
+            if watch.changed:
+                self._stale(path)
+            elif info is not None:
+                self._store(path, self.parse(info, is_dir=is_dir))
             elif is_dir:  # no marker: the defaults are this directory's attributes
-                self.remember(path, implicit_dir(self.defaults, self.root_stat.mtime_ns))
+                self._store(path, implicit_dir(self.defaults, self.root_stat.mtime_ns))
         except FsError as exc:
             log.debug("prefetching attributes of %s: %s", path, exc)
         except Exception:  # a bug: this entry is just not prefetched; its stat asks S3 itself
@@ -308,6 +326,12 @@ class Namespace:
     # -- our own changes, made visible at once --------------------------------------------------------------
 
     def remember(self, path: str, st: Stat) -> None:
+        """``path`` has the attributes ``st`` now (our own change, or one the feed told of)."""
+        self._changed(path)
+        self._store(path, st)
+
+    def _store(self, path: str, st: Stat) -> None:
+        """What S3 answered for ``path`` (or a change made): cached, and shown in the parent's listing."""
         self.stats[path] = CachedStat(st, time.monotonic())
         self.last_known[path] = st
         if st.complete:
@@ -326,10 +350,15 @@ class Namespace:
         """A HEAD found nothing at ``path``: every later stat, lookup and listing says so too (stat and open
         agree)."""
         if path not in self.pending:
-            self.forget(path)
+            self._drop(path)
 
     def forget(self, path: str) -> None:
-        """``path`` no longer exists (we deleted or renamed it)."""
+        """``path`` no longer exists (we deleted or renamed it, or the feed told of its removal)."""
+        self._changed(path)
+        self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        """Nothing is at ``path`` (S3 said so, or a change made it so)."""
         self.stats.pop(path, None)
         self.standing.pop(path, None)
         self.last_known.pop(path, None)
@@ -343,6 +372,7 @@ class Namespace:
     def invalidate(self, path: str) -> None:
         """Someone else changed ``path``: the next stat asks S3, the next listing of its parent lists again.
         What a HEAD last told (``last_known``) stays, for while S3 is down."""
+        self._changed(path)
         self.stats.pop(path, None)
         self.standing.pop(path, None)
         self.missing.pop(path, None)
@@ -350,12 +380,15 @@ class Namespace:
         self.listings.pop(parent_of(path), None)
 
     def forget_tree(self, path: str) -> None:
+        for watched in [p for p in self._watched if p.startswith(path + "/")]:
+            self._changed(watched)
         for cache in (self.stats, self.listings, self.standing):
             for p in [p for p in list(cache.keys()) if p.startswith(path + "/")]:
                 cache.pop(p, None)
         self.forget(path)
 
     def set_pending(self, path: str, st: Stat) -> None:
+        self._changed(path)
         self.pending[path] = st
         self.missing.pop(path, None)
         listing = self.listings.get(parent_of(path))
@@ -366,6 +399,52 @@ class Namespace:
         """The file at ``path`` is now in S3 with attributes ``st``."""
         self.pending.pop(path, None)
         self.remember(path, st)
+
+
+    # -- answers that arrive after a change ----------------------------------------------------------------
+
+    def _watch(self, path: str) -> _Watch:
+        """Around a fetch of ``path`` (a HEAD, or the listing of a directory): ``.changed`` afterwards says
+        whether a change to it arrived meanwhile."""
+        return _Watch(self._watched, path)
+
+    def _changed(self, path: str) -> None:
+        """A change to ``path``, which is also one to its parent's listing: answers under way for either are
+        older than it."""
+        for p in (path, parent_of(path)) if path else (path,):
+            counts = self._watched.get(p)
+            if counts is not None:
+                counts[1] += 1
+
+    def _stale(self, path: str) -> None:
+        self.stale_answers += 1
+        log.debug("%s changed while S3's answer was on its way: the answer is not kept", path)
+
+
+class _Watch:
+    """A fetch under way for ``path``. S3 may answer before a change (a close on another mount, a record of a
+    foreign writer, our own unlink) and the answer be read after the change was applied: stored, it would undo
+    the change, and while the feed is trusted nothing would ask S3 again before --dir-cache-time (or, with
+    standing attributes, ever). So an answer is stored only when no change to its path arrived meanwhile.
+    The counts live only while a fetch of the path is under way, so the map stays as small as the fetches."""
+
+    def __init__(self, watched: dict[str, list[int]], path: str) -> None:
+        self.watched, self.path = watched, path
+        self.changed = False
+        self._seen = 0
+
+    def __enter__(self) -> _Watch:
+        counts = self.watched.setdefault(self.path, [0, 0])
+        counts[0] += 1
+        self._seen = counts[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        counts = self.watched[self.path]
+        self.changed = counts[1] != self._seen
+        counts[0] -= 1
+        if counts[0] == 0:
+            del self.watched[self.path]
 
 
 def _never() -> bool:

@@ -241,6 +241,7 @@ class FeedService:
             "reason": self.reason,
             "for_seconds": round(time.monotonic() - self.since, 1),
             "applied": self.applied,
+            "applying": len(self._applying),  # begun, not done (waiting for the kernel, or for S3)
             "index_loaded": self.index_loaded,
             "own_skipped": self.own_skipped,
             "published": self.publisher.published if self.publisher is not None else 0,
