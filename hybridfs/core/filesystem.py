@@ -498,6 +498,11 @@ class Filesystem:
         """Open a file; returns the handle and whether the kernel may keep its page cache."""
         self._check_accepting()
         node = self.inodes.node(ino)
+        if node.unlinked:
+            # The kernel still had an entry for a name that is gone: removed by another mount, or a new file
+            # whose every upload failed, forgotten at its last release. ESTALE, not ENOENT: the kernel looks the
+            # name up again, so that open(O_CREAT) creates the file anew instead of failing.
+            raise FsError(errno.ESTALE, f"inode {ino} was unlinked; looking its name up again", level=logging.DEBUG)
         path = self.inodes.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         of = self.open_files.get(ino)
@@ -516,7 +521,13 @@ class Filesystem:
                 raise FsError(errno.ESTALE, f"{path!r} changed in S3 while open; reopening the new version",
                               level=logging.DEBUG)
         if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
-            await self.writes.truncate_open(of)
+            await self.writes.truncate_open(of)  # waits for the file's lock: a release may hold it
+            if self.open_files.get(ino) is not of or node.unlinked:
+                # The last handle's release dropped the file meanwhile (a new file whose every upload failed is
+                # forgotten then): a handle on it would take writes nobody stores and close with success.
+                # ESTALE makes the kernel look the name up again and open, or create, what is there now.
+                raise FsError(errno.ESTALE, f"{path!r} was dropped while being opened; opening it again",
+                              level=logging.DEBUG)
         fh = self._open_handle(of, writable=writable)
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
@@ -636,18 +647,19 @@ class Filesystem:
         return of.stat.etag is None and not node.unlinked and node.path in self.ns.pending
 
     async def _forget_never_stored(self, node: Node) -> None:
-        """A file created here whose every upload failed never existed in S3: it must not stay listed. The
-        kernel's entry goes first, so that an open(O_CREAT) that follows looks the name up and creates it again
-        instead of opening the inode we are about to forget."""
+        """A file created here whose every upload failed never existed in S3: it must not stay listed. It is
+        forgotten at once (no await before: nothing can open it in between), then the kernel's entry is dropped.
+        An open that still reaches the old inode through that entry gets ESTALE (see ``open``), and the kernel
+        looks the name up again: open(O_CREAT) creates the file anew instead of writing into a forgotten one."""
         path = node.path
-        parent = self.inodes.existing(parent_of(path))
-        if parent is not None:
-            await self.kernel.forget_entry(parent.ino, name_of(path).encode())
-        if node.ino in self.open_files or node.unlinked or node.path != path or path not in self.ns.pending:
+        if node.ino in self.open_files or node.unlinked or path not in self.ns.pending:
             return  # opened, renamed or removed meanwhile: it is somebody's file again
         log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", path)
         self.ns.forget(path)
         self.inodes.unlink(path)
+        parent = self.inodes.existing(parent_of(path))
+        if parent is not None:
+            await self.kernel.forget_entry(parent.ino, name_of(path).encode())
 
     # -- directories -----------------------------------------------------------------------------------------
 
