@@ -39,7 +39,7 @@ from hybridfs.bench.s3 import delete_prefix, put_many
 from hybridfs.stack import S3_ENDPOINT, stack_env
 from hybridfs.stack.config import S3_EVENTS_TOPIC
 
-METRICS = "127.0.0.1:19871"
+METRICS, FRESH_METRICS = "127.0.0.1:19871", "127.0.0.1:19872"
 
 
 def timed(command: str, cwd: Path | None = None) -> float:
@@ -48,9 +48,9 @@ def timed(command: str, cwd: Path | None = None) -> float:
     return time.monotonic() - started
 
 
-def fuse_requests() -> Counter[str]:
+def fuse_requests(address: str = METRICS) -> Counter[str]:
     """FUSE requests answered and S3 requests sent so far, by operation (the mount's Prometheus endpoint)."""
-    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{METRICS}/metrics").read()
+    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"http://{address}/metrics").read()
     counts: Counter[str] = Counter()
     for line in text.decode().splitlines():
         match = re.match(r'hybridfs_(fuse_requests|s3_http_requests)_total\{.*?(?:op|operation)="(\w+)".*?\} '
@@ -96,10 +96,12 @@ def main(entries: int, files: int) -> None:
     feed_args = ("--s3-events-topic", S3_EVENTS_TOPIC, "--dir-cache-time", "5")
     writer = HybridfsMount(base / "h", prefix, base / "logs", topics, 1 << 30,
                            extra_args=(*feed_args, "--metrics-address", METRICS))
-    fresh = HybridfsMount(base / "h2", prefix, base / "logs", topics, 1 << 30, extra_args=feed_args)
+    fresh = HybridfsMount(base / "h2", prefix, base / "logs", topics, 1 << 30,
+                          extra_args=(*feed_args, "--metrics-address", FRESH_METRICS))
     s3fs = S3fsMount(base / "s", f"bench-meta-{tag}-s", base / "logs")
     results: dict[str, dict[str, float]] = {"disk": {}, "hybridfs": {}, "s3fs": {}}
     requests: Counter[str] = Counter()
+    cold_requests: Counter[str] = Counter()
     repo = make_repo(base, files)
     s3: Any = boto3.client("s3", endpoint_url=S3_ENDPOINT)
     try:
@@ -127,7 +129,9 @@ def main(entries: int, files: int) -> None:
         deadline = time.monotonic() + 120
         while feed_mode(fresh.mountpoint) != "trusted" and time.monotonic() < deadline:  # replayed, caught up
             time.sleep(0.2)
+        before = fuse_requests(FRESH_METRICS)
         results["hybridfs"]["ls -l cold"] = timed(f"ls -l {fresh.mountpoint / 'list'} > /dev/null")
+        cold_requests = fuse_requests(FRESH_METRICS) - before
 
         put_many(s3, [f"{s3fs.prefix}/list/e{i:05d}" for i in range(entries)])
         s3fs.ensure(cold=False)
@@ -146,6 +150,8 @@ def main(entries: int, files: int) -> None:
         delete_topics_in_a_child([topics])
     print(f"\nRequests of the known `ls -l` on hybridfs ({entries} entries): "
           + ", ".join(f"{op} {n}" for op, n in requests.most_common()))
+    print("Requests of the cold `ls -l` on the fresh hybridfs mount: "
+          + ", ".join(f"{op} {n}" for op, n in cold_requests.most_common()))
     print(f"\n| measure ({entries} entries, {files} files) | bare disk | hybridfs | s3fs | s3fs / hybridfs |"
           " hybridfs / disk |")
     print("|---|---|---|---|---|---|")
