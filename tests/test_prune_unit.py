@@ -1,41 +1,41 @@
-"""Which topics `hybridfs stack prune` picks: by name and by the age of their partitions on disk (no broker)."""
+"""Which topics `hybridfs stack prune` picks: by name, and by when a prune first saw them (no broker)."""
 
 from __future__ import annotations
 
-import os
-import time
+import json
 from pathlib import Path
 
-from hybridfs.stack.prune import partition_ages, stale_scratch_topics, topics_of
+from hybridfs.stack.prune import stale_scratch_topics, topics_of
+
+NOW = 1_800_000_000.0
 
 
-def _partition(data_dir: Path, name: str, age: float, now: float) -> None:
-    (data_dir / name).mkdir(parents=True)
-    meta = data_dir / name / "partition.metadata"
-    meta.write_text("version: 0\n")
-    os.utime(meta, (now - age, now - age))
+def test_a_topic_is_stale_a_period_after_a_prune_first_saw_it(tmp_path: Path) -> None:
+    seen = tmp_path / "seen.json"
+    assert stale_scratch_topics(["t-a-1.hydrate", "prod.hydrate"], seen, 7200, now=NOW) == []  # first seen now
+    assert json.loads(seen.read_text()) == {"t-a-1.hydrate": NOW}  # only scratch names are recorded
+    later = ["t-a-1.hydrate", "t-b-2.evict"]
+    assert stale_scratch_topics(later, seen, 7200, now=NOW + 3600) == []
+    assert stale_scratch_topics(later, seen, 7200, now=NOW + 7200) == ["t-a-1.hydrate"]
+    assert stale_scratch_topics(["t-b-2.evict"], seen, 7200, now=NOW + 7300) == []  # a gone topic is forgotten
+    assert set(json.loads(seen.read_text())) == {"t-b-2.evict"}
 
 
-def test_ages_are_of_the_youngest_partition_and_deleted_partitions_are_not_topics(tmp_path: Path) -> None:
-    now = time.time()
-    _partition(tmp_path, "t-a-1234.hydrate-0", 9000, now)
-    _partition(tmp_path, "t-a-1234.hydrate-1", 100, now)  # a partition added later: the topic is young
-    _partition(tmp_path, "t-b-5678.evict-0.0123abcd-delete", 9000, now)
-    (tmp_path / "meta.properties").write_text("")
-    ages = partition_ages(tmp_path, now)
-    assert set(ages) == {"t-a-1234.hydrate"}
-    assert abs(ages["t-a-1234.hydrate"] - 100) < 1
+def test_an_unreadable_record_makes_every_topic_new(tmp_path: Path) -> None:
+    seen = tmp_path / "seen.json"
+    seen.write_text("{not json")
+    assert stale_scratch_topics(["t-a-1.hydrate"], seen, 0.5, now=NOW) == []
+    assert stale_scratch_topics(["t-a-1.hydrate"], seen, 0.5, now=NOW + 1) == ["t-a-1.hydrate"]
 
 
-def test_only_old_topics_named_like_tests_and_benchmarks_are_stale() -> None:
-    ages = {"t-x-1.hydrate": 8000.0, "bench-20261201-1.evict": 8000.0, "t-y-2.hydrate": 60.0,
-            "hybridfs.s3-events": 9e9, "__consumer_offsets": 9e9, "prod.hydrate": 9e9, "test-z.hydrate": 9e9,
-            "t-z-3-roundtrip": 8000.0}
-    assert stale_scratch_topics(ages, 7200) == ["bench-20261201-1.evict", "t-x-1.hydrate", "t-z-3-roundtrip"]
+def test_only_topics_named_like_tests_and_benchmarks_are_scratch(tmp_path: Path) -> None:
+    names = ["t-x-1.hydrate", "bench-20261201-1.evict", "hybridfs.s3-events", "__consumer_offsets", "prod.hydrate",
+             "test-z.hydrate", "t-z-3-roundtrip"]
+    assert stale_scratch_topics(names, tmp_path / "seen.json", 0, now=NOW) == [
+        "bench-20261201-1.evict", "t-x-1.hydrate", "t-z-3-roundtrip"]
 
 
 def test_a_prefix_owns_its_kinds_and_its_dashed_extensions_only() -> None:
     existing = ["t-a.hydrate", "t-a.changes", "t-a-other.evict", "t-ab.hydrate", "t-a", "x.t-a.hydrate"]
     assert topics_of(["t-a"], existing) == ["t-a-other.evict", "t-a.changes", "t-a.hydrate"]
     assert topics_of([], existing) == []
-

@@ -21,7 +21,7 @@ from helpers import Stack, run_hybridfs, wait_until
 from hybridfs.events.topics import create_topics
 from hybridfs.stack import StackPaths, stack_env
 from hybridfs.stack.manage import make_services
-from hybridfs.stack.prune import delete, existing_topics
+from hybridfs.stack.prune import SEEN_FILE, delete, existing_topics
 
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -229,16 +229,17 @@ def _topics(bootstrap: str) -> set[str]:
 
 def test_prune_deletes_old_scratch_topics_and_keeps_young_and_foreign_ones(stack: Stack, topic_prefix: str) -> None:
     """Topics of killed runs piled up to 14,789 partitions, the broker ran out of heap loading them at start and a
-    whole CI run found no Kafka. A topic left by a run made hours ago is deleted; one just made (a run beside this
-    one) and one not named like a test's stay."""
+    whole CI run found no Kafka. A topic that a prune first saw hours ago is deleted; one just made (a run beside
+    this one) and one not named like a test's stay."""
     old, young, foreign = f"{topic_prefix}-old.hydrate", f"{topic_prefix}-young.hydrate", f"keep-{topic_prefix}"
     create_topics(stack.bootstrap, [old, young, foreign])
-    data_dir = make_services(StackPaths.from_env(), ["kafka"])[0].dir / "data"
-    wait_until(lambda: list(data_dir.glob(f"{old}-*/partition.metadata")), timeout=30,
-               message="the old topic's partitions on the broker's disk")
-    made_hours_ago = os.path.getmtime(next(data_dir.glob(f"{old}-*/partition.metadata"))) - 3 * 3600
-    for meta in data_dir.glob(f"{old}-*/partition.metadata"):  # as if a killed run made it three hours ago
-        os.utime(meta, (made_hours_ago, made_hours_ago))
+    wait_until(lambda: {old, young, foreign} <= _topics(stack.bootstrap), timeout=30, message="the topics")
+    seen_file = make_services(StackPaths.from_env(), ["kafka"])[0].dir / SEEN_FILE
+    run_hybridfs("stack", "prune")  # records the new topics as seen now
+    seen = json.loads(seen_file.read_text())
+    assert old in seen and young in seen and foreign not in seen
+    seen[old] -= 3 * 3600  # as if a prune had seen it three hours ago: a killed run's
+    seen_file.write_text(json.dumps(seen))
     out = run_hybridfs("stack", "prune").stdout
     assert "deleting" in out, out
     wait_until(lambda: old not in _topics(stack.bootstrap), timeout=30, message="the old topic to go")

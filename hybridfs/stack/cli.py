@@ -52,8 +52,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.prefix:
             doomed = prune.topics_of(args.prefix, prune.existing_topics())
         else:
-            data_dir = Kafka(StackPaths.from_env()).data_dir
-            doomed = prune.stale_scratch_topics(prune.partition_ages(data_dir), args.older_than * 3600)
+            seen = Kafka(StackPaths.from_env()).dir / prune.SEEN_FILE
+            doomed = prune.stale_scratch_topics(prune.existing_topics(), seen, args.older_than * 3600)
         if not doomed:
             print("kafka: no topics to delete")
             return 0
@@ -98,11 +98,11 @@ def register(subparsers: Any) -> None:
                 help=f"{timeout_help} (default {timeouts[name]:.0f})",
             )  # fmt: skip
         parser.set_defaults(func=func)
-    prune_help = ("delete the Kafka topics that tests and benchmarks left (names t-*.* and bench-*.*) older than "
-                  "--older-than hours, or those of the given --prefix")
+    prune_help = ("delete the Kafka topics that tests and benchmarks left (names t-* and bench-*) that a prune first "
+                  "saw --older-than hours ago or earlier, or those of the given --prefix")
     prune_parser = actions.add_parser("prune", help=prune_help, description=prune_help)
     prune_parser.add_argument("--older-than", type=_hours, default=prune.DEFAULT_OLDER_THAN_HOURS, metavar="HOURS",
-                              help="only topics made this long ago or earlier (default %(default)s)")
+                              help="only topics a prune first saw this long ago or earlier (default %(default)s)")
     prune_parser.add_argument("--prefix", action="append", default=[], metavar="PREFIX",
                               help="delete the topics PREFIX.* and PREFIX-* whatever their age (repeatable)")
     prune_parser.set_defaults(func=cmd_prune)

@@ -4,14 +4,19 @@ Every test and bench run makes its own topics (``t-<test>-<hex>.*``, ``bench-<st
 each other's events. Left alone they pile up: after a few hundred runs the broker held 14,789 partitions, needed
 longer than its heap allowed to load them at start (OutOfMemoryError) and the next suite found no Kafka at all.
 Runs delete their own topics when they end; this deletes what killed runs left, by age, so that a run still going
-beside it (younger than ``older_than``) keeps its topics. The age of a topic is that of its partition directories on
-the broker's disk (the stack runs the broker, so it can read them); topics of other names are never touched.
+beside it (younger than ``older_than``) keeps its topics; topics of other names are never touched.
+
+Kafka does not say when a topic was made (and rewrites the files in a partition's directory), so the age of a topic
+is the time since a prune first saw it, kept in a small JSON file beside the broker's data (``SEEN_FILE``): a topic
+is deleted by the first prune that runs ``older_than`` after one saw it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -24,30 +29,32 @@ log = logging.getLogger(__name__)
 SCRATCH_TOPIC = re.compile(r"(t|bench)-[a-z0-9-]+(\..+)?")  # what tests and benchmarks name their topics
 DEFAULT_OLDER_THAN_HOURS = 2.0  # a run older than this is over: the full suite takes half an hour
 BATCH = 200  # topics per DeleteTopics request: the broker answers each within the operation time-out
+SEEN_FILE = "scratch-topics.json"  # topic -> when a prune first saw it (seconds since the epoch)
 
 
-def partition_ages(data_dir: Path, now: float | None = None) -> dict[str, float]:
-    """Topic name -> seconds since its youngest partition directory was made (``<topic>-<n>`` directories;
-    those already being deleted, ``<topic>-<n>.<id>-delete``, are not topics any more)."""
+def _load_seen(path: Path) -> dict[str, float]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: every topic is new (deleted a period later)
+    if not isinstance(doc, dict):
+        return {}
+    return {k: float(v) for k, v in doc.items() if isinstance(k, str) and isinstance(v, int | float)}
+
+
+def stale_scratch_topics(existing: Iterable[str], seen_path: Path, older_than: float,
+                         now: float | None = None) -> list[str]:
+    """The test and bench topics among ``existing`` that a prune first saw ``older_than`` seconds ago or earlier,
+    sorted. Records the ones seen for the first time in ``seen_path``, and forgets those that no longer exist."""
     now = time.time() if now is None else now
-    ages: dict[str, float] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for entry in data_dir.iterdir():
-            match = re.fullmatch(r"(.+)-\d+", entry.name)
-            if match is None or not entry.is_dir():
-                continue
-            try:
-                made = (entry / "partition.metadata").stat().st_mtime
-            except OSError:
-                made = entry.stat().st_mtime
-            topic = match.group(1)
-            ages[topic] = min(ages.get(topic, float("inf")), now - made)
-    return ages
-
-
-def stale_scratch_topics(ages: dict[str, float], older_than: float) -> list[str]:
-    """The test and bench topics older than ``older_than`` seconds, sorted."""
-    return sorted(t for t, age in ages.items() if SCRATCH_TOPIC.fullmatch(t) and age >= older_than)
+    seen = _load_seen(seen_path)
+    scratch = [t for t in existing if SCRATCH_TOPIC.fullmatch(t)]
+    seen = {t: seen.get(t, now) for t in scratch}
+    with contextlib.suppress(OSError):  # not recorded: only delays the deletion
+        tmp = seen_path.with_name(seen_path.name + ".tmp")
+        tmp.write_text(json.dumps(seen, sort_keys=True))
+        os.replace(tmp, seen_path)
+    return sorted(t for t in scratch if now - seen[t] >= older_than)
 
 
 def topics_of(prefixes: Iterable[str], existing: Iterable[str]) -> list[str]:
