@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
 from hybridfs.core.changes import Change, ChangeSink, NoChanges
@@ -142,6 +142,7 @@ class Filesystem:
         self.refuse_opens = False  # set while shutting down: in-flight work finishes, nothing new starts
         self.changes: ChangeSink = NoChanges()  # set by the mount: the change feed (after S3 acknowledged)
         self.changes_applied = 0  # foreign changes applied (apply_change / invalidate_key)
+        self._told_missing: LRUCache[str, bool] = LRUCache(100_000)  # paths a lookup answered ENOENT for
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
 
@@ -183,7 +184,13 @@ class Filesystem:
 
     async def lookup(self, parent_ino: int, name: bytes) -> tuple[Node, Stat]:
         path = await self._child(parent_ino, name)
-        st = await self.stat_of(path)
+        try:
+            st = await self.stat_of(path)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                self._told_missing[path] = True  # the kernel may keep a negative entry for it
+            raise
+        self._told_missing.pop(path, None)
         return self.inodes.looked_up(path), st
 
     async def stat_of(self, path: str) -> Stat:
@@ -877,7 +884,11 @@ class Filesystem:
         working directory below it (getcwd fails with ENOENT: git did, on a fresh mount replaying the feed's
         record of its mkdir). Only a live rmdir drops a directory's entry."""
         parent = self.inodes.existing(parent_of(path))
-        if parent is not None and (entry or node is None):
+        # Without a node, the kernel's entry is a negative one (we said ENOENT) or a lookup is under way. Only the
+        # first is dropped for a directory: dropping the entry a lookup is making (the kernel makes our call wait
+        # for it) unhashed it, and getcwd of a process that had just entered the directory failed.
+        if parent is not None and (entry or (node is None and path in self._told_missing)):
+            self._told_missing.pop(path, None)
             await self.kernel.forget_entry(parent.ino, name_of(path).encode())
         if node is not None:
             node.kernel_etag = None
