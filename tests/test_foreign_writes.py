@@ -126,7 +126,9 @@ def test_boto3_put_overwrite_delete_seen_within_a_second(
     (mount.path / "mine").write_bytes(b"mine")
     wait_until(lambda: feed_status(mount)["own"] >= 1, timeout=10, message="the mount's own record")
     feed = feed_status(mount)
-    assert feed["applied"] == 3 and feed["bad_records"] == 0 and feed["handler_failures"] == 0, feed
+    # Each of the 3 changes is applied once or twice: MinIO's two Kafka targets each deliver it, the queued one up
+    # to 3 s later (so the count depends on how long the steps above took). The mount's own records never count.
+    assert 3 <= feed["applied"] <= 6 and feed["bad_records"] == 0 and feed["handler_failures"] == 0, feed
 
 
 def test_known_attributes_stand_past_the_dir_cache_time_until_a_record_arrives(
