@@ -65,8 +65,8 @@ def topics_of(prefixes: Iterable[str], existing: Iterable[str]) -> list[str]:
 
 
 def delete(names: Sequence[str], bootstrap: str = KAFKA_BOOTSTRAP, progress: bool = False) -> int:
-    """Delete ``names`` in batches; the number the broker confirmed. Raises KafkaUnavailable-like errors from
-    the admin client only when it cannot be made."""
+    """Delete ``names`` in batches; the number the broker confirmed (a topic it refused or did not confirm in
+    time is left for the next prune)."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
