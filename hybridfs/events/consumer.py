@@ -52,6 +52,7 @@ Decoder = Callable[[Message, str], Any]
 def decode_event(msg: Message, allowed_prefix: str) -> Event:
     return decode(msg.value() or b"", allowed_prefix=allowed_prefix)
 
+DEFAULT_MAX_BUFFERED = 1024  # messages handed to trio and not finished: beyond it, the partitions pause
 _PROBE_INTERVAL = 5.0  # while unreachable: how often the thread checks whether Kafka is back
 _LAG_INTERVAL = 5.0
 
@@ -147,7 +148,10 @@ class EventConsumer:
         self.dead_letter_topic = dead_letter_topic
         self.kafka_config = dict(kafka_config or {})
         self.concurrency = max(1, concurrency)
-        self.max_buffered = max_buffered or max(16, 4 * self.concurrency)
+        # Events are a few hundred bytes: buffer a burst (one `hybridfs evict` over a tree) whole. Pausing costs
+        # more than memory: after resume() the next fetch waited up to fetch.wait.max.ms (0.5 s) every 16
+        # messages, which held evictions to 30 files/s.
+        self.max_buffered = max_buffered or max(DEFAULT_MAX_BUFFERED, 4 * self.concurrency)
         self.max_backoff = max_backoff
         self._policy = Policy(first=1.0, cap=max_backoff)
         self.poll_timeout = poll_timeout
