@@ -225,6 +225,94 @@ def test_remove_during_a_commit_wins(tmp_path: Path, during: str, monkeypatch: p
     run(body, tmp_path / "c")
 
 
+def _index_rows(root: Path) -> set[tuple[str, str]]:
+    with sqlite3.connect(root / INDEX) as db:
+        return {(k, e) for k, e in db.execute("SELECT key, etag FROM entries")}
+
+
+def test_removals_at_once_share_delete_transactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals running at the same time delete their index rows together (one DELETE each behind the
+    index lock held `hybridfs evict` of a directory to 30 files/s), and every row is gone when they return."""
+    root = tmp_path / "c"
+
+    async def body(cache: LocalCache) -> None:
+        for i in range(40):
+            await put(cache, f"k/{i}", b"x" * 100)
+        batches: list[int] = []
+        index = cache._idx()
+        real = index.delete_versions
+
+        def counting(pairs: Any) -> None:
+            pairs = list(pairs)
+            batches.append(len(pairs))
+            real(pairs)
+
+        monkeypatch.setattr(index, "delete_versions", counting)
+        freed: list[int] = []
+
+        async def remove(key: str) -> None:
+            freed.append(await cache.remove(key))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(remove, f"k/{i}")
+        assert freed == [100] * 40 and not cache.entries
+        assert sum(batches) == 40 and len(batches) < 40, batches
+        assert _index_rows(root) == set()
+
+    run(body, root)
+
+
+def test_a_version_stored_again_while_its_removal_waits_keeps_its_row(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """remove(k) waits for the next DELETE transaction while the same version of k is stored again (evict,
+    then hydrate at once): the new row must survive, or the index and the files disagree after a restart."""
+    root = tmp_path / "c"
+
+    async def body(cache: LocalCache) -> None:
+        await put(cache, "a", b"first")
+        await put(cache, "k", b"kkkk")
+        index = cache._idx()
+        real = index.delete_versions
+        entered, release = trio.Event(), trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def held(pairs: Any) -> None:
+            pairs = list(pairs)
+            if ("a", "e1") in pairs:  # the first removal holds the transaction: k's removal has to wait
+                token.run_sync_soon(entered.set)
+                trio.from_thread.run(release.wait, trio_token=token)
+            real(pairs)
+
+        monkeypatch.setattr(index, "delete_versions", held)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.remove, "a")
+            await entered.wait()
+            nursery.start_soon(cache.remove, "k")
+            await _until(lambda: ("k", "e1") in cache._row_deletes.rows)  # its file is gone, its row waits
+            nursery.start_soon(put, cache, "k", b"kkkk")
+            await _until(lambda: cache._index_lock.statistics().tasks_waiting == 1)  # the INSERT waits too
+            release.set()
+        assert cache.lookup("k") is not None
+        assert _index_rows(root) == {("k", "e1")}
+
+    run(body, root)
+    run(lambda cache: _assert_cached(cache, "k"), root)  # after a restart too
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll a condition that worker threads make true, for up to 10 s."""
+    for _ in range(2000):
+        if condition():
+            return
+        await trio.sleep(0.005)
+    raise AssertionError("condition not reached within 10 s")
+
+
+async def _assert_cached(cache: LocalCache, key: str) -> None:
+    assert cache.lookup(key) is not None and cache.rebuilds == 0
+
+
 def flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as fh:
         fh.seek(offset)

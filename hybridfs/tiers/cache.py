@@ -306,8 +306,16 @@ class Index:
             self.db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
 
     def delete_versions(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Delete the rows of (key, etag) pairs in one transaction."""
         with self._lock:
-            self.db.executemany("DELETE FROM entries WHERE key = ? AND etag = ?", list(pairs))
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("DELETE FROM entries WHERE key = ? AND etag = ?", list(pairs))
+                self.db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+                raise
 
     def flush(self, touched: Sequence[tuple[float, str]], attrs: Sequence[tuple[str, str, dict[str, str]]]) -> None:
         """Persist access times (last_access, key) and attributes (key, etag, attrs) in one transaction."""
@@ -354,6 +362,14 @@ def _attrs(text: str | None) -> dict[str, str] | None:
 
 
 # -- opening and rebuilding (worker threads) ---------------------------------------------------------------
+
+
+@dataclass
+class _RowDeletes:
+    """Index rows that removals running at the same time delete in one transaction (``LocalCache._delete_row``)."""
+
+    rows: set[tuple[str, str]] = field(default_factory=set)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -587,6 +603,8 @@ class LocalCache:
         self._touched: set[str] = set()
         self._attrs_due: set[str] = set()  # keys whose last-known attributes may not be persisted yet
         self._stale_rows: set[tuple[str, str]] = set()  # files gone, DELETE failed: delete again later
+        self._row_deletes = _RowDeletes()  # rows of removed files waiting for the next DELETE transaction
+        self._deleting_rows = False  # a removal is running DELETE transactions for everyone
         self._doomed: list[Path] = []  # files whose unlink failed: unlink again later
         self._index_broken: str | None = None
 
@@ -747,9 +765,10 @@ class LocalCache:
             doomed, self._doomed = self._doomed, []
             self._doomed += await self._run(lambda: _unlink_all(doomed))
         if self._stale_rows:
-            stale, self._stale_rows = self._stale_rows, set()
+            stale: set[tuple[str, str]] = set()
             try:
                 async with self._index_lock:
+                    stale, self._stale_rows = self._stale_rows, set()  # under the lock: see _delete_rows_now
                     index = self._idx()
                     await self._run(lambda: index.delete_versions(stale))
             except (OSError, sqlite3.Error, CacheUnavailable) as exc:
@@ -853,6 +872,9 @@ class LocalCache:
             if self._generation[key] != generation or not self.available:  # removed meanwhile: it lost
                 await self._forget_files(files)
                 return False
+            # An earlier removal of this version, not yet in SQLite, must not delete the row written now.
+            self._row_deletes.rows.discard((key, etag))
+            self._stale_rows.discard((key, etag))
             now = time.time()
             pinned = key in self.pins
             attrs = self.attributes_of(key, etag) if self.attributes_of is not None else None
@@ -919,14 +941,7 @@ class LocalCache:
                 if key not in self.entries:
                     self.entries[key] = entry
                 return 0
-            async with self._index_lock:
-                try:
-                    index = self._idx()
-                    await self._run(lambda: index.delete_versions([(key, entry.etag)]))
-                except (OSError, sqlite3.Error, CacheUnavailable) as exc:
-                    self._stale_rows.add((key, entry.etag))  # the file is gone: the row goes later
-                    self._disk_failed(exc, f"removing {key}")
-                    log.info("cache: index row of %s stays until the disk takes the DELETE: %s", key, exc)
+            await self._delete_row(key, entry.etag)
             return entry.size
         finally:
             self._removing.pop(key, None)
@@ -938,6 +953,45 @@ class LocalCache:
         """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop."""
         await self.remove(old_key)
         await self.remove(new_key)
+
+    async def _delete_row(self, key: str, etag: str) -> None:
+        """Delete the index row of a removed file. Removals that overlap share one transaction (group commit):
+        one DELETE each, one after the other behind the index lock, held ``hybridfs evict`` of a directory to
+        30 files/s. Returns once the row is deleted, or is in ``_stale_rows`` to be deleted later (the disk
+        refused it, or the removal running the transaction was cancelled)."""
+        waiting = self._row_deletes
+        waiting.rows.add((key, etag))
+        if self._deleting_rows:
+            await waiting.done.wait()
+            return
+        self._deleting_rows = True
+        try:
+            while self._row_deletes.rows:
+                await self._delete_rows_now()
+        finally:
+            self._deleting_rows = False
+
+    async def _delete_rows_now(self) -> None:
+        batch: _RowDeletes | None = None
+        deleted = False
+        try:
+            async with self._index_lock:
+                # Taken under the lock: a commit of a version that is waiting here takes its row back out
+                # (``_index_commit``), so a DELETE never lands after the INSERT of the same version.
+                batch, self._row_deletes = self._row_deletes, _RowDeletes()
+                rows = list(batch.rows)
+                index = self._idx()
+                await self._run(lambda: index.delete_versions(rows))
+                deleted = True
+        except (OSError, sqlite3.Error, CacheUnavailable) as exc:
+            self._disk_failed(exc, f"removing {len(batch.rows) if batch else 0} index rows")
+            log.info("cache: index rows of removed files stay until the disk takes the DELETE: %s", exc)
+        finally:
+            if batch is None:  # cancelled before the lock: nobody else will run what waits
+                batch, self._row_deletes = self._row_deletes, _RowDeletes()
+            if not deleted:
+                self._stale_rows |= batch.rows  # the files are gone: the rows go later
+            batch.done.set()
 
     async def set_pinned(self, key: str, pinned: bool) -> None:
         if pinned:
