@@ -67,6 +67,7 @@ _TOPIC_MISSING = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOW
 
 # What our delivery guarantee depends on; a user's kafka_config cannot turn these off.
 _FORCED_PRODUCER = {"enable.idempotence": True, "acks": "all"}
+_FORCED_ONE_SHOT_PRODUCER = {"enable.idempotence": False, "acks": "all", "max.in.flight.requests.per.connection": 1}
 
 
 def producer_config(
@@ -76,7 +77,13 @@ def producer_config(
     client_id: str,
     message_timeout: float,
     error_cb: Any = None,
+    idempotent: bool = True,
 ) -> dict[str, Any]:
+    """``idempotent=False`` for a producer that lives for one batch: an idempotent producer's first message
+    waits for its producer id, which librdkafka asks for on a 500 ms timer once the broker connection is up
+    (0.5 s of every ``hybridfs evict``). Without it, a retried batch can be written twice or, with more than
+    one request in flight, out of order; one request in flight keeps the order, and every event is
+    idempotent to handle."""
     defaults: dict[str, Any] = {
         "linger.ms": 5,
         # Bounded: a message not delivered in this time comes back as an error (and stays in the outbox).
@@ -94,7 +101,7 @@ def producer_config(
         client_id=client_id,
         logger=RdKafkaLogger(),
         defaults=defaults,
-        forced=_FORCED_PRODUCER,
+        forced=_FORCED_PRODUCER if idempotent else _FORCED_ONE_SHOT_PRODUCER,
     )
 
 
@@ -612,6 +619,7 @@ def publish_now(
             client_id="hybridfs-cli",
             message_timeout=remaining,
             error_cb=errors.append,
+            idempotent=False,
         )
     )
     try:
