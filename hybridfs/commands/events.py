@@ -389,12 +389,20 @@ def wait_for_state(targets: list[Target], want: str, label: str, timeout: float)
         while waiting:
             progress.update(len(targets) - len(waiting), done_bytes)
             sweep_start = time.monotonic()
-            still = []
-            for target, now in zip(waiting, pool.map(_state_or_gone, waiting), strict=True):
-                if now == want:
-                    done_bytes += target.size or 0
-                elif now != "gone":
-                    still.append(target)
+            still: list[Target] = []
+            # The mounts work through the events roughly in the order they were published: a sweep stops at
+            # the first batch with a file not done yet, so polling costs the mount about one getxattr per
+            # file, not one per file per sweep (which took a third of the mount's time from its purges).
+            for first in range(0, len(waiting), RESOLVE_THREADS):
+                batch = waiting[first:first + RESOLVE_THREADS]
+                for target, now in zip(batch, pool.map(_state_or_gone, batch), strict=True):
+                    if now == want:
+                        done_bytes += target.size or 0
+                    elif now != "gone":
+                        still.append(target)
+                if still:
+                    still += waiting[first + RESOLVE_THREADS:]
+                    break
             waiting = still
             if not waiting:
                 break

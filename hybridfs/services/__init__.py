@@ -43,7 +43,7 @@ __all__ = ["PURGE_CONCURRENCY", "Services", "hydrate_concurrency", "start_all"]
 # Hydrations at once: three quarters of the mount's S3 threads (--s3-threads, default 16 -> 12), so the rest stays
 # free for reads and writes. A hydration is latency-bound (one GET per small object), so this sets its throughput.
 HYDRATE_SHARE_OF_S3_THREADS = 0.75
-PURGE_CONCURRENCY = 4
+PURGE_CONCURRENCY = 16
 
 
 @dataclass
