@@ -43,7 +43,9 @@ __all__ = ["PURGE_CONCURRENCY", "Services", "hydrate_concurrency", "start_all"]
 # Hydrations at once: three quarters of the mount's S3 threads (--s3-threads, default 16 -> 12), so the rest stays
 # free for reads and writes. A hydration is latency-bound (one GET per small object), so this sets its throughput.
 HYDRATE_SHARE_OF_S3_THREADS = 0.75
-PURGE_CONCURRENCY = 16
+# Purges at once: each holds an S3 thread only for its HEAD (a few ms), so half the default 16 leaves reads and
+# writes their share; 4 held `hybridfs evict` of a directory to a chain of waits (16 buffered, 4 in progress).
+PURGE_CONCURRENCY = 8
 
 
 @dataclass
