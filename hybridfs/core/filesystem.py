@@ -39,6 +39,7 @@ from hybridfs.tiers.s3 import CloudStore
 
 log = logging.getLogger("hybridfs.fs")
 
+XATTR_PREFIX = "user.hybridfs."  # every extended attribute a mount has starts with it
 XATTR_STATE = "user.hybridfs.state"
 XATTR_KEY = "user.hybridfs.key"
 XATTR_ETAG = "user.hybridfs.etag"
