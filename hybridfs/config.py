@@ -162,6 +162,10 @@ class MountConfig:
                                     "HYBRIDFS_S3_EVENTS_TOPIC)")
     # Metadata caching
     attr_timeout: float = _opt(1.0, "seconds the kernel may cache attributes and entries")
+    trusted_attr_timeout: float = _opt(0.0, "seconds the kernel may cache the entries and attributes of files that "
+                                            "are not open while every writer's changes reach the mount (the change "
+                                            "feed and --s3-events-topic caught up); dropped from the kernel as "
+                                            "soon as that stops (0: --attr-timeout)")
     dir_cache_time: float = _opt(5.0, "seconds listings and attributes are cached (rclone's --dir-cache-time)")
     negative_cache_time: float = _opt(1.0, "seconds a missing path is remembered as missing")
     # Eviction

@@ -39,7 +39,7 @@ from hybridfs.core.writer import WriteSettings
 from hybridfs.events.bus import EventBus
 from hybridfs.events.s3events import S3EventFeed
 from hybridfs.events.schema import Event
-from hybridfs.fuse_ops import FuseOperations, PyfuseKernel, mount_options
+from hybridfs.fuse_ops import FuseOperations, KernelTimeouts, PyfuseKernel, mount_options
 from hybridfs.sdnotify import notify
 from hybridfs.services.feed import FeedPublisher
 from hybridfs.services.feed_schema import changes_topic
@@ -112,6 +112,7 @@ class Mount:
         self.terminated = False  # we ended the FUSE loop ourselves: the mount is still attached
         self._stopping_sent = False
         self.foreign: tuple[ForeignWrites, S3EventFeed] | None = None  # with --s3-events-topic
+        self.kernel_timeouts: KernelTimeouts | None = None  # set once the FUSE layer exists
 
     async def run(self) -> None:
         await trio.to_thread.run_sync(self._prepare_dirs)
@@ -120,8 +121,9 @@ class Mount:
         async with trio.open_nursery() as nursery:
             # Every background task runs supervised: its failure is logged and contained, never an unmount.
             supervisor = self.supervisor = Supervisor(nursery)
+            kernel = PyfuseKernel()
             fs = Filesystem(self.store, self.cache, self.keys, self.namespace, self.settings, supervisor,
-                            BusHydration(self.bus, self.origin), PyfuseKernel())
+                            BusHydration(self.bus, self.origin), kernel)
             self.fs = fs
             fs.status_extra = self.status_extra
             if self.bus is not None:  # before anything can change: every change reaches the feed
@@ -133,7 +135,14 @@ class Mount:
             await self._start_services(supervisor, fs)
             await self._start_foreign_writes(supervisor, fs)
             supervisor.start_soon(self.store.breaker.run, self.store.probe, name="S3 probe")
-            ops = FuseOperations(fs, attr_timeout=self.cfg.attr_timeout, entry_timeout=self.cfg.attr_timeout)
+            timeouts = KernelTimeouts(fs, self.cfg.attr_timeout, self.cfg.trusted_attr_timeout)
+            if timeouts.enabled:
+                if self.foreign is None:
+                    log.info("--trusted-attr-timeout needs --s3-events-topic (changes by other tools must reach "
+                             "the mount): the kernel keeps entries for --attr-timeout")
+                supervisor.start_soon(timeouts.watch, kernel, name="kernel cache timeouts")
+            self.kernel_timeouts = timeouts
+            ops = FuseOperations(fs, timeouts=timeouts)
             fsname = f"hybridfs:{self.cfg.source}"
             pyfuse3.init(ops, self.cfg.mountpoint, mount_options(fsname, allow_other=self.cfg.allow_other))
             log.info("mounted %s on %s (cache %s, %d bytes; events %s)", self.cfg.source, self.cfg.mountpoint,
@@ -342,6 +351,10 @@ class Mount:
         extra["uploads"] = {"aborts_pending": len(self.store.pending_aborts)}
         extra["namespace"] = {"slow_revalidations": self.namespace.slow_revalidations,
                               "stale_answers": self.namespace.stale_answers}
+        timeouts = self.kernel_timeouts
+        if timeouts is not None and timeouts.enabled:
+            extra["kernel_cache"] = {"trusted_attr_timeout": timeouts.lasting_timeout, "lasting": len(timeouts.given),
+                                     "drops": timeouts.drops}
         foreign = self.foreign
         if foreign is not None:
             extra["s3_events"] = foreign[0].status(foreign[1])

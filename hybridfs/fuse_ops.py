@@ -21,6 +21,7 @@ import trio
 from hybridfs.core.attrs import Stat
 from hybridfs.core.filesystem import XATTR_PREFIX, AttrChanges, Filesystem
 from hybridfs.core.inodes import Node
+from hybridfs.core.paths import name_of, parent_of
 from hybridfs.errors import FsError, errno_name
 from hybridfs.metrics import record_request
 
@@ -61,14 +62,81 @@ def boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
     return wrapper
 
 
+class KernelTimeouts:
+    """How long the kernel may keep an entry and its attributes without asking us.
+
+    ``attr_timeout`` (--attr-timeout, 1 s) normally. With a longer ``lasting_timeout`` (--trusted-attr-timeout),
+    a file that is not open gets the longer time while ``lasting()`` holds — every writer's changes reach the
+    mount (the change feed and the S3 event records caught up) and each change that arrives invalidates the
+    kernel's entry and inode of its path — so `git status` and `ls -l` over a known tree stay in the kernel.
+    Directories never do: dropping a directory's entry later would unhash the working directory of every
+    process below it. States of the kernel's copy::
+
+        short (--attr-timeout) --lasting() and not open--> lasting (ino in ``given``)
+        lasting --a change arrives--> dropped by Filesystem.apply_change (its kernel invalidation)
+        lasting --lasting() stops--> dropped by ``watch`` (every entry and attribute in ``given``) --> short
+
+    ``watch`` looks every ``WATCH_INTERVAL`` s: a change made while the consumers were behind reaches us late
+    and invalidates then; a change that never reaches us (S3 event records dropped by the bucket) is what the
+    drop on leaving lasting mode is for. The kernel discards an attribute reply older than an invalidation of
+    its inode (attr_version), so a getattr on its way when a change arrives cannot put old attributes back.
+    """
+
+    WATCH_INTERVAL = 0.1
+
+    def __init__(self, fs: Filesystem, attr_timeout: float, lasting_timeout: float = 0.0) -> None:
+        self.fs = fs
+        self.attr_timeout = attr_timeout
+        self.lasting_timeout = max(lasting_timeout, attr_timeout)
+        self.given: set[int] = set()  # inodes given lasting_timeout since the last drop
+        self.drops = 0  # times lasting mode ended with entries to drop from the kernel
+
+    @property
+    def enabled(self) -> bool:
+        return self.lasting_timeout > self.attr_timeout
+
+    def for_node(self, node: Node, st: Stat) -> float:
+        if not st.complete:
+            return 0.0
+        if (self.enabled and not st.is_dir and node.open_handles == 0 and not node.unlinked
+                and self.fs.ns.lasting()):
+            self.given.add(node.ino)
+            return self.lasting_timeout
+        return self.attr_timeout
+
+    async def watch(self, kernel: PyfuseKernel) -> None:
+        while True:
+            await trio.sleep(self.WATCH_INTERVAL)
+            if self.given and not self.fs.ns.lasting():
+                await self.drop(kernel)
+
+    async def drop(self, kernel: PyfuseKernel) -> None:
+        """Make the kernel ask again for everything given lasting_timeout (computed here, sent from a thread)."""
+        given, self.given = self.given, set()
+        inodes: list[int] = []
+        entries: list[tuple[int, bytes]] = []
+        table = self.fs.inodes
+        for ino in given:
+            node = table.by_ino.get(ino)
+            if node is None:  # the kernel forgot it
+                continue
+            inodes.append(ino)
+            parent = table.existing(parent_of(node.path)) if not node.unlinked else None
+            if parent is not None:
+                entries.append((parent.ino, name_of(node.path).encode()))
+        self.drops += 1
+        log.info("change feed or S3 event records not caught up: dropping %d entries and attributes kept by the "
+                 "kernel (--trusted-attr-timeout); back to --attr-timeout", len(inodes))
+        await kernel.invalidate_many(inodes, entries)
+
+
 class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # writes must reach us at once so close() can mean "in S3"
 
-    def __init__(self, fs: Filesystem, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+    def __init__(self, fs: Filesystem, *, attr_timeout: float = 1.0, timeouts: KernelTimeouts | None = None) -> None:
         super().__init__()
         self.fs = fs
-        self.attr_timeout = attr_timeout
-        self.entry_timeout = entry_timeout
+        self.timeouts = timeouts or KernelTimeouts(fs, attr_timeout)
 
     def entry(self, node: Node, st: Stat, *, listing: bool = False) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -76,8 +144,7 @@ class FuseOperations(pyfuse3.Operations):
         attr.generation = 0
         # Attributes from a listing lack the object metadata: the kernel must not cache them, neither the
         # attributes nor the entry, so the next stat (even through a cached dentry) asks us again.
-        attr.attr_timeout = self.attr_timeout if st.complete else 0
-        attr.entry_timeout = self.entry_timeout if st.complete else 0
+        attr.attr_timeout = attr.entry_timeout = self.timeouts.for_node(node, st)
         mode = st.mode
         if listing and not st.kind_known:
             # Only a listing has seen it, and a plain object may be a symlink or a FIFO. No type bits: the
@@ -280,6 +347,23 @@ class PyfuseKernel:
                 pyfuse3.invalidate_entry(cast(pyfuse3.InodeT, parent_ino), cast(pyfuse3.FileNameT, name))
             except (FileNotFoundError, OSError) as exc:  # the kernel has no such entry (any more)
                 log.debug("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
+
+        await trio.to_thread.run_sync(call)
+
+    async def invalidate_many(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
+        """Drop the attributes of ``inodes`` (their pages stay) and the ``entries``, in one thread."""
+
+        def call() -> None:
+            for ino in inodes:
+                try:
+                    pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=True)
+                except OSError as exc:
+                    log.debug("invalidate_inode(%d): %s", ino, exc)
+            for parent_ino, name in entries:
+                try:
+                    pyfuse3.invalidate_entry(cast(pyfuse3.InodeT, parent_ino), cast(pyfuse3.FileNameT, name))
+                except OSError as exc:
+                    log.debug("invalidate_entry(%d, %r): %s", parent_ino, name, exc)
 
         await trio.to_thread.run_sync(call)
 

@@ -156,6 +156,59 @@ def test_known_attributes_stand_past_the_dir_cache_time_until_a_record_arrives(
     assert read_or_none(mount.path / "f3") == b"overwritten by boto3"
 
 
+def test_the_kernel_keeps_known_files_while_trusted_and_drops_them_when_kafka_stops(
+    mount_factory: MountFactory, s3: Any, stack: Stack
+) -> None:
+    """--trusted-attr-timeout: while every writer's changes reach the mount, stats past --attr-timeout stay in
+    the kernel (no FUSE request); a boto3 overwrite still shows within the bound, by its record (the record
+    invalidates the kernel's entry). Kafka stopped (the shared broker: run it rarely): the kernel's entries are
+    dropped at once, and an overwrite made during the outage shows with the timers, as without the feed."""
+    from test_hydration import KAFKA_BACK_TIMEOUT, KAFKA_OUTAGE_LOG, kafka_stopped
+    from test_metrics import metrics_mount, value
+
+    mount, endpoint = metrics_mount(mount_factory, "--s3-events-topic", S3_EVENTS_TOPIC, "--dir-cache-time", "1",
+                                    "--attr-timeout", "0.2", "--trusted-attr-timeout", "600")
+    mount.allow_log(KAFKA_OUTAGE_LOG)
+    mount.allow_log(r"kafka unreachable at .*: changes made with other tools are seen only when the metadata timers")
+    wait_feed_reading(mount)
+    wait_until(lambda: status(mount)["feed"]["mode"] == "trusted", timeout=30, message="the change feed trusted")
+    names = [f"k{i}" for i in range(20)]
+    for i, name in enumerate(names):
+        (mount.path / name).write_bytes(b"x" * i)
+    time.sleep(0.5)  # the entries given at create (the file was open: --attr-timeout) expire
+    assert [os.stat(mount.path / name).st_size for name in names] == list(range(20))  # lookups: the lasting time
+
+    def asked() -> float:  # FUSE requests that a stat by path can make
+        samples = endpoint.samples()
+        return sum(value(samples, "hybridfs_fuse_requests_total", op=op) for op in ("lookup", "getattr"))
+
+    before = asked()
+    time.sleep(0.5)  # past --attr-timeout (0.2 s): the expiry is what is tested
+    assert [os.stat(mount.path / name).st_size for name in names] == list(range(20))
+    assert asked() - before == 0, "stats of known files reached the mount although the kernel could answer them"
+    assert status(mount)["kernel_cache"]["lasting"] >= 20
+
+    s3.put_object(Bucket=stack.bucket, Key=mount.key("k3"), Body=b"overwritten by boto3")
+    wait_until(lambda: os.stat(mount.path / "k3").st_size == 20, timeout=DELIVERY,
+               message="the boto3 overwrite, by its record")
+    assert read_or_none(mount.path / "k3") == b"overwritten by boto3"
+    assert os.stat(mount.path / "k3").st_size == 20
+
+    new = b"v2 of k5, written with boto3 while Kafka is down"
+    with kafka_stopped():
+        wait_until(lambda: status(mount)["kernel_cache"]["drops"] >= 1, timeout=8,
+                   message="the kernel's entries to be dropped when the feed falls back")
+        assert status(mount)["feed"]["mode"] != "trusted" or status(mount)["s3_events"]["healthy"] is False
+        s3.put_object(Bucket=stack.bucket, Key=mount.key("k5"), Body=new)
+        # --dir-cache-time (1 s) + --attr-timeout (0.2 s), with room for a loaded machine; without the drop, the
+        # kernel would answer with the old size for --trusted-attr-timeout (600 s)
+        wait_until(lambda: os.stat(mount.path / "k5").st_size == len(new), timeout=3, interval=0.05,
+                   message="the overwrite, by the timers, with no record to tell")
+        assert read_or_none(mount.path / "k5") == new
+    wait_until(lambda: status(mount)["feed"]["mode"] == "trusted", timeout=KAFKA_BACK_TIMEOUT,
+               message="the feed trusted again")
+
+
 def test_with_kafka_stopped_known_attributes_expire_with_the_timers_again(
     mount_factory: MountFactory, s3: Any, stack: Stack
 ) -> None:
