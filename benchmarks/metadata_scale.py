@@ -2,7 +2,9 @@
 ENTRIES files (default 10,000) and `git status` over a tree of FILES files (default 4,000), on hybridfs, s3fs and
 the bare disk.
 
-    .venv/bin/hybridfs stack up && .venv/bin/python benchmarks/metadata_scale.py [ENTRIES [FILES]]
+    .venv/bin/hybridfs stack up && .venv/bin/python benchmarks/metadata_scale.py [ENTRIES [FILES [MOUNT ARGS...]]]
+
+MOUNT ARGS go to both hybridfs mounts (e.g. `--trusted-attr-timeout 600`).
 
 hybridfs runs as `stack up` sets it up (the change feed and the bucket's S3 event records). Its directory is
 written through a mount (so the feed describes every entry); s3fs's is put with boto3 (s3fs's own creates would
@@ -86,14 +88,14 @@ def create_through(root: Path, entries: int) -> float:
     return time.monotonic() - started
 
 
-def main(entries: int, files: int) -> None:
+def main(entries: int, files: int, mount_args: tuple[str, ...] = ()) -> None:
     os.environ.update(stack_env())
     base = Path("/tmp/hybridfs-bench-metadata")
     shutil.rmtree(base, ignore_errors=True)
     (base / "logs").mkdir(parents=True)
     tag = secrets.token_hex(3)
     prefix, topics = f"bench-meta-{tag}-h", f"bench-meta-{tag}"
-    feed_args = ("--s3-events-topic", S3_EVENTS_TOPIC, "--dir-cache-time", "5")
+    feed_args = ("--s3-events-topic", S3_EVENTS_TOPIC, "--dir-cache-time", "5", *mount_args)
     writer = HybridfsMount(base / "h", prefix, base / "logs", topics, 1 << 30,
                            extra_args=(*feed_args, "--metrics-address", METRICS))
     fresh = HybridfsMount(base / "h2", prefix, base / "logs", topics, 1 << 30,
@@ -161,4 +163,5 @@ def main(entries: int, files: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000, int(sys.argv[2]) if len(sys.argv) > 2 else 4_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000, int(sys.argv[2]) if len(sys.argv) > 2 else 4_000,
+         tuple(sys.argv[3:]))
