@@ -274,3 +274,29 @@ def test_garbage_record_is_skipped_with_a_log_line(
     # other-bucket's record never reaches the handler; elsewhere/g is outside the prefix: ignored.
     assert (feed["bad_records"], feed["changes"], feed["applied"], feed["ignored"]) == (1, 2, 1, 1), feed
     assert "skipping an unreadable S3 event record" in mount.log_text()
+
+
+def test_a_quiet_topic_full_of_old_records_is_caught_up(
+    mount_factory: MountFactory, stack: Stack, topic_prefix: str
+) -> None:
+    """A topic holding many records from before the mount started, and none after (a quiet bucket): the mount
+    starts at the topic's end, so it is caught up and trusts its metadata. Before, the position of a consumer
+    that had read nothing yet counted from the log's start: this machine's topic (1.6 million records) kept
+    every mount untrusted, and `ls -l` of 10,000 replayed entries sent 19,000 HEADs and 9,000 LISTs."""
+    topic = f"{topic_prefix}.s3-events"
+    create_topics(stack.bootstrap, [topic], partitions=1)
+    producer = Producer({"bootstrap.servers": stack.bootstrap})
+    an_hour_ago_ms = int((time.time() - 3600) * 1000)  # long before the mount's start (it reads from 5 s before)
+    for i in range(300):  # more than the lag the mount tolerates (MAX_LAG, 100)
+        producer.produce(topic, value=minio_record("other-bucket", f"old/{i}", "s3:ObjectCreated:Put", "e", 1),
+                         timestamp=an_hour_ago_ms)
+    assert producer.flush(10) == 0
+    mount = mount_factory(extra_args=["--s3-events-topic", topic])
+    wait_until(lambda: status(mount)["feed"]["mode"] == "trusted", timeout=30, message="the metadata trusted")
+    # The lag is measured every second against the high watermark librdkafka learns from its fetches (at
+    # first unknown, which counts as no lag): it must stay caught up once that is known.
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        found = feed_status(mount)
+        assert found["healthy"] and found["lag"] == 0 and found["received"] == 0, found
+        time.sleep(0.2)

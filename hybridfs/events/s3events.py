@@ -204,6 +204,7 @@ class S3EventFeed:
         self._stop = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._assigned: set[int] = set()
+        self._assigned_at: dict[int, int] = {}  # partition -> the offset it was assigned at (its lag's start)
         self._received = 0
         self._changes = 0
         self._bad = 0
@@ -324,14 +325,25 @@ class S3EventFeed:
         wanted = [TopicPartition(self.topic, p, start_ms if first else OFFSET_BEGINNING) for p in new]
         if first:
             try:
-                wanted = consumer.offsets_for_times(wanted, timeout=5.0)
+                wanted = [self._at_end_if_none(consumer, tp) for tp in consumer.offsets_for_times(wanted, timeout=5.0)]
             except Exception as exc:
                 log.debug("S3 events: offsets_for_times failed (%s); retrying", exc)
                 return
         consumer.incremental_assign(wanted)
         self._assigned.update(new)
+        self._assigned_at.update({tp.partition: tp.offset for tp in wanted})
         log.info("reading S3 event records from %s (partitions %s)", self.topic,
                  ", ".join(f"{tp.partition}@{tp.offset}" for tp in wanted))
+
+    def _at_end_if_none(self, consumer: Consumer, tp: TopicPartition) -> TopicPartition:
+        """No record since the start time comes back as -1 (the end): assign the end's own offset instead, so
+        the lag has a start before the first record is read. Read as the log's start, -1 made the whole topic
+        count as lag on a mount of a quiet bucket, which then never trusted its metadata (1.6 million records
+        on this machine's topic: every `ls -l` a HEAD and a LIST per entry)."""
+        if tp.offset >= 0:
+            return tp
+        _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=5.0)
+        return TopicPartition(self.topic, tp.partition, max(0, high))
 
     def _update_lag(self, consumer: Consumer) -> None:
         if not self._assigned:
@@ -342,7 +354,11 @@ class S3EventFeed:
                 low, high = consumer.get_watermark_offsets(tp, cached=True)
                 if high < 0:
                     continue
-                position = tp.offset if tp.offset >= 0 else low
+                if tp.offset >= 0:
+                    position = tp.offset
+                else:  # nothing read yet: where it was assigned (OFFSET_BEGINNING for a partition added later)
+                    start = self._assigned_at.get(tp.partition, -1)
+                    position = start if start >= 0 else low
                 total += max(0, high - position)
             self._lag = total
         except Exception as exc:
