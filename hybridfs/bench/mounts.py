@@ -113,7 +113,12 @@ class FuseMount:
             result = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True,
                                     check=False)
             if result.returncode != 0:
-                log.warning("%s: fusermount3 -u failed: %s", self.name, result.stderr.strip())
+                # Seen right after a start (EBUSY): waiting out UNMOUNT_TIMEOUT would only wait for nothing. The
+                # daemon's own SIGTERM path finishes its uploads and unmounts (it did at once in both cases seen).
+                log.warning("%s: fusermount3 -u failed: %s; asking the daemon to stop (SIGTERM)", self.name,
+                            result.stderr.strip())
+                if proc is not None:
+                    _signal(proc, signal.SIGTERM)
         if proc is not None:
             try:
                 proc.wait(timeout=UNMOUNT_TIMEOUT)
