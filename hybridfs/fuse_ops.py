@@ -101,6 +101,8 @@ class KernelTimeouts:
         if (self.enabled and not st.is_dir and node.open_handles == 0 and not node.unlinked
                 and self.fs.ns.lasting()):
             self.given.add(node.ino)
+            if len(self.given) > 2 * len(self.fs.inodes.by_ino) + 1024:  # forgotten ones: keep the set bounded
+                self.given &= self.fs.inodes.by_ino.keys()
             return self.lasting_timeout
         return self.attr_timeout
 
