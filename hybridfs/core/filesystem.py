@@ -30,7 +30,7 @@ from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
 from hybridfs.core.paths import KeyMapper, child_path, name_of, parent_of
-from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
+from hybridfs.core.reader import CacheReader, CloudReader, HandleReader, ReadSettings
 from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner
@@ -92,7 +92,7 @@ class Handle:
     fh: int
     file: OpenFile
     writable: bool
-    reader: CacheReader | CloudReader | None = None
+    reader: HandleReader | None = None  # made at the first read; switches between S3 and the cache
 
 
 @dataclass
@@ -548,33 +548,26 @@ class Filesystem:
             return self._served("local", await self.writes.read(of, offset, length))
         if of.stat.etag is None or of.stat.size == 0:
             return b""
-        if handle.reader is None or self._hydrated_since_open(handle):
-            handle.reader = await self._reader_for(of)
-        try:
-            return self._served(handle.reader, await handle.reader.read(offset, length))
-        except FsError as exc:
-            if not isinstance(handle.reader, CacheReader):
-                raise
-            log.warning("%s; reading from S3 instead", exc.message)
-            handle.reader.close()
-            await self.cache.remove(handle.reader.key)
-            handle.reader = self._cloud_reader(of)
-            return self._served(handle.reader, await handle.reader.read(offset, length))
+        if handle.reader is None:
+            handle.reader = self._handle_reader(of)
+        data, source = await handle.reader.read(offset, length)
+        return self._served(source, data)
 
-    def _served(self, source: str | CacheReader | CloudReader, data: bytes) -> bytes:
-        if not isinstance(source, str):
-            source = "cache" if isinstance(source, CacheReader) else "s3"
+    def _served(self, source: str, data: bytes) -> bytes:
         self.read_bytes[source] += len(data)
         return data
 
-    def _hydrated_since_open(self, handle: Handle) -> bool:
-        """A handle opened while its file was cloud-only switches to the cache once the same version is there
-        (a dictionary lookup per read; the cached copy is keyed by the ETag the handle is pinned to)."""
-        reader = handle.reader
-        if not isinstance(reader, CloudReader) or self.cache.lookup(reader.key, reader.etag) is None:
-            return False
-        reader.close()
-        return True
+    def _handle_reader(self, of: OpenFile) -> HandleReader:
+        """A handle reads the version its open file holds, from the cache when that version is there (also once
+        the hydrator brings it while the handle is open), else from S3."""
+        def version() -> tuple[str, str]:
+            assert of.stat.etag is not None
+            return self._key_of(of.node), of.stat.etag
+
+        async def open_best() -> CacheReader | CloudReader:
+            return await self._reader_for(of)
+
+        return HandleReader(version, open_best, lambda: self._cloud_reader(of), self.cache)
 
     async def _reader_for(self, of: OpenFile) -> CacheReader | CloudReader:
         key = self._key_of(of.node)

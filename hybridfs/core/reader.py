@@ -18,10 +18,12 @@ and its result is stored by the trio task that awaited it.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -52,8 +54,8 @@ class Chunk:
     data: bytes = b""
     error: FsError | None = None
     charged: int = 0  # bytes of the budget this chunk holds
-    users: int = 0  # reads waiting on or copying from it: never dropped meanwhile
-    dropped: bool = False  # dropped while its GET was in flight: the fetch releases the charge
+    users: int = 0  # reads waiting on or copying from it: its bytes stay until the last of them is done
+    dropped: bool = False  # no longer in the reader's table: freed once its GET landed and no read uses it
 
 
 class CloudReader:
@@ -70,6 +72,7 @@ class CloudReader:
         self.next_expected = 0
         self.window = 0  # current read-ahead, in chunks; grows while access stays sequential
         self.keep = settings.max_readahead + KEEP_EXTRA
+        self.closed = False
         self.budget.add_reclaimer(self)
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -91,10 +94,15 @@ class CloudReader:
                     raise chunk.error
                 start = max(offset - index * cs, 0)
                 end = min(offset + length - index * cs, cs)
-                pieces.append(chunk.data[start:end])
+                piece = chunk.data[start:end]
+                if len(piece) != end - start:  # the kernel takes a short read as EOF: never answer one
+                    raise FsError(errno.EIO, f"GET {self.key} chunk {index}: {len(chunk.data)} bytes held where "
+                                  f"{self._length(index)} were fetched (internal error)", level=logging.ERROR)
+                pieces.append(piece)
         finally:
             for chunk in held:
                 chunk.users -= 1
+                self._free_if_unused(chunk)
         self.next_expected = offset + length
         self._trim(first)
         return b"".join(pieces)
@@ -122,6 +130,10 @@ class CloudReader:
             if want > self.budget.free:
                 self.budget.reclaim(want - self.budget.free)
             charged = await self.budget.acquire(want)
+            if self.closed:  # closed while we waited: nothing may be started, nor the charge kept for good
+                self.budget.release(charged)
+                raise FsError(errno.EBADF, f"reader of {self.key} closed while a read waited for memory",
+                              level=logging.ERROR)
             for index in missing:  # another read of this file may have started some meanwhile
                 if index not in self.chunks:
                     share = min(self._length(index), charged)
@@ -138,6 +150,8 @@ class CloudReader:
 
     def _read_ahead(self, last: int) -> None:
         """Start the window's chunks while the budget has room for them (speculation never waits)."""
+        if self.closed:
+            return
         for index in range(last + 1, min(last + self.window, self._chunk_count() - 1) + 1):
             if index in self.chunks:
                 continue
@@ -165,8 +179,8 @@ class CloudReader:
                                   level=logging.ERROR)
         finally:
             chunk.done.set()
-            if chunk.dropped:  # nobody will read it: its memory goes back now
-                self._release(chunk)
+            if chunk.dropped:  # no longer wanted: its memory goes back now, or when its last read is done
+                self._free_if_unused(chunk)
             elif self.budget.shortfall:
                 # Reads wait for memory that idle chunks hold (this reader's or another's, perhaps of a file
                 # nobody reads now): a chunk landing is when they may become reclaimable, so ask now.
@@ -178,13 +192,17 @@ class CloudReader:
         self.budget.release(charged)
 
     def _drop(self, index: int) -> None:
+        """Take a chunk out of the table. Its bytes are freed only when its GET has landed and no read uses it:
+        a read waiting on a chunk that a trim, a give-back or a close dropped still gets every byte."""
         chunk = self.chunks.pop(index, None)
         if chunk is None:
             return
-        if chunk.done.is_set():
+        chunk.dropped = True
+        self._free_if_unused(chunk)
+
+    def _free_if_unused(self, chunk: Chunk) -> None:
+        if chunk.dropped and chunk.users == 0 and chunk.done.is_set():
             self._release(chunk)
-        else:
-            chunk.dropped = True
 
     def _trim(self, first: int) -> None:
         """After a read at chunk ``first``: drop what a forward reader has passed, then the least recently used
@@ -213,6 +231,8 @@ class CloudReader:
         return freed
 
     def close(self) -> None:
+        """Drop every chunk (those in use are freed by their last read). Closing twice is harmless."""
+        self.closed = True
         self.budget.remove_reclaimer(self)
         for index in list(self.chunks):
             self._drop(index)
@@ -286,7 +306,163 @@ class CacheReader:
                           level=logging.WARNING) from exc
 
     def close(self) -> None:
+        """Close the descriptor once: a second close must never close a number the process reused since."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError as exc:
             log.debug("closing cache fd of %s: %s", self.key, exc)
+
+
+Reader = CacheReader | CloudReader
+
+
+class ReaderState(enum.Enum):
+    NONE = "none"
+    CLOUD = "cloud"
+    SWITCHING = "switching"
+    CACHE = "cache"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class _Lease:
+    """One reader and the reads using it. A retired reader is closed by whoever finishes with it last."""
+
+    reader: Reader
+    users: int = 0
+    retired: bool = False
+
+    def retire(self) -> None:
+        self.retired = True
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
+        if self.retired and self.users == 0:
+            self.reader.close()
+
+
+class HandleReader:
+    """The reader of one open handle, as a state machine (``state``)::
+
+        NONE ──── first read ──> CACHE (the handle's version is cached)   or   CLOUD (ranged GETs, hydration asked)
+        CLOUD ─── a read finds the same version cached ──> SWITCHING ──> CACHE  (or back to CLOUD if it won't open)
+        CACHE ─── a cache read fails (checksum, disk error) ──> CLOUD, for good for that version (logged once)
+        any ───── the open file now holds another version (a write here was stored) ──> that version's reader
+        any ───── release ──> CLOSED
+
+    Why it is written this way (cp of a cold file while the hydrator committed it returned short files): several
+    reads of one handle are in flight at once (the kernel's read-ahead), and every ``await`` lets another of them
+    swap the reader. So:
+
+    * swaps happen one at a time under the handle's lock, and re-check after taking it; a read that finds a swap
+      under way keeps using the current reader instead of waiting;
+    * a reader that was replaced is *retired*, and closed by the last read using it: no read loses its chunks or
+      its file descriptor under it (``_Lease``); closes are idempotent;
+    * a failed cache read falls back once, whichever of the concurrent reads saw it first; the others retry on the
+      reader that replaced it.
+    """
+
+    def __init__(self, version: Callable[[], tuple[str, str]], open_best: Callable[[], Awaitable[Reader]],
+                 open_cloud: Callable[[], CloudReader], cache: LocalCache) -> None:
+        self._version = version  # (key, ETag) the open file holds now
+        self._open_best = open_best  # the cached copy when there is a good one, else S3 (asks for a hydration)
+        self._open_cloud = open_cloud
+        self._cache = cache
+        self._lease: _Lease | None = None
+        self._lock = trio.Lock()
+        self._cache_failed: tuple[str, str] | None = None  # a version whose cached copy failed this handle
+        self.state = ReaderState.NONE
+
+    @property
+    def reader(self) -> Reader | None:
+        return self._lease.reader if self._lease is not None else None
+
+    async def read(self, offset: int, length: int) -> tuple[bytes, str]:
+        """``length`` bytes at ``offset`` and where they came from ("cache" or "s3")."""
+        for _attempt in range(3):  # a cache failure falls back to S3; only a race could need a third try
+            lease = await self._current()
+            lease.users += 1
+            try:
+                data = await lease.reader.read(offset, length)
+                return data, "cache" if isinstance(lease.reader, CacheReader) else "s3"
+            except FsError as exc:
+                if not isinstance(lease.reader, CacheReader):
+                    raise
+                await self._fall_back(lease, exc)
+            finally:
+                lease.users -= 1
+                lease.close_if_done()
+        raise FsError(errno.EIO, "the cached copy kept failing and no S3 reader took over (internal error)",
+                      level=logging.ERROR)
+
+    def close(self) -> None:
+        """Release: the current reader is closed once the reads still using it are done. Idempotent."""
+        if self.state is ReaderState.CLOSED:
+            return
+        self.state = ReaderState.CLOSED
+        if self._lease is not None:
+            self._lease.retire()
+
+    def _check_open(self) -> None:
+        if self.state is ReaderState.CLOSED:
+            raise FsError(errno.EBADF, "read on a released handle", level=logging.ERROR)
+
+    async def _current(self) -> _Lease:
+        self._check_open()
+        lease = self._lease
+        if lease is not None and (self._lock.locked() or not self._wants_swap(lease)):
+            return lease
+        async with self._lock:
+            self._check_open()
+            if self._lease is None or self._wants_swap(self._lease):  # re-check: a swap may have just happened
+                await self._swap()
+        assert self._lease is not None
+        return self._lease
+
+    def _wants_swap(self, lease: _Lease) -> bool:
+        version = self._version()
+        reader = lease.reader
+        if (reader.key, reader.etag) != version:
+            return True
+        return (isinstance(reader, CloudReader) and version != self._cache_failed
+                and self._cache.lookup(*version) is not None)
+
+    async def _swap(self) -> None:
+        """Under the lock: install the best reader for the open file's version now."""
+        version = self._version()
+        old = self._lease
+        switching = old is not None and isinstance(old.reader, CloudReader) and \
+            (old.reader.key, old.reader.etag) == version
+        if switching:
+            self.state = ReaderState.SWITCHING
+        new: Reader = self._open_cloud() if version == self._cache_failed else await self._open_best()
+        if self.state is ReaderState.CLOSED:  # released while the cache copy was being opened
+            new.close()
+            self._check_open()
+        if switching and isinstance(new, CloudReader):
+            # The copy is indexed but would not open (dropped or failing its checks): keep the reader we have,
+            # with its chunks, and stop trying that copy from this handle.
+            new.close()
+            self._cache_failed = version
+            self.state = ReaderState.CLOUD
+            return
+        self._install(new)
+
+    def _install(self, reader: Reader) -> None:
+        if self._lease is not None:
+            self._lease.retire()
+        self._lease = _Lease(reader)
+        self.state = ReaderState.CACHE if isinstance(reader, CacheReader) else ReaderState.CLOUD
+
+    async def _fall_back(self, failed: _Lease, exc: FsError) -> None:
+        async with self._lock:
+            if self._lease is not failed or self.state is ReaderState.CLOSED:
+                return  # another read of this handle fell back already (or the handle was released)
+            reader = failed.reader
+            log.warning("%s; reading from S3 instead", exc.message)
+            self._cache_failed = (reader.key, reader.etag)
+            self._install(self._open_cloud())
+            await self._cache.remove(reader.key)
