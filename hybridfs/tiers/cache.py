@@ -52,7 +52,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -598,8 +598,11 @@ class LocalCache:
         self._root_id: tuple[int, int] | None = None
         self._index_lock = trio.Lock()
         self._removing: dict[str, CacheEntry] = {}  # being unlinked: no longer served, still on disk
-        self._committing: Counter[str] = Counter()
-        self._generation: Counter[str] = Counter()  # bumped by remove(): a commit in flight then loses
+        # Per key, bumped by remove(): a download or commit that started in an older generation loses, so a
+        # removal outlives what started before it. Kept while anything is in flight for the key (downloads
+        # hold it from their first request, ``fetching``; commits from their start), dropped after.
+        self._in_flight: Counter[str] = Counter()
+        self._generation: Counter[str] = Counter()
         self._touched: set[str] = set()
         self._attrs_due: set[str] = set()  # keys whose last-known attributes may not be persisted yet
         self._stale_rows: set[tuple[str, str]] = set()  # files gone, DELETE failed: delete again later
@@ -841,15 +844,39 @@ class LocalCache:
     def new_temp_path(self) -> Path:
         return self.layout.tmp / uuid.uuid4().hex
 
-    async def commit(self, temp: Path, key: str, etag: str, size: int, sums: Sums | None = None) -> bool:
+    @contextlib.contextmanager
+    def fetching(self, key: str) -> Iterator[int]:
+        """Around a download of ``key`` into the cache, from before its first request: yields the generation it
+        started in, for ``commit(since=...)``. A removal of ``key`` meanwhile (an unlink, a rename, a change
+        seen) makes that commit lose: the bytes were fetched before the removal and must not come back."""
+        self._in_flight[key] += 1
+        try:
+            yield self._generation[key]
+        finally:
+            self._release(key)
+
+    def removed_since(self, key: str, generation: int) -> bool:
+        """Whether ``key`` was removed after ``generation`` (from ``fetching``, still open) was taken."""
+        return self._generation[key] != generation
+
+    def _release(self, key: str) -> None:
+        self._in_flight[key] -= 1
+        if self._in_flight[key] <= 0:
+            del self._in_flight[key]
+            self._generation.pop(key, None)
+
+    async def commit(self, temp: Path, key: str, etag: str, size: int, sums: Sums | None = None, *,
+                     since: int | None = None) -> bool:
         """Make a fully written temp file the cached (key, etag): data and sidecar fsynced, then the index
         row. ``sums`` are the checksums of the bytes S3 acknowledged, when the writer computed them; else
-        they are computed from the file. False, logged, when the disk refuses (the temp file is gone then)."""
+        they are computed from the file. ``since``: the generation the download started in (``fetching``);
+        a removal after it wins. False, logged, when the disk refuses or a removal won (the temp file is gone
+        then)."""
         if not self.available or size > self.capacity:
             await self._drop_temp(temp)
             return False
-        generation = self._generation[key]
-        self._committing[key] += 1
+        generation = self._generation[key] if since is None else since
+        self._in_flight[key] += 1
         try:
             try:
                 await self._run(lambda: _store(self.layout, temp, key, etag, size, sums, self.block_size,
@@ -861,10 +888,7 @@ class LocalCache:
                 return False
             return await self._index_commit(key, etag, size, generation)
         finally:
-            self._committing[key] -= 1
-            if not self._committing[key]:
-                del self._committing[key]
-                self._generation.pop(key, None)
+            self._release(key)
 
     async def _index_commit(self, key: str, etag: str, size: int, generation: int) -> bool:
         files = [self.layout.data_path(key, etag), self.layout.sums_path(key, etag)]
@@ -923,9 +947,8 @@ class LocalCache:
         self._generation[key] += 1
         entry = self.entries.pop(key, None)
         if entry is None:
-            if not self._committing[key]:
+            if not self._in_flight[key]:  # nothing started before this removal: nothing to outlive
                 self._generation.pop(key, None)
-                self._committing.pop(key, None)
             return 0
         self._removing[key] = entry
         self._touched.discard(key)
@@ -945,9 +968,8 @@ class LocalCache:
             return entry.size
         finally:
             self._removing.pop(key, None)
-            if not self._committing[key]:
+            if not self._in_flight[key]:
                 self._generation.pop(key, None)
-                self._committing.pop(key, None)
 
     async def rename(self, old_key: str, new_key: str) -> None:
         """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop."""
