@@ -19,6 +19,7 @@ import trio.testing
 from test_services_unit import PREFIX, World, evict, hydrate, run
 
 from hybridfs.services.purger import PRESERVED_DIR
+from hybridfs.tiers.cache import TeeFile
 
 
 @contextlib.contextmanager
@@ -108,5 +109,19 @@ def test_rename_during_a_hydration_of_the_old_key_keeps_it_out_of_the_cache(tmp_
         await w.purger.handle(evict("data/old"))
         assert preserved(w) == []
         assert not w.cache._in_flight and not w.cache._generation
+
+    run(body, tmp_path)
+
+
+def test_a_tee_committed_after_a_removal_of_its_key_loses(tmp_path: Path) -> None:
+    """The same rule for a write's local copy, for a writer that takes its generation when the upload begins."""
+    async def body(w: World) -> None:
+        tee = TeeFile(w.cache)
+        with w.cache.fetching("data/w") as since:
+            await tee.write(0, b"uploaded while it was deleted")
+            await w.cache.remove("data/w")  # an unlink while the PUT is in flight
+            assert not await tee.commit("data/w", "etag", 29, since=since)
+        assert w.cache.lookup("data/w") is None and tee.failed == "removed while it was uploaded"
+        assert not list((w.cache.root / "tmp").iterdir()) and not w.cache._generation
 
     run(body, tmp_path)

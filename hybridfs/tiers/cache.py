@@ -1333,7 +1333,9 @@ class TeeFile:
             crcs.append(got[1])
         return Sums(key, etag, size, block, tuple(crcs))
 
-    async def commit(self, key: str, etag: str, size: int) -> bool:
+    async def commit(self, key: str, etag: str, size: int, *, since: int | None = None) -> bool:
+        """Store the teed file as the cached (key, etag). ``since``: the generation of ``key`` when the upload
+        began (``LocalCache.fetching``), so a removal of the key during the upload (an unlink) wins."""
         if self.failed is not None:
             return False
         try:
@@ -1347,8 +1349,10 @@ class TeeFile:
             await self.discard(f"{os.strerror(exc.errno or 5)} closing {self.path}")
             return False
         path, self.path = self.path, None
-        if not await self.cache.commit(path, key, etag, size, self._sums(key, etag, size)):
-            self.failed = "could not store the finished file in the cache"
+        if not await self.cache.commit(path, key, etag, size, self._sums(key, etag, size), since=since):
+            removed = since is not None and self.cache.removed_since(key, since)
+            self.failed = ("removed while it was uploaded" if removed
+                           else "could not store the finished file in the cache")
             return False
         return True
 
