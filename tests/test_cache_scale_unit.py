@@ -9,6 +9,7 @@ Run with ``-s`` to see the figures; the bound asserted is generous (1 ms), the f
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 
@@ -147,3 +148,22 @@ def test_the_table_keeps_its_figures_through_every_change() -> None:
     assert not table.has_below("a/") and table.has_below("") and table.has_below("x")
     table.clear()
     assert table == {} and table.bytes == 0 and not table.has_below("") and list(table.coldest()) == []
+
+
+def test_a_table_loaded_at_once_equals_one_built_entry_by_entry() -> None:
+    from hybridfs.tiers.cache import EntryTable
+
+    rng = random.Random(23)
+    names = ["a/", "a/b/", "c/", "", "a/b/d/"]
+    made = [CacheEntry(f"{rng.choice(names)}f{i}", "e", rng.randrange(100), rng.random()) for i in range(2000)]
+    loaded, built = EntryTable(made), EntryTable()
+    for entry in made:
+        built[entry.key] = entry
+    for table in (loaded, built):
+        for entry in made[::3]:
+            del table[entry.key]
+        for prefix in [*names, "a", "b/", "zz/"]:
+            assert table.has_below(prefix) == any(k.startswith(prefix) for k in table), prefix
+    assert loaded == built and loaded.bytes == built.bytes == sum(e.size for e in loaded.values())
+    assert loaded._below == built._below
+    assert list(loaded.coldest()) == list(built.coldest()) == sorted(loaded.values(), key=lambda e: e.last_access)
