@@ -1092,7 +1092,8 @@ class LocalCache:
                 self._generation.pop(key, None)
 
     async def rename(self, old_key: str, new_key: str) -> None:
-        """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop."""
+        """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop both keys
+        (a download of either that started before the rename then loses its commit: ``fetching``)."""
         await self.remove(old_key)
         await self.remove(new_key)
 
