@@ -174,7 +174,7 @@ def test_commits_in_threads_never_change_what_the_trio_thread_iterates(tmp_path:
         async def iterate() -> None:
             while not done.is_set():
                 cache.usage()
-                cache.coldest(lambda key: False)
+                list(cache.coldest(lambda key: False))
                 await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:

@@ -18,7 +18,8 @@ at once, and commits the offset once it returns):
 5. Download to a temp file in the cache directory (small objects: that one GET; large ones: s3transfer's
    parallel ranged download), pinned to the ETag (a concurrent change answers ESTALE and the new version is
    tried, at most three times), check its size, commit it to the cache index — unless the
-   cache meanwhile got another version of the key from a write through the mount, which then wins.
+   cache meanwhile got another version of the key from a write through the mount, which then wins, or the key
+   was removed from the cache after the download started (an unlink, a rename, a change seen: ``removed``).
 
 Every step is idempotent: an event handled twice finds the file cached and returns. S3 being unreachable
 makes a hydration wait (quietly; the event is not committed), a failing cache disk makes it give up (the
@@ -189,6 +190,13 @@ class Hydrator:
         """
         if self.cache.lookup(key, info.etag) is not None:
             return "already-cached"
+        # Taken before the first request: an unlink or rename of the key while the bytes are on their way
+        # removes it from the cache, and that removal must win over this commit (contract 4: a file deleted
+        # through the mount never comes back, not even as a cached copy an eviction would preserve).
+        with self.cache.fetching(key) as since:
+            return await self._download_since(key, info, since, claimed=claimed)
+
+    async def _download_since(self, key: str, info: ObjectInfo, since: int, *, claimed: bool) -> ObjectInfo | str:
         before = self.cache.entries.get(key)
         temp = self.cache.new_temp_path()
         started = time.monotonic()
@@ -221,12 +229,16 @@ class Hydrator:
                 log.debug("not hydrating %s version %s: the cache got version %s meanwhile", key, info.etag,
                           now.etag)
                 return "superseded"
-            committed = await self.cache.commit(temp, key, info.etag, info.size, sums)
+            if not self.cache.removed_since(key, since):
+                committed = await self.cache.commit(temp, key, info.etag, info.size, sums, since=since)
         finally:
             if not committed:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_unlink, temp)
         if not committed:
+            if self.cache.removed_since(key, since):
+                log.debug("not caching %s: removed through the mount while it was downloaded", key)
+                return "removed"
             return "cache-error"
         elapsed = time.monotonic() - started
         self.bytes_hydrated += info.size

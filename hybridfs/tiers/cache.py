@@ -45,6 +45,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import struct
@@ -52,7 +53,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, Sequence, ValuesView
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -123,6 +124,122 @@ class CacheEntry:
     pinned: bool = False
     # Last-known attributes of this version (s3fs-style metadata: mode, uid, gid, mtime), for offline lookups.
     attrs: dict[str, str] | None = field(default=None, compare=False, hash=False)
+
+
+class EntryTable(MutableMapping[str, CacheEntry]):
+    """The cached entries (key -> CacheEntry) with what would otherwise take a scan of all of them on the trio
+    thread, kept as they change: their total size (``bytes``), how many live under each directory prefix
+    (``has_below``), and the keys in least-recently-used order (``coldest``). At a million entries a scan is
+    ~100 ms, a stall of every request of the mount; each of these answers in O(1) (``coldest``: per entry taken).
+
+    Every mutation goes through ``__setitem__``/``__delitem__`` (MutableMapping routes ``pop``, ``update``,
+    ``clear``... there), so the figures cannot drift from the entries. Reads go straight to the dict."""
+
+    def __init__(self, entries: Iterable[CacheEntry] = ()) -> None:
+        self._entries: dict[str, CacheEntry] = {}
+        self.bytes = 0
+        self._below: Counter[str] = Counter()  # "a/", "a/b/" -> keys below it
+        # key -> last access, in access order while ``_ordered`` (touches move a key to the end); a time older
+        # than the newest (a clock stepped back, an entry loaded out of order) costs one sort at the next use.
+        self._order: dict[str, float] = {}
+        self._newest = -math.inf
+        self._ordered = True
+        self._load(entries)
+
+    def _load(self, entries: Iterable[CacheEntry]) -> None:
+        """Bulk-build from ``entries`` (unique keys), a few C-speed passes: an open of a million entries."""
+        oldest_first = sorted(entries, key=lambda e: e.last_access)
+        self._entries = {e.key: e for e in oldest_first}
+        self._order = {e.key: e.last_access for e in oldest_first}
+        self.bytes = sum(e.size for e in oldest_first)
+        self._newest = oldest_first[-1].last_access if oldest_first else -math.inf
+        # Count each key in its own directory, then add each directory's count to its ancestors (few).
+        parents = Counter(key[:key.rfind("/") + 1] for key in self._entries if "/" in key)
+        for directory, count in parents.items():
+            for prefix in _dir_prefixes(directory):
+                self._below[prefix] += count
+
+    # -- reads (the dict's own speed) --
+
+    def __getitem__(self, key: str) -> CacheEntry:
+        return self._entries[key]
+
+    def get(self, key: str, default: CacheEntry | None = None) -> CacheEntry | None:  # type: ignore[override]
+        return self._entries.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self) -> ValuesView[CacheEntry]:
+        return self._entries.values()
+
+    def items(self) -> ItemsView[str, CacheEntry]:
+        return self._entries.items()
+
+    def __repr__(self) -> str:
+        return f"EntryTable({self._entries!r})"
+
+    # -- changes --
+
+    def __setitem__(self, key: str, entry: CacheEntry) -> None:
+        old = self._entries.get(key)
+        self._entries[key] = entry
+        if old is None:
+            self.bytes += entry.size
+            for prefix in _dir_prefixes(key):
+                self._below[prefix] += 1
+        else:
+            self.bytes += entry.size - old.size
+            if old.last_access == entry.last_access:  # pinned or attributes changed: same place in the order
+                return
+            del self._order[key]
+        if entry.last_access < self._newest:
+            self._ordered = False
+        self._newest = max(self._newest, entry.last_access)
+        self._order[key] = entry.last_access
+
+    def __delitem__(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self.bytes -= entry.size
+        del self._order[key]
+        for prefix in _dir_prefixes(key):
+            left = self._below[prefix] - 1
+            if left:
+                self._below[prefix] = left
+            else:
+                del self._below[prefix]
+
+    # -- the indexes --
+
+    def has_below(self, prefix: str) -> bool:
+        """Whether some key starts with ``prefix``: O(1) for "" and directory prefixes (ending in "/")."""
+        if not prefix:
+            return bool(self._entries)
+        if prefix.endswith("/"):
+            return prefix in self._below
+        return any(k.startswith(prefix) for k in self._entries)  # not a directory: no index for it
+
+    def coldest(self) -> Iterator[CacheEntry]:
+        """Entries, least recently accessed first. Lazy: consume it before the table changes (no await)."""
+        if not self._ordered:
+            self._order = dict(sorted(self._order.items(), key=lambda item: item[1]))
+            self._ordered = True
+        entries = self._entries
+        return (entries[key] for key in self._order)
+
+
+def _dir_prefixes(key: str) -> Iterator[str]:
+    """The directory prefixes a key lives under: "a/b/c" -> "a/", "a/b/"."""
+    end = key.find("/")
+    while end >= 0:
+        yield key[:end + 1]
+        end = key.find("/", end + 1)
 
 
 class CacheUnavailable(Exception):
@@ -379,7 +496,7 @@ class Opened:
     index: Index
     lock_fd: int | None
     root_id: tuple[int, int]
-    entries: dict[str, CacheEntry]
+    entries: EntryTable  # built in the worker thread: a million entries must not be indexed on the trio thread
     pins: set[str]
     rebuilt: str | None = None  # why the index was rebuilt from the sidecars, when it was
     reclaimed_files: int = 0
@@ -448,8 +565,8 @@ class Layout:
         except BaseException:
             index.close()
             raise
-        return Opened(index, lock_fd, self.root_id(), entries, pins, rebuilt, reclaimed[0], reclaimed[1],
-                      len(dropped))
+        return Opened(index, lock_fd, self.root_id(), EntryTable(entries.values()), pins, rebuilt, reclaimed[0],
+                      reclaimed[1], len(dropped))
 
     def _reconcile(self, rows: list[Row], reclaimed: list[int]) -> tuple[dict[str, CacheEntry], list[str]]:
         """Index rows whose files are intact, plus intact files the index lacks; everything else is reclaimed."""
@@ -578,7 +695,7 @@ class LocalCache:
         self.block_size = block_size
         self.limiter = trio.CapacityLimiter(threads)
         self.limiter_name = "disk"
-        self.entries: dict[str, CacheEntry] = {}
+        self.entries = EntryTable()
         self.pins: set[str] = set()  # keys pinned, cached or not: pinned files are hydrated and never evicted
         self.available = False
         self.unavailable_reason = "not opened"
@@ -597,9 +714,12 @@ class LocalCache:
         self._lock_fd: int | None = None
         self._root_id: tuple[int, int] | None = None
         self._index_lock = trio.Lock()
-        self._removing: dict[str, CacheEntry] = {}  # being unlinked: no longer served, still on disk
-        self._committing: Counter[str] = Counter()
-        self._generation: Counter[str] = Counter()  # bumped by remove(): a commit in flight then loses
+        self._removing = EntryTable()  # being unlinked: no longer served, still on disk
+        # Per key, bumped by remove(): a download or commit that started in an older generation loses, so a
+        # removal outlives what started before it. Kept while anything is in flight for the key (downloads
+        # hold it from their first request, ``fetching``; commits from their start), dropped after.
+        self._in_flight: Counter[str] = Counter()
+        self._generation: Counter[str] = Counter()
         self._touched: set[str] = set()
         self._attrs_due: set[str] = set()  # keys whose last-known attributes may not be persisted yet
         self._stale_rows: set[tuple[str, str]] = set()  # files gone, DELETE failed: delete again later
@@ -626,7 +746,9 @@ class LocalCache:
         if self._index is not None:
             self._index.close()
         self._index, self._lock_fd, self._root_id = opened.index, opened.lock_fd, opened.root_id
-        self.entries = {k: e for k, e in opened.entries.items() if k not in self._removing}
+        self.entries = opened.entries
+        for key in self._removing:
+            self.entries.pop(key, None)
         self.pins = opened.pins | self.pins
         self._index_broken = None
         self._stale_rows.clear()
@@ -790,8 +912,8 @@ class LocalCache:
         return entry
 
     def usage(self) -> int:
-        """Bytes on the cache disk: what is cached plus what is being removed."""
-        return sum(e.size for e in self.entries.values()) + sum(e.size for e in self._removing.values())
+        """Bytes on the cache disk: what is cached plus what is being removed (running totals: O(1))."""
+        return self.entries.bytes + self._removing.bytes
 
     def touch(self, key: str) -> None:
         entry = self.entries.get(key)
@@ -801,11 +923,11 @@ class LocalCache:
             if entry.attrs is None:
                 self._attrs_due.add(key)
 
-    def coldest(self, exclude: Callable[[str], bool]) -> list[CacheEntry]:
-        """Unpinned entries, least recently used first, skipping keys ``exclude`` says are busy."""
-        candidates = [e for e in self.entries.values() if not e.pinned and e.key not in self.pins
-                      and not exclude(e.key)]
-        return sorted(candidates, key=lambda e: e.last_access)
+    def coldest(self, exclude: Callable[[str], bool]) -> Iterator[CacheEntry]:
+        """Unpinned entries, least recently used first, skipping keys ``exclude`` says are busy. Lazy (the
+        planner takes only as many as it needs): consume it before the next await."""
+        pins = self.pins
+        return (e for e in self.entries.coldest() if not e.pinned and e.key not in pins and not exclude(e.key))
 
     def known_object(self, key: str) -> ObjectInfo | None:
         """What the cache last knew of ``key`` as an object (for lookups while S3 is down): only a cached
@@ -820,8 +942,9 @@ class LocalCache:
         return ObjectInfo(key=key, size=entry.size, etag=entry.etag, mtime_ns=mtime_ns, metadata=dict(entry.attrs))
 
     def has_below(self, prefix: str) -> bool:
-        """Whether a cached key lives under ``prefix`` (a directory while S3 is down). O(entries): outage only."""
-        return self.available and any(k.startswith(prefix) for k in self.entries)
+        """Whether a cached key lives under ``prefix`` (a directory while S3 is down, or after a restart). O(1)
+        for a directory prefix: every cold or negative lookup asks it."""
+        return self.available and self.entries.has_below(prefix)
 
     def status(self) -> dict[str, object]:
         """The cache's own figures for ``hybridfs status``."""
@@ -841,15 +964,39 @@ class LocalCache:
     def new_temp_path(self) -> Path:
         return self.layout.tmp / uuid.uuid4().hex
 
-    async def commit(self, temp: Path, key: str, etag: str, size: int, sums: Sums | None = None) -> bool:
+    @contextlib.contextmanager
+    def fetching(self, key: str) -> Iterator[int]:
+        """Around a download of ``key`` into the cache, from before its first request: yields the generation it
+        started in, for ``commit(since=...)``. A removal of ``key`` meanwhile (an unlink, a rename, a change
+        seen) makes that commit lose: the bytes were fetched before the removal and must not come back."""
+        self._in_flight[key] += 1
+        try:
+            yield self._generation[key]
+        finally:
+            self._release(key)
+
+    def removed_since(self, key: str, generation: int) -> bool:
+        """Whether ``key`` was removed after ``generation`` (from ``fetching``, still open) was taken."""
+        return self._generation[key] != generation
+
+    def _release(self, key: str) -> None:
+        self._in_flight[key] -= 1
+        if self._in_flight[key] <= 0:
+            del self._in_flight[key]
+            self._generation.pop(key, None)
+
+    async def commit(self, temp: Path, key: str, etag: str, size: int, sums: Sums | None = None, *,
+                     since: int | None = None) -> bool:
         """Make a fully written temp file the cached (key, etag): data and sidecar fsynced, then the index
         row. ``sums`` are the checksums of the bytes S3 acknowledged, when the writer computed them; else
-        they are computed from the file. False, logged, when the disk refuses (the temp file is gone then)."""
+        they are computed from the file. ``since``: the generation the download started in (``fetching``);
+        a removal after it wins. False, logged, when the disk refuses or a removal won (the temp file is gone
+        then)."""
         if not self.available or size > self.capacity:
             await self._drop_temp(temp)
             return False
-        generation = self._generation[key]
-        self._committing[key] += 1
+        generation = self._generation[key] if since is None else since
+        self._in_flight[key] += 1
         try:
             try:
                 await self._run(lambda: _store(self.layout, temp, key, etag, size, sums, self.block_size,
@@ -861,10 +1008,7 @@ class LocalCache:
                 return False
             return await self._index_commit(key, etag, size, generation)
         finally:
-            self._committing[key] -= 1
-            if not self._committing[key]:
-                del self._committing[key]
-                self._generation.pop(key, None)
+            self._release(key)
 
     async def _index_commit(self, key: str, etag: str, size: int, generation: int) -> bool:
         files = [self.layout.data_path(key, etag), self.layout.sums_path(key, etag)]
@@ -923,9 +1067,8 @@ class LocalCache:
         self._generation[key] += 1
         entry = self.entries.pop(key, None)
         if entry is None:
-            if not self._committing[key]:
+            if not self._in_flight[key]:  # nothing started before this removal: nothing to outlive
                 self._generation.pop(key, None)
-                self._committing.pop(key, None)
             return 0
         self._removing[key] = entry
         self._touched.discard(key)
@@ -945,12 +1088,12 @@ class LocalCache:
             return entry.size
         finally:
             self._removing.pop(key, None)
-            if not self._committing[key]:
+            if not self._in_flight[key]:
                 self._generation.pop(key, None)
-                self._committing.pop(key, None)
 
     async def rename(self, old_key: str, new_key: str) -> None:
-        """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop."""
+        """Follow a rename in S3: the cached bytes are the same, the ETag of a copy may differ, so drop both keys
+        (a download of either that started before the rename then loses its commit: ``fetching``)."""
         await self.remove(old_key)
         await self.remove(new_key)
 
@@ -1203,7 +1346,9 @@ class TeeFile:
             crcs.append(got[1])
         return Sums(key, etag, size, block, tuple(crcs))
 
-    async def commit(self, key: str, etag: str, size: int) -> bool:
+    async def commit(self, key: str, etag: str, size: int, *, since: int | None = None) -> bool:
+        """Store the teed file as the cached (key, etag). ``since``: the generation of ``key`` when the upload
+        began (``LocalCache.fetching``), so a removal of the key during the upload (an unlink) wins."""
         if self.failed is not None:
             return False
         try:
@@ -1217,8 +1362,10 @@ class TeeFile:
             await self.discard(f"{os.strerror(exc.errno or 5)} closing {self.path}")
             return False
         path, self.path = self.path, None
-        if not await self.cache.commit(path, key, etag, size, self._sums(key, etag, size)):
-            self.failed = "could not store the finished file in the cache"
+        if not await self.cache.commit(path, key, etag, size, self._sums(key, etag, size), since=since):
+            removed = since is not None and self.cache.removed_since(key, since)
+            self.failed = ("removed while it was uploaded" if removed
+                           else "could not store the finished file in the cache")
             return False
         return True
 
