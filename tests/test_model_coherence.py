@@ -36,8 +36,8 @@ FEED_BOUND = 1.0
 S3_BOUND = DIR_CACHE_TIME + 1.0  # B's timers bound what the records do not deliver in time
 DATA = st.binary(min_size=0, max_size=200)
 # A's close of a file boto3 replaced or deleted since A last looked: refused by S3 (the write path's conditions).
-A_CONFLICT_LINES = r"S3 said PreconditionFailed|changed remotely|closed with changes that are not " \
-                   r"stored|-> EIO"
+A_CONFLICT_LINES = r"S3 said PreconditionFailed|changed remotely|changed in S3 while this file was open|" \
+                   r"closed with changes that are not stored"
 
 
 @dataclass
