@@ -426,3 +426,46 @@ def test_unexpected_exceptions_in_background_tasks_never_end_the_mount(mount_fac
     wait_until(lambda: restarts() >= 1, 20, message="the supervisor to restart housekeeping after its failure")
     assert "background task housekeeping failed" in mount.log_text()
     assert_serving(mount)
+
+
+def test_an_allow_list_never_hides_a_bug(tmp_path: Path, allow_log: Callable[[str], None]) -> None:
+    """The FUSE boundary's line for an unexpected exception and for an expected FsError, as a mount logs them:
+    an allow-list for the expected failure (even ".*") passes the FsError line and still reports the bug's."""
+    import logging
+
+    import pyfuse3
+    import trio
+
+    from hybridfs.errors import FsError
+    from hybridfs.fuse_ops import boundary
+
+    allow_log(r"BUG: unexpected RuntimeError|S3 said InternalError")  # in-process: this test's own records
+    log_path = tmp_path / "mount.log"
+    handler = logging.FileHandler(log_path)  # the mount's line format (hybridfs/logs.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    fuse_log = logging.getLogger("hybridfs.fuse")
+    fuse_log.addHandler(handler)
+
+    @boundary
+    async def flush(fail: BaseException) -> None:
+        raise fail
+
+    async def main() -> None:
+        for fail in (FsError(errno.EIO, "PUT k: S3 said InternalError (injected) after retries"),
+                     RuntimeError("a bug")):
+            with pytest.raises(pyfuse3.FUSEError) as refused:
+                await flush(fail)
+            assert refused.value.errno == errno.EIO
+
+    try:
+        trio.run(main)
+    finally:
+        fuse_log.removeHandler(handler)
+        handler.close()
+    mount = Mount(path=tmp_path, bucket="b", prefix="p", cache_dir=tmp_path, state_dir=tmp_path, topic_prefix="t",
+                  proc=None, log_path=log_path)  # type: ignore[arg-type]  # only its log is used
+    for allowed in (r"S3 said|-> EIO", r".*"):
+        bad = mount.unexpected_log_lines([allowed])
+        assert len(bad) == 1 and "flush: BUG: unexpected RuntimeError, replying EIO" in bad[0], (allowed, bad)
+    assert mount.unexpected_log_lines([r"BUG: unexpected RuntimeError"]) == []
