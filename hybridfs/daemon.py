@@ -69,8 +69,10 @@ class BusHydration:
 class Mount:
     """Everything one mount owns, built from a resolved, validated MountConfig."""
 
-    def __init__(self, cfg: MountConfig) -> None:
+    def __init__(self, cfg: MountConfig, s3_down: str | None = None) -> None:
+        """``s3_down``: why the start-up check found S3 unreachable (``--offline-start``), already logged."""
         self.cfg = cfg
+        self.s3_down = s3_down
         bucket, prefix = bucket_and_prefix(cfg.source)
         self.origin = f"{socket.gethostname()}:{os.path.abspath(cfg.mountpoint)}"
         self.started_at = time.time()  # S3 event records are read from (about) here
@@ -115,6 +117,8 @@ class Mount:
         self.kernel_timeouts: KernelTimeouts | None = None  # set once the FUSE layer exists
 
     async def run(self) -> None:
+        if self.s3_down is not None:  # one outage, one WARNING: the breaker knows what the check found
+            self.store.breaker.start_down(self.s3_down)
         await trio.to_thread.run_sync(self._prepare_dirs)
         self.store.journal = await trio.to_thread.run_sync(UploadJournal, self.state_dir / "uploads.sqlite")
         await self.cache.open()
@@ -374,10 +378,11 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
     return dict(vars(obj))
 
 
-def run_mount(cfg: MountConfig) -> None:
+def run_mount(cfg: MountConfig, s3_down: str | None = None) -> None:
+    """``s3_down``: why the start-up check (commands/preflight.py) found S3 unreachable, when it mounts anyway."""
     from hybridfs.cli import CliError
 
-    mount = Mount(cfg)
+    mount = Mount(cfg, s3_down)
     exporter = None
     if cfg.metrics_address:  # bound before mounting: a bad address is an error at start, not a silent gap
         from hybridfs.metrics import Exporter

@@ -1,8 +1,9 @@
 """The FUSE layer: pyfuse3 requests in, core calls, replies out — and the single error boundary.
 
 pyfuse3 stops the whole filesystem when a handler raises anything but ``FUSEError``. So every handler runs
-through ``boundary``: an ``FsError`` becomes its errno plus a log line at its level; any other exception is a
-bug, logged with its traceback, and the caller gets EIO. Nothing else escapes.
+through ``boundary``: an ``FsError`` becomes its errno plus a log line at its level ("op: why -> ERRNO"); any
+other exception is a bug, logged with its traceback as "op: BUG: unexpected ...", and the caller gets EIO.
+Nothing else escapes.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
         except trio.Cancelled:
             code = errno.EINTR  # the kernel interrupted the request (or the mount is ending)
             raise
-        except Exception:
+        except Exception as exc:
             code = errno.EIO
-            log.exception("%s: internal error -> EIO", op)
+            # Worded unlike the FsError line above ("op: why -> ERRNO"): a test's allow-list for an expected
+            # failure ("S3 said ...", "-> EIO") must never match a bug (tests/helpers.py fails on BUG lines).
+            log.exception("%s: BUG: unexpected %s, replying EIO", op, type(exc).__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             record_request(op, code, time.perf_counter() - started)

@@ -25,6 +25,9 @@ UNMOUNT_TIMEOUT = 30.0
 
 # A mount log line: "HH:MM:SS.mmm LEVEL   logger: message" (hybridfs/logs.py).
 _BAD_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (WARNING|ERROR|CRITICAL) ")
+# The FUSE layer's line for an unexpected exception (hybridfs/fuse_ops.py boundary): a bug, whatever a test's
+# allow-list says, unless a pattern names it ("BUG:") on purpose.
+_BUG_LINE = re.compile(r" hybridfs\.fuse: \w+: BUG: ")
 
 
 def wait_until(
@@ -113,7 +116,8 @@ class Mount:
     proc: subprocess.Popen[bytes]
     log_path: Path
     allowed: list[str] = field(default_factory=list)
-    killed: bool = False  # the test killed it on purpose: no clean-exit checks
+    killed: bool = False  # the test killed it on purpose: no clean-exit checks, its log is checked up to the kill
+    log_cut: int | None = None  # the log's size when it was killed (None: the whole log)
     forced: list[str] = field(default_factory=list)  # what teardown had to force
 
     def key(self, relpath: str | os.PathLike[str]) -> str:
@@ -139,10 +143,15 @@ class Mount:
 
     def unexpected_log_lines(self, extra_allowed: Sequence[str] = ()) -> list[str]:
         patterns = [*self.allowed, *extra_allowed]
+        bug_patterns = [p for p in patterns if "BUG" in p]
+        text = self.log_text()
+        if self.log_cut is not None:
+            text = text[:self.log_cut]
         return [
             line
-            for line in self.log_text().splitlines()
-            if _BAD_LOG_LINE.match(line) and not any(re.search(p, line) for p in patterns)
+            for line in text.splitlines()
+            if _BAD_LOG_LINE.match(line)
+            and not any(re.search(p, line) for p in (bug_patterns if _BUG_LINE.search(line) else patterns))
         ]
 
     def unmount(self, timeout: float = UNMOUNT_TIMEOUT) -> None:
@@ -157,12 +166,14 @@ class Mount:
                 f"mount process {self.proc.pid} still running {timeout:g}s after unmount\n{self.log_tail()}"
             ) from None
 
-    def kill(self) -> None:
-        """SIGKILL the mount process (a crash), then detach the dead mount lazily."""
+    def kill(self, detach: bool = True) -> None:
+        """SIGKILL the mount process (a crash), then (``detach``) detach the dead mount lazily."""
         self.killed = True
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-        _fusermount("-u", "-z", str(self.path))
+        self.log_cut = len(self.log_text())  # what it logged before it died is checked like any mount's log
+        if detach:
+            _fusermount("-u", "-z", str(self.path))
 
     def cleanup(self, grace: float = UNMOUNT_TIMEOUT) -> None:
         """Whatever state it is in: unmounted and no process left. Records anything it had to force.
@@ -190,13 +201,13 @@ class Mount:
                     self.proc.wait()
 
     def problems(self, extra_allowed: Sequence[str]) -> list[str]:
-        if self.killed:
-            return []
+        unexpected = [f"unexpected log line: {line}" for line in self.unexpected_log_lines(extra_allowed)]
+        if self.killed:  # no clean exit to check, but what it said before the kill counts
+            return unexpected
         found = list(self.forced)
         if self.proc.returncode != 0:
             found.append(f"mount process exited with status {self.proc.returncode}")
-        found += [f"unexpected log line: {line}" for line in self.unexpected_log_lines(extra_allowed)]
-        return found
+        return found + unexpected
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from helpers import Stack
 
@@ -426,6 +427,33 @@ def test_publish_before_start_and_after_stop_lands_in_the_outbox(
             "data/early-2",
             "data/late",
         ]
+
+
+def test_a_batch_being_written_to_the_outbox_is_counted(
+    tmp_path: Path, topic_prefix: str, allow_log: Callable[[str], None]
+) -> None:
+    """stats().outbox (hybridfs status, the outbox gauge) counts a batch between the memory queue and its SQLite
+    commit. The test holds the outbox's limiter, so the relay has taken the batch and waits to write it."""
+    allow_log(r"kafka unreachable at 127\.0\.0\.1:1: events wait in outbox \(3\)")
+    bus = EventBus(DEAD_BOOTSTRAP, topic_prefix, tmp_path / "outbox.sqlite", origin="t", create_topics=False,
+                   flush_timeout=0.5)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            async with bus.outbox_limiter:  # the outbox write cannot start until this block ends
+                for i in range(3):
+                    bus.publish(hydrate(f"held-{i}"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert not bus._queue, "the relay took the batch"  # the state this test is about
+                assert bus.stats().outbox == 3
+            await wait_for(lambda: bus._storing == 0, 10, "the batch to be stored")
+            assert bus.stats().outbox == 3
+            nursery.cancel_scope.cancel()
+
+    run_trio(main)
+    with Outbox(tmp_path / "outbox.sqlite") as box:
+        assert box.count() == 3
 
 
 def test_consumer_survives_kafka_being_unreachable_and_stops_cleanly(

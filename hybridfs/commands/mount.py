@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("hybridfs.mount").warning("%s; mounting anyway (--offline-start, or a cache that served "
                                                     "before): cached files are served, the rest fails with EIO "
                                                     "until S3 answers", offline)
-    run_mount(cfg)
+    run_mount(cfg, s3_down=offline)
     return 0
 
 

@@ -28,6 +28,7 @@ one INFO, and they are produced again from the outbox like any other failed deli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -36,7 +37,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,9 @@ class EventBus:
         self._errors: deque[KafkaError] = deque()
 
         self._outbox_count = 0
+        # Events taken from the queue whose outbox write has not returned yet: without them, every count of the
+        # waiting events (status, the outbox gauge, the outage log lines) misses a batch during each commit.
+        self._storing = 0
         self._published = 0
         self._produced = 0
         self._failed = 0
@@ -224,7 +228,7 @@ class EventBus:
             published=self._published,
             produced=self._produced,
             failed=self._failed,
-            outbox=self._outbox_count + len(self._queue),
+            outbox=self._waiting(),
             in_flight=len(self._in_flight),
             reachable=self._reachable,
         )
@@ -310,8 +314,9 @@ class EventBus:
         batch = list(self._queue)
         self._queue.clear()
         try:
-            await trio.to_thread.run_sync(outbox.add_many, batch, limiter=self.outbox_limiter)
-            self._outbox_count += len(batch)
+            with self._being_stored(batch):
+                await trio.to_thread.run_sync(outbox.add_many, batch, limiter=self.outbox_limiter)
+            self._outbox_count += len(batch)  # no await since the batch left _storing: never counted 0 or twice
         except Exception as exc:
             log.error("%d events could not be written to the outbox %s and are lost: %s", len(batch), outbox.path, exc)
 
@@ -378,7 +383,8 @@ class EventBus:
         if not batch:
             return
         try:
-            ids = await trio.to_thread.run_sync(self._outbox.add_many, batch, limiter=self.outbox_limiter)
+            with self._being_stored(batch):
+                ids = await trio.to_thread.run_sync(self._outbox.add_many, batch, limiter=self.outbox_limiter)
         except Exception as exc:
             # The state directory is failing. Keep the events in memory (in order) and try again shortly.
             self._queue.extendleft(reversed(batch))
@@ -395,6 +401,16 @@ class EventBus:
         self._outbox_count += len(ids)
         now = time.time()
         self._send([OutboxRow(i, t, k, v, now, h) for i, (t, k, v, h) in zip(ids, batch, strict=True)])
+
+    @contextlib.contextmanager
+    def _being_stored(self, batch: Sequence[_Item]) -> Iterator[None]:
+        """Count ``batch`` as waiting while its outbox write runs in a thread. The caller moves it to
+        ``_outbox_count`` (or back to the queue) with no await in between, so stats never miss it."""
+        self._storing += len(batch)
+        try:
+            yield
+        finally:
+            self._storing -= len(batch)
 
     async def _resend(self) -> None:
         """Produce again the outbox rows not in flight (left from an earlier run or a failed attempt)."""
@@ -471,7 +487,7 @@ class EventBus:
             if client_err.fatal():
                 log.error("kafka producer hit a fatal error: %s; replacing the producer", client_err.str())
                 self._fatal = True
-            elif client_err.code() == KafkaError._ALL_BROKERS_DOWN and (self._outbox_count or self._queue):
+            elif client_err.code() == KafkaError._ALL_BROKERS_DOWN and self._waiting():
                 self._mark_unreachable(client_err)
             else:
                 log.debug("kafka producer: %s", client_err.str())
@@ -529,7 +545,8 @@ class EventBus:
             await trio.to_thread.run_sync(self._dispose_producer, old, limiter=self.kafka_limiter)
 
     def _waiting(self) -> int:
-        return self._outbox_count + len(self._queue)
+        """Events not yet delivered: in the outbox, being written to it, or still in memory."""
+        return self._outbox_count + self._storing + len(self._queue)
 
     def _acknowledging_others(self, err: KafkaError) -> bool:
         """A message time-out while the broker acknowledged other events within the time-out: slow, not gone."""

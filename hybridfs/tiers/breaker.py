@@ -9,7 +9,8 @@ first answer closes the breaker. An S3 answer of any kind (404, 403, 412: S3 is 
 States: CLOSED -(threshold failures, the last one a connection failure or time-out)-> OPEN;
 CLOSED -(threshold failures, the last one a 5xx answer)-> SUSPECT: S3 answered, so the failures may be
 request-scoped (one UploadPart refused twice). SUSPECT probes at once, calls still go to S3: an answer makes it
-CLOSED again (failures forgotten), no answer makes it OPEN. OPEN -(a probe answered)-> CLOSED.
+CLOSED again (failures forgotten), no answer makes it OPEN. OPEN -(a probe answered)-> CLOSED. A mount that
+starts while the start-up check found S3 unreachable starts OPEN (``start_down``).
 
 Threads: all state belongs to the trio thread (``CloudStore._call`` reports outcomes after its worker thread
 returned); nothing here blocks.
@@ -95,6 +96,19 @@ class Breaker:
                 self._wake.set()
             return
         self._open()
+
+    def start_down(self, reason: str) -> None:
+        """Start OPEN: the start-up check found S3 unreachable and has said so at WARNING (``--offline-start``).
+        Calls fail at once from the first one, and the outage is not announced a second time when the first
+        calls fail; a probe closes the breaker at S3's first answer, as after any trip."""
+        self.last_error = reason[:200]
+        self.suspect = False
+        self.is_open = True
+        self.opened_at = self.clock()
+        self.trips += 1
+        self._wake.set()
+        log.info("S3 starts marked down (%s); calls fail at once until a probe answers (every %.0fs)",
+                 self.last_error, self.probe_interval)
 
     def _open(self) -> None:
         self.suspect = False
