@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ PREFETCH_PARALLEL = 8
 # How long a revalidation of attributes we could serve anyway may wait for S3 before the last known ones are
 # served (a few round trips to a healthy S3; well under what a program waiting on stat or open tolerates).
 REVALIDATE_WITHIN = 1.0
+# How long `ls` waits for S3's listing of a directory the mount has listed before (or holds cached files of)
+# before it answers with what it knows; the listing goes on in the background and is kept when it lands.
+LIST_WITHIN = 1.0
+KNOWN_LISTINGS = 4096
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,13 @@ class Namespace:
         self.defaults = defaults
         self.stats: TTLCache[str, CachedStat] = TTLCache(CACHE_ENTRIES, dir_cache_time)
         self.missing: TTLCache[str, bool] = TTLCache(CACHE_ENTRIES, negative_cache_time)
-        self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(4096, dir_cache_time)
+        self.listings: TTLCache[str, dict[str, Stat]] = TTLCache(KNOWN_LISTINGS, dir_cache_time)
+        # The last listing of each directory, kept after ``listings`` expires and updated by our own changes: what
+        # `ls` answers while S3 is down or does not answer (docs/semantics.md, "While S3 is down").
+        self.known_listings: LRUCache[str, dict[str, Stat]] = LRUCache(KNOWN_LISTINGS)
+        self._listing: dict[str, _ListingFetch] = {}  # listings being fetched, shared by concurrent `ls`
+        self._listings_degraded = False  # said once per outage: listings are answered from what we know
+        self.known_listing_answers = 0
         self.pending: dict[str, Stat] = {}
         # The last attributes a HEAD (or our own change) gave for a path, kept after the TTL caches expire:
         # they keep cached files readable while S3 is down, and keep a listing from changing an entry's type.
@@ -215,19 +226,101 @@ class Namespace:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
         listing = self.listings.get(path)
         if listing is None:
-            with self._watch(path) as watch:
-                listing = await self._fetch_listing(path)
-            if watch.changed:
-                self._stale(path)
-            else:
-                self.listings[path] = listing
-            self._prefetch(path, listing)
+            listing = await self._listing_from_s3(path)
+        elif self.known_listings.get(path) is not listing:
+            self.known_listings[path] = listing  # one made here (mkdir) or before a restart of the LRU
         merged = dict(listing)
         prefix = f"{path}/" if path else ""
         for p, st in self.pending.items():
             if parent_of(p) == path and p.startswith(prefix):
                 merged[name_of(p)] = st
         return merged
+
+    async def _listing_from_s3(self, path: str) -> dict[str, Stat]:
+        """S3's listing of ``path``; when S3 is down or does not answer within LIST_WITHIN, what the mount knows
+        of the directory (its last listing, or its cached files) if it knows anything (contract 5: what the
+        mount holds stays usable). A listing that is only slow keeps going in the background and is kept."""
+        known = self._known_listing(path)
+        if known is None or self.spawner is None:
+            return await self._fetch_and_keep(path)
+        fetch = self._listing.get(path)
+        if fetch is None:
+            fetch = self._listing[path] = _ListingFetch()
+            self.spawner.start_soon(self._fetch_in_background, path, fetch, name=f"list {path!r}")
+        with trio.move_on_after(LIST_WITHIN):
+            await fetch.done.wait()
+        if fetch.listing is not None:
+            return fetch.listing
+        if fetch.error is not None and fetch.error.errno != errno.EIO:
+            raise fetch.error  # S3 answered (ENOENT, EACCES): not an outage
+        why = fetch.error.message if fetch.error is not None else f"S3 did not list it within {LIST_WITHIN:g}s"
+        self.known_listing_answers += 1
+        if not self._listings_degraded:
+            self._listings_degraded = True
+            log.warning("listing %r: %s; listings are answered with what this mount knows (its last listing of "
+                        "each directory, its cached files) until S3 lists again", path, why)
+        return known
+
+    async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
+        with self._watch(path) as watch:
+            listing = await self._fetch_listing(path)
+        if self._listings_degraded:
+            self._listings_degraded = False
+            log.info("S3 lists again; listings come from S3")
+        if watch.changed:
+            self._stale(path)
+        else:
+            self.listings[path] = listing
+            self.known_listings[path] = listing  # the same dict: our own changes update both
+        self._prefetch(path, listing)
+        return listing
+
+    async def _fetch_in_background(self, path: str, fetch: _ListingFetch) -> None:
+        try:
+            fetch.listing = await self._fetch_and_keep(path)
+        except FsError as exc:
+            fetch.error = exc
+        except Exception as exc:  # a bug: this `ls` fails with EIO and a log line, the mount goes on
+            log.exception("listing %r: internal error", path)
+            fetch.error = FsError(errno.EIO, f"listing {path!r}: internal error {exc!r}", level=logging.ERROR)
+        finally:
+            fetch.done.set()
+            if self._listing.get(path) is fetch:
+                del self._listing[path]
+
+    def _known_listing(self, path: str) -> dict[str, Stat] | None:
+        """What the mount knows of a directory's entries without S3: its last listing, else (after a restart) the
+        cached files and directories below it. None: it knows nothing, and only S3 can answer."""
+        known = self.known_listings.get(path)
+        if known is not None:
+            return known
+        if self.cache is None:
+            return None
+        prefix = self.keys.dir_prefix(path)
+        if not self.cache.has_below(prefix):
+            return None
+        children: dict[str, Stat] = {}
+        for key in list(self.cache.entries):  # after a restart, in an outage: once per directory listed
+            if not key.startswith(prefix):
+                continue
+            name, below, _rest = key[len(prefix):].partition("/")
+            if not name or name in children:
+                continue
+            child = f"{path}/{name}" if path else name
+            if below:
+                children[name] = implicit_dir(self.defaults, self.root_stat.mtime_ns, complete=False)
+            else:
+                children[name] = self.last_known.get(child) or self._cached_stat(child) or \
+                    self._cached_file(key)
+        return children
+
+    def _cached_file(self, key: str) -> Stat:
+        """A cached object whose attributes the index did not keep: a file of unknown type for a listing (no type
+        bits reach the kernel, so an inode it has of another type is never made bad; a lookup tells)."""
+        entry = self.cache.entries[key] if self.cache is not None else None
+        size, etag = (entry.size, entry.etag) if entry is not None else (0, None)
+        return Stat(mode=stat_mod.S_IFREG | self.defaults.file_mode, uid=self.defaults.uid, gid=self.defaults.gid,
+                    size=size, mtime_ns=self.root_stat.mtime_ns, etag=etag, complete=False, kind_known=False)
 
     def _prefetch(self, path: str, listing: dict[str, Stat]) -> None:
         """A listing has no metadata; `ls -l` then stats every entry one by one. Fetch the attributes of
@@ -342,9 +435,16 @@ class Namespace:
         if st.is_dir:  # things we remembered as missing below it may exist now (a directory moved here)
             for p in [p for p in list(self.missing.keys()) if p.startswith(path + "/")]:
                 self.missing.pop(p, None)
-        listing = self.listings.get(parent_of(path))
-        if listing is not None and path:
-            listing[name_of(path)] = st
+        if path:
+            for listing in self._parent_listings(path):
+                listing[name_of(path)] = st
+
+    def _parent_listings(self, path: str) -> tuple[dict[str, Stat], ...]:
+        """The current and the last known listing of ``path``'s parent (often one dict, kept in both)."""
+        parent = parent_of(path)
+        found = [self.listings.get(parent), self.known_listings.get(parent)]
+        unique = {id(listing): listing for listing in found if listing is not None}
+        return tuple(unique.values())
 
     def vanished(self, path: str) -> None:
         """A HEAD found nothing at ``path``: every later stat, lookup and listing says so too (stat and open
@@ -364,9 +464,9 @@ class Namespace:
         self.last_known.pop(path, None)
         self.pending.pop(path, None)
         self.listings.pop(path, None)
+        self.known_listings.pop(path, None)
         self.missing[path] = True
-        listing = self.listings.get(parent_of(path))
-        if listing is not None:
+        for listing in self._parent_listings(path):
             listing.pop(name_of(path), None)
 
     def invalidate(self, path: str) -> None:
@@ -382,7 +482,7 @@ class Namespace:
     def forget_tree(self, path: str) -> None:
         for watched in [p for p in self._watched if p.startswith(path + "/")]:
             self._changed(watched)
-        for cache in (self.stats, self.listings, self.standing):
+        for cache in (self.stats, self.listings, self.standing, self.known_listings):
             for p in [p for p in list(cache.keys()) if p.startswith(path + "/")]:
                 cache.pop(p, None)
         self.forget(path)
@@ -391,8 +491,7 @@ class Namespace:
         self._changed(path)
         self.pending[path] = st
         self.missing.pop(path, None)
-        listing = self.listings.get(parent_of(path))
-        if listing is not None:
+        for listing in self._parent_listings(path):
             listing[name_of(path)] = st
 
     def settle(self, path: str, st: Stat) -> None:
@@ -445,6 +544,15 @@ class _Watch:
         counts[0] -= 1
         if counts[0] == 0:
             del self.watched[self.path]
+
+
+class _ListingFetch:
+    """One listing of a directory under way; every `ls` of it meanwhile waits on the same one."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.listing: dict[str, Stat] | None = None
+        self.error: FsError | None = None
 
 
 def _never() -> bool:
