@@ -711,13 +711,18 @@ class Checker:
         if r.problem:
             report.add("bad-block", f"{where}: {r.problem}; blocks before it: {summary(r.blocks)}")
             return
+        matches = [v for v in self.by_tuple.get(r.blocks, []) if v.start < r.end]
         if r.got != r.size:
-            report.add("short-read", f"{where}: fstat said {r.size} bytes, read returned {r.got} "
-                                     f"({summary(r.blocks)})")
+            kind = "short-read" if r.got < r.size else "long-read"
+            if matches and r.got:  # whole bytes of a version, but not the size this descriptor's fstat gave
+                kind = "size-mismatch"
+                seen = f"a whole version: {self.version_text(matches[0].vid)}"
+            else:
+                seen = f"{summary(r.blocks)}; {self._closest(op.name, r.blocks)}"
+            report.add(kind, f"{where}: fstat said {r.size} bytes, read returned {r.got}: {seen}")
             return
         if not r.blocks:
             return  # an empty file: every name has been empty or absent at some point an overwrite could make
-        matches = [v for v in self.by_tuple.get(r.blocks, []) if v.start < r.end]
         if not matches:
             report.add("mixed", f"{where}: saw {summary(r.blocks)}, which no op wrote; "
                                 f"{self._closest(op.name, r.blocks)}")
