@@ -208,6 +208,7 @@ class Settings:
     writer_pause: float = 0.3  # mean seconds between the boto3 writer's changes (0: no boto3 writer)
     big_chance: float = 0.01  # an overwrite of BIG_BLOCKS (a multipart upload)
     settle: float = 90.0  # seconds allowed for the mounts to come back to baseline after the run
+    weights: dict[str, int] = field(default_factory=lambda: dict(WEIGHTS))  # the op mix
 
 
 class History:
@@ -321,7 +322,8 @@ class Engine:
     # -- ops through a mount
 
     def run_op(self, rng: random.Random, client: str) -> None:
-        kind = rng.choices(list(WEIGHTS), weights=list(WEIGHTS.values()))[0]
+        mix = self.settings.weights
+        kind = rng.choices(list(mix), weights=list(mix.values()))[0]
         target = rng.choice(self.targets)
         name = rng.choice(self.names)
         if kind == "rename":
@@ -910,10 +912,11 @@ def check_mounts(engine: Engine, report: Report, baselines: dict[str, Baseline],
             if status.get("open_files", 0):
                 report.add("open-files", f"mount {t.label}: {status['open_files']} files still open with no "
                                          f"descriptor left")
-            extra = sorted(set(open_files(t)) - set(base.files))
-            if len(open_files(t)) > len(base.files):
-                report.add("fd-leak", f"mount {t.label}: {len(open_files(t))} descriptors on cache/spool files, "
-                                      f"{len(base.files)} before the run; new: {extra[:10]}")
+            files = open_files(t)
+            if len(files) > len(base.files):
+                report.add("fd-leak", f"mount {t.label} (pid {t.pid}): {len(files)} descriptors on cache/spool "
+                                      f"files {timeout:.0f} s after the run with no file open, {len(base.files)} "
+                                      f"before it; now {files[:10]}, before {base.files[:10]}")
 
 
 def run(settings: Settings, targets: list[Target], s3: Any, bucket: str, prefix: str,
@@ -976,6 +979,8 @@ def register(verbs: Any) -> None:
     parser.add_argument("--fault-rate", type=float, default=0.03,
                         help="fraction of the mounts' S3 requests the proxy faults (default 0.03; 0: none)")
     parser.add_argument("--no-writer", action="store_true", help="no boto3 writer")
+    parser.add_argument("--weights", metavar="OP=N,...", default="",
+                        help="change the op mix, e.g. chmod=0,rename=0 (ops: " + ", ".join(WEIGHTS) + ")")
     parser.add_argument("--out", metavar="DIR",
                         help="mount logs and the report (default ./bench-results/torture-TIME)")
     parser.add_argument("--keep", action="store_true", help="keep the S3 objects afterwards")
@@ -990,11 +995,18 @@ def run_cli(args: Any) -> int:
     from hybridfs.bench import s3 as bench_s3
     from hybridfs.bench.cli import _stack_up
     from hybridfs.bench.mounts import HybridfsMount
+    from hybridfs.cli import CliError
     from hybridfs.stack.config import BUCKET, S3_ENDPOINT
 
     if not args.no_stack:
         _stack_up()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    weights = dict(WEIGHTS)
+    for item in filter(None, args.weights.split(",")):
+        op, _, n = item.partition("=")
+        if op not in WEIGHTS or not n.isdigit():
+            raise CliError(f"--weights: {item!r} is not OP=N with OP one of {', '.join(WEIGHTS)}")
+        weights[op] = int(n)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or Path("bench-results") / f"torture-{stamp}").absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -1015,7 +1027,8 @@ def run_cli(args: Any) -> int:
             targets = [Target("ABCDEFGH"[i], m.mountpoint, m.proc.pid if m.proc else 0, m.cache_dir, m.state_dir)
                        for i, m in enumerate(mounts)]
             settings = Settings(seed=seed, seconds=args.minutes * 60, threads=args.threads, files=args.files,
-                                fault_rate=args.fault_rate, writer_pause=0.0 if args.no_writer else 0.3)
+                                fault_rate=args.fault_rate, writer_pause=0.0 if args.no_writer else 0.3,
+                                weights=weights)
             report = run(settings, targets, s3, BUCKET, prefix, proxy if args.fault_rate > 0 else None)
         finally:
             proxy.clear()
