@@ -166,8 +166,9 @@ class Op:
     def describe(self) -> str:
         target = f"{self.name}->{self.name2}" if self.name2 else self.name
         vid = f" v{self.vid}" if self.vid else ""
+        opened = f" opened {self.open_done:.3f}" if self.open_done else ""
         return (f"op#{self.oid} {self.kind}{vid} {target} on {self.mount} by {self.client} "
-                f"[{self.start:.3f}..{self.end:.3f}] -> {self.outcome}{(' ' + self.note) if self.note else ''}")
+                f"[{self.start:.3f}..{self.end:.3f}]{opened} -> {self.outcome}{(' ' + self.note) if self.note else ''}")
 
 
 @dataclass
@@ -919,8 +920,21 @@ def check_mounts(engine: Engine, report: Report, baselines: dict[str, Baseline],
                                       f"before it; now {files[:10]}, before {base.files[:10]}")
 
 
+def dump(history: History, path: Path) -> None:
+    """The history, one op per line (its reads included), for reading an anomaly against the mount logs."""
+    with open(path, "w") as out:
+        for op in history.ops:
+            line = op.describe()
+            if op.vid:
+                line += f" = {summary(history.versions[op.vid].blocks)}"
+            for r in op.reads:
+                line += (f"\n    read [{r.start:.3f}..{r.end:.3f}] fstat {r.size} got {r.got} {summary(r.blocks)}"
+                         f"{' ' + r.problem if r.problem else ''}{' (overlapped)' if r.overlapped else ''}")
+            out.write(line + "\n")
+
+
 def run(settings: Settings, targets: list[Target], s3: Any, bucket: str, prefix: str,
-        proxy: S3FaultProxy | None, say: Callable[[str], None] = print) -> Report:
+        proxy: S3FaultProxy | None, say: Callable[[str], None] = print, history_path: Path | None = None) -> Report:
     """Set up, run the clients for ``settings.seconds``, then check the history and the mounts."""
     engine = Engine(settings, targets, s3, bucket, prefix, proxy, say)
     say(f"==> torture: seed {settings.seed} (HYBRIDFS_TORTURE_SEED={settings.seed} or --seed {settings.seed} "
@@ -945,6 +959,8 @@ def run(settings: Settings, targets: list[Target], s3: Any, bucket: str, prefix:
     for crash in engine.crashes:
         report.add("harness", crash)
     say("==> torture: checking")
+    if history_path is not None:
+        dump(engine.history, history_path)
     checker = Checker(engine)
     checker.check_reads(report)
     checker.check_notes(report)
@@ -1029,7 +1045,8 @@ def run_cli(args: Any) -> int:
             settings = Settings(seed=seed, seconds=args.minutes * 60, threads=args.threads, files=args.files,
                                 fault_rate=args.fault_rate, writer_pause=0.0 if args.no_writer else 0.3,
                                 weights=weights)
-            report = run(settings, targets, s3, BUCKET, prefix, proxy if args.fault_rate > 0 else None)
+            report = run(settings, targets, s3, BUCKET, prefix, proxy if args.fault_rate > 0 else None,
+                         history_path=out / "history.txt")
         finally:
             proxy.clear()
             for mount in mounts:
