@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     from hybridfs.bench.avail_cli import register as register_availability
 
     register_availability(verbs)
+    from hybridfs.bench.torture import register as register_torture
+
+    register_torture(verbs)
 
 
 def _split(values: list[str] | str | None) -> list[str]:
