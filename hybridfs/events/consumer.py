@@ -67,6 +67,8 @@ class ConsumerStats:
     lag: int | None  # messages on the broker not yet finished by this consumer group member
     reachable: bool | None
     lag_age: float | None = None  # seconds since the lag was last measured (None: never)
+    running: bool = False  # a run is consuming (between restarts: False)
+    stopped: str | None = None  # why not: the last run's failure, or "not started"
 
 
 class _PartitionTrack:
@@ -189,6 +191,8 @@ class EventConsumer:
         self._lag: int | None = None
         self._reachable: bool | None = None
         self._warned: set[int] = set()
+        self._running = False
+        self._stopped: str | None = "not started"
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
@@ -200,13 +204,38 @@ class EventConsumer:
             lag=self._lag,
             reachable=self._reachable,
             lag_age=None if self._lag_at is None else time.monotonic() - self._lag_at,
+            running=self._running,
+            stopped=self._stopped,
         )
 
     # --- trio side ------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Consume until cancelled. Run again after a failure, it joins the group again and resumes at the
+        committed offsets (what was handed over and not finished is delivered again: at least once)."""
         self._token = trio.lowlevel.current_trio_token()
         consumer = self._new_consumer()  # bad settings fail here, before started()
+        self._reset_run_state()
+        try:
+            await self._run(consumer, task_status)
+        except Exception as exc:
+            self._stopped = f"the consumer failed ({type(exc).__name__}: {exc})"[:300]
+            raise
+        finally:
+            self._running = False
+            self._stopped = self._stopped or "stopped"
+
+    def _reset_run_state(self) -> None:
+        """What an earlier run left is not this run's: messages it had queued for its dispatcher were dropped
+        with it (never committed: delivered again), so they count neither as outstanding nor as lag."""
+        with self._outstanding_lock:
+            self._outstanding = 0
+        self._tracks.clear()
+        self._next_offsets.clear()
+        self._lag, self._lag_at, self._assigned = None, None, 0
+        self._running, self._stopped = True, None
+
+    async def _run(self, consumer: Consumer, task_status: trio.TaskStatus[None]) -> None:
         self._dlq_producer = Producer(
             client_config(
                 self.bootstrap,
@@ -230,8 +259,10 @@ class EventConsumer:
                         send.close()  # the thread ended without being cancelled: let the dispatcher finish
                         return
                     except Exception as exc:
+                        self._running, self._stopped = False, f"the kafka consumer failed ({exc}); restarting"[:300]
                         await restarts.wait(exc)
                     consumer = self._new_consumer()
+                    self._running, self._stopped = True, None
         finally:
             self._stop.set()
             send.close()
@@ -312,6 +343,12 @@ class EventConsumer:
             event = self.decoder(msg, self.allowed_prefix)
         except InvalidEvent as exc:
             await self._set_aside(msg, f"invalid event: {exc.reason}", where)
+            return True
+        except Exception as exc:
+            # A bug in the decoder. Decoding again gives the same answer, so retrying would stop the partition
+            # for good (and a compacted topic replays the record to every new mount): set it aside too.
+            log.error("decoding %s failed (a bug in the decoder)", where, exc_info=True)
+            await self._set_aside(msg, f"undecodable: {type(exc).__name__}: {exc}"[:300], where)
             return True
         what = f"{_kind(event)} for {getattr(event, 'key', '?')!r}"
         retry = Retrying(self._policy, log, f"handling {what} ({where}) failed; not committed")

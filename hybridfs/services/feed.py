@@ -123,14 +123,20 @@ class FeedService:
         return self.healthy
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self._load_index()
-        async with trio.open_nursery() as nursery:
-            if self.index is not None:
-                nursery.start_soon(self._write_index)
-            await nursery.start(self.creator.run)
-            await nursery.start(self.consumer.run)
-            nursery.start_soon(self._watch)
-            task_status.started()
+        """Until cancelled; run again after a failure (the supervisor does), the consumer resumes at its group's
+        committed offsets. Between runs nothing applies the feed: the namespace is not trusted then."""
+        if self.index is None:
+            await self._load_index()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.index is not None:
+                    nursery.start_soon(self._write_index)
+                await nursery.start(self.creator.run)
+                await nursery.start(self.consumer.run)
+                nursery.start_soon(self._watch)
+                task_status.started()
+        finally:
+            self._set_health(f"not consuming: {self.consumer.stats().stopped or 'stopped'}")
 
     async def handle(self, change: Change) -> None:
         if self.index is not None:
@@ -187,6 +193,7 @@ class FeedService:
             with trio.CancelScope(shield=True):
                 await self._flush_index(index)
                 await trio.to_thread.run_sync(index.close, limiter=self._index_limiter)
+                self.index = None  # a restarted run opens it again
 
     async def _flush_index(self, index: FeedIndex) -> None:
         if not self._index_due:
@@ -201,6 +208,8 @@ class FeedService:
 
     def _unhealthy_reason(self) -> str | None:
         stats = self.consumer.stats()
+        if not stats.running:
+            return f"not consuming: {stats.stopped or 'stopped'}"
         if stats.reachable is False:
             return "kafka unreachable"
         if stats.lag_age is None:
@@ -220,7 +229,9 @@ class FeedService:
             await trio.sleep(CHECK_INTERVAL)
 
     def check(self) -> None:
-        reason = self._unhealthy_reason()
+        self._set_health(self._unhealthy_reason())
+
+    def _set_health(self, reason: str | None) -> None:
         healthy = reason is None
         if healthy != self.healthy:
             self.since = time.monotonic()

@@ -1,0 +1,118 @@
+"""Poison records through real mounts (issue 22, "Every decoder is total"): one malformed record on a topic the
+mount reads is set aside with its reason, and what comes after it is still applied.
+
+Before: a deeply nested S3 event record ended foreign-write processing for the life of the mount (RecursionError
+out of the parser, a restarted consumer that never read again), and a change record with ``"attrs": {"type": []}``
+crash-looped the change feed on every mount of the prefix (TypeError, never dead-lettered, replayed by every new
+mount from the compacted topic).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from confluent_kafka import Producer
+from conftest import MountFactory
+from helpers import Mount, Stack, wait_until
+from test_feed import feed_trusted, read, status, visible_within
+from test_foreign_writes import SLOW_TIMERS, feed_status, minio_record, read_or_none, seen_within, wait_feed_reading
+
+from hybridfs.events.topics import create_topics
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # the poison S3 event record of the issue
+
+
+def _produce(bootstrap: str, topic: str, *records: tuple[bytes | None, bytes | None]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 2_000_000})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(10) == 0
+
+
+def _s3_events_mount(mount_factory: MountFactory, stack: Stack, topic_prefix: str,
+                     env: dict[str, str] | None = None) -> tuple[Mount, str]:
+    topic = f"{topic_prefix}.s3-events"
+    create_topics(stack.bootstrap, [topic], partitions=1)
+    mount = mount_factory(extra_args=["--s3-events-topic", topic, *SLOW_TIMERS], env=env)
+    wait_feed_reading(mount)
+    return mount, topic
+
+
+def test_a_deeply_nested_s3_event_record_is_skipped_and_later_records_apply(
+    mount_factory: MountFactory, s3: Any, stack: Stack, topic_prefix: str
+) -> None:
+    mount, topic = _s3_events_mount(mount_factory, stack, topic_prefix)
+    mount.allow_log(r"skipping an unreadable S3 event record at .*s3-events\[0\]@0: JSON nested too deeply")
+    target = mount.path / "g"
+    assert not target.exists()  # remembered as missing for a minute (SLOW_TIMERS)
+    etag = s3.put_object(Bucket=stack.bucket, Key=mount.key("g"), Body=b"data")["ETag"].strip('"')
+
+    _produce(stack.bootstrap, topic, (None, DEEP),
+             (None, minio_record(stack.bucket, mount.key("g"), "s3:ObjectCreated:Put", etag, 4)))
+    seen_within(lambda: read_or_none(target) == b"data", "the record after the poison one to apply")
+    feed = feed_status(mount)
+    assert (feed["received"], feed["bad_records"], feed["applied"]) == (2, 1, 1), feed
+    assert mount.log_text().count("skipping an unreadable S3 event record") == 1
+    wait_until(lambda: feed_status(mount)["healthy"], timeout=10, message="the S3 event feed healthy again")
+    assert status(mount)["tasks"]["restarts"] == 0
+
+
+def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
+    mount_factory: MountFactory, s3: Any, stack: Stack, topic_prefix: str
+) -> None:
+    """A consumer that fails (a stand-in for any bug: the failpoint fires on the first records handed over) is
+    restarted, takes its partitions back and reads on from its position; while it is down, the S3 event feed is
+    not healthy and says why. Before: the restarted run kept the old run's set of assigned partitions, so it
+    assigned nothing and never read again, while its health stayed true."""
+    mount, topic = _s3_events_mount(mount_factory, stack, topic_prefix, env={"HYBRIDFS_FAILPOINTS": "s3-events:1"})
+    mount.allow_log(r"S3 event records.* failed.*FailpointError: failpoint s3-events")
+    mount.allow_log(r"FailpointError: failpoint s3-events")
+    assert not (mount.path / "a").exists() and not (mount.path / "b").exists()  # remembered as missing (SLOW_TIMERS)
+    etags = {name: s3.put_object(Bucket=stack.bucket, Key=mount.key(name), Body=name.encode())["ETag"].strip('"')
+             for name in ("a", "b")}
+    _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("a"), "s3:ObjectCreated:Put",
+                                                         etags["a"], 1)))
+    wait_until(lambda: not feed_status(mount)["healthy"], timeout=10, message="the S3 event feed unhealthy")
+    assert "not consuming" in feed_status(mount)["reason"], feed_status(mount)
+    wait_until(lambda: read_or_none(mount.path / "a") == b"a", timeout=30,
+               message="the record that failed, read again by the restarted consumer")
+    _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("b"), "s3:ObjectCreated:Put",
+                                                         etags["b"], 1)))
+    seen_within(lambda: read_or_none(mount.path / "b") == b"b", "a record after the restart")
+    wait_until(lambda: feed_status(mount)["healthy"], timeout=10, message="the S3 event feed healthy again")
+    assert status(mount)["tasks"]["restarts"] == 1
+
+
+def _poison_change(mount: Mount, name: str) -> tuple[bytes, bytes]:
+    key = mount.key(name)
+    return key.encode(), json.dumps({"version": 1, "key": key, "origin": "evil", "time": 1.0,
+                                     "attrs": {"type": [], "mode": 0o100644}}).encode()
+
+
+POISON_LOG = r"invalid event: unknown attrs.type \[\] from .*\.changes\[\d+\]@\d+: sent to the dead-letter topic"
+
+
+def test_a_change_record_of_a_bad_shape_is_dead_lettered_and_the_feed_goes_on(
+    mount_factory: MountFactory, stack: Stack
+) -> None:
+    a = mount_factory()
+    b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"])
+    for m in (a, b):
+        m.allow_log(POISON_LOG)
+        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+    _produce(stack.bootstrap, f"{b.topic_prefix}.changes", _poison_change(b, "poison.txt"))
+    wait_until(lambda: status(b)["feed"]["consumer"]["dead_lettered"] == 1, timeout=10,
+               message="the poison record set aside on B")
+    (a.path / "after.txt").write_bytes(b"still applied")
+    visible_within(lambda: read(b.path / "after.txt") == b"still applied", "a change after the poison record")
+    assert feed_trusted(b)
+    assert status(b)["tasks"]["restarts"] == 0
+
+    # The topic is compacted: a new mount on the prefix replays the poison record, sets it aside too, and
+    # catches up.
+    c = mount_factory()
+    c.allow_log(POISON_LOG)
+    wait_until(lambda: feed_trusted(c), timeout=30, message="a new mount's feed caught up past the poison record")
+    assert read(c.path / "after.txt") == b"still applied"
+    assert status(c)["feed"]["consumer"]["dead_lettered"] == 1 and status(c)["tasks"]["restarts"] == 0
