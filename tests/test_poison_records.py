@@ -73,8 +73,10 @@ def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
              for name in ("a", "b")}
     _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("a"), "s3:ObjectCreated:Put",
                                                          etags["a"], 1)))
-    wait_until(lambda: not feed_status(mount)["healthy"], timeout=10, message="the S3 event feed unhealthy")
-    assert "not consuming" in feed_status(mount)["reason"], feed_status(mount)
+    seen: list[dict[str, Any]] = []
+    wait_until(lambda: not seen.append(feed_status(mount)) and not seen[-1]["healthy"], timeout=10, interval=0.01,
+               message="the S3 event feed unhealthy")
+    assert "not consuming" in seen[-1]["reason"], seen[-1]
     wait_until(lambda: read_or_none(mount.path / "a") == b"a", timeout=30,
                message="the record that failed, read again by the restarted consumer")
     _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("b"), "s3:ObjectCreated:Put",
