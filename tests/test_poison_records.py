@@ -9,6 +9,7 @@ mount from the compacted topic).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -74,8 +75,12 @@ def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
     _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("a"), "s3:ObjectCreated:Put",
                                                          etags["a"], 1)))
     seen: list[dict[str, Any]] = []
-    wait_until(lambda: not seen.append(feed_status(mount)) and not seen[-1]["healthy"], timeout=10, interval=0.01,
-               message="the S3 event feed unhealthy")
+
+    def unhealthy() -> bool:  # keeps the status that showed it: the window between two runs is short
+        seen.append(feed_status(mount))
+        return not seen[-1]["healthy"]
+
+    wait_until(unhealthy, timeout=10, interval=0.01, message="the S3 event feed unhealthy")
     assert "not consuming" in seen[-1]["reason"], seen[-1]
     wait_until(lambda: read_or_none(mount.path / "a") == b"a", timeout=30,
                message="the record that failed, read again by the restarted consumer")
@@ -102,7 +107,7 @@ def test_a_change_record_of_a_bad_shape_is_dead_lettered_and_the_feed_goes_on(
     b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"])
     for m in (a, b):
         m.allow_log(POISON_LOG)
-        wait_until(lambda m=m: feed_trusted(m), timeout=30, message=f"{m.path}: feed caught up")
+        wait_until(functools.partial(feed_trusted, m), timeout=30, message=f"{m.path}: feed caught up")
     _produce(stack.bootstrap, f"{b.topic_prefix}.changes", _poison_change(b, "poison.txt"))
     wait_until(lambda: status(b)["feed"]["consumer"]["dead_lettered"] == 1, timeout=10,
                message="the poison record set aside on B")
