@@ -12,11 +12,15 @@ Delivery is at least once. A partition's offset is committed only past messages 
 (or that were set aside): with concurrent handlers the commit is the lowest offset still in progress.
 
 * Bad input (undecodable, or the handler raises :class:`RejectEvent`/:class:`InvalidEvent`): one WARNING
-  saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit.
+  saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit. A
+  decoder that raises anything else has a bug: ERROR with the traceback, and the record is set aside the same
+  way (decoding it again gives the same answer: retrying would stop its partition for good).
 * Any other handler exception: ERROR with the traceback, no commit, and the handler is called again for the
   same event after a backoff (the retry policy, hybridfs/retry.py: up to ``max_backoff``, jittered). The mount
   keeps running.
 * Kafka unreachable: one WARNING, one INFO when it is back; librdkafka retries on its own meanwhile.
+* ``run`` failed (a bug) and started again: it joins the group again and resumes at the committed offsets;
+  ``stats().running`` is False (and ``stopped`` says why) while no run consumes.
 """
 
 from __future__ import annotations

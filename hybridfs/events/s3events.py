@@ -14,10 +14,13 @@ Accepted shapes of one Kafka message value (JSON):
 * EventBridge: ``{"source": "aws.s3", "detail-type": "Object Created" | "Object Deleted", "detail":
   {"bucket": {"name": ...}, "object": {"key": ..., "etag": ..., "size": ...}}}``
 
-Error boundary (as in :mod:`hybridfs.events.consumer`): a record that cannot be read is logged (WARNING, why and
-where) and skipped; a handler that raises is a bug, logged with its traceback, and the record is skipped (the
-metadata timers still bound how long the change stays unseen). Nothing here ends the mount. Kafka unreachable:
-one WARNING, one INFO when it is back.
+Error boundary (as in :mod:`hybridfs.events.consumer`): a record that cannot be read, of any size, shape or
+nesting, is logged once (WARNING, why and where), counted (``bad_records``) and skipped — the topic is not ours,
+so there is no dead-letter copy; a handler that raises is a bug, logged with its traceback, and the record is
+skipped (the metadata timers still bound how long the change stays unseen). Nothing here ends the mount. Kafka
+unreachable: one WARNING, one INFO when it is back. A run that fails anyway (a bug) is started again by the
+supervisor: it assigns its partitions again and reads on after the last message handled; meanwhile the feed
+is not healthy (``stats().running``), so the namespace is not trusted.
 """
 
 from __future__ import annotations
