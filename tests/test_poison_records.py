@@ -123,3 +123,28 @@ def test_a_change_record_of_a_bad_shape_is_dead_lettered_and_the_feed_goes_on(
     wait_until(lambda: feed_trusted(c), timeout=30, message="a new mount's feed caught up past the poison record")
     assert read(c.path / "after.txt") == b"still applied"
     assert status(c)["feed"]["consumer"]["dead_lettered"] == 1 and status(c)["tasks"]["restarts"] == 0
+
+
+def test_a_change_that_fails_to_apply_makes_the_feed_untrusted_until_it_is_applied(mount_factory: MountFactory) -> None:
+    """A handler that fails is retried (its partition waits behind it): meanwhile the feed is not caught up, so
+    the mount does not trust what it knows, and says why. Before: the feed stayed "trusted" through the retries
+    (nothing was being applied, and the lag counted only records not yet received)."""
+    a = mount_factory()
+    b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"],
+                      env={"HYBRIDFS_FAILPOINTS": "feed-apply:1"})
+    b.allow_log(r"handling change for .* failed; not committed.*FailpointError: failpoint feed-apply")
+    for m in (a, b):
+        wait_until(functools.partial(feed_trusted, m), timeout=30, message=f"{m.path}: feed caught up")
+    seen: list[dict[str, Any]] = []
+
+    def untrusted() -> bool:
+        seen.append(status(b)["feed"])
+        return seen[-1]["mode"] != "trusted"
+
+    (a.path / "f.txt").write_bytes(b"applied on the second try")
+    wait_until(untrusted, timeout=10, interval=0.01, message="B's feed untrusted while the change is retried")
+    assert "a change failed to apply and is retried" in seen[-1]["reason"], seen[-1]
+    assert "FailpointError" in seen[-1]["reason"], seen[-1]
+    wait_until(lambda: read(b.path / "f.txt") == b"applied on the second try", timeout=30,
+               message="the change applied on B after the retry")
+    wait_until(functools.partial(feed_trusted, b), timeout=10, message="B's feed trusted again")

@@ -73,6 +73,8 @@ class ConsumerStats:
     lag_age: float | None = None  # seconds since the lag was last measured (None: never)
     running: bool = False  # a run is consuming (between restarts: False)
     stopped: str | None = None  # why not: the last run's failure, or "not started"
+    failing: int = 0  # messages whose handler failed and waits to be retried (their key is held up)
+    last_failure: str | None = None  # the error of one of them
 
 
 class _PartitionTrack:
@@ -197,6 +199,7 @@ class EventConsumer:
         self._warned: set[int] = set()
         self._running = False
         self._stopped: str | None = "not started"
+        self._failing: dict[str, str] = {}  # where -> the error of a handler waiting to be retried
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
@@ -210,6 +213,8 @@ class EventConsumer:
             lag_age=None if self._lag_at is None else time.monotonic() - self._lag_at,
             running=self._running,
             stopped=self._stopped,
+            failing=len(self._failing),
+            last_failure=next(iter(self._failing.values()), None),
         )
 
     # --- trio side ------------------------------------------------------------------------------------------
@@ -356,22 +361,27 @@ class EventConsumer:
             return True
         what = f"{_kind(event)} for {getattr(event, 'key', '?')!r}"
         retry = Retrying(self._policy, log, f"handling {what} ({where}) failed; not committed")
-        while True:
-            try:
-                await self.handler(event)
-            except Exception as exc:
-                rejected = _rejection(exc)
-                if rejected is not None:
-                    await self._set_aside(
-                        msg, f"rejected {_kind(event)} for {getattr(event, 'key', '?')!r}: {rejected.reason}",
-                        where,
-                    )
-                    return True
-                self._handler_failures += 1
-                await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
-                continue
-            self._handled += 1
-            return True
+        try:
+            while True:
+                try:
+                    await self.handler(event)
+                except Exception as exc:
+                    rejected = _rejection(exc)
+                    if rejected is not None:
+                        await self._set_aside(
+                            msg, f"rejected {_kind(event)} for {getattr(event, 'key', '?')!r}: {rejected.reason}",
+                            where,
+                        )
+                        return True
+                    self._handler_failures += 1
+                    # Until it succeeds, this key (and with concurrency 1, the partition) waits: say so in stats.
+                    self._failing[where] = f"{what}: {type(exc).__name__}: {exc}"[:300]
+                    await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
+                    continue
+                self._handled += 1
+                return True
+        finally:
+            self._failing.pop(where, None)
 
     async def _set_aside(self, msg: Message, reason: str, where: str) -> None:
         log.warning("%s from %s: sent to the dead-letter topic %s", reason, where, self.dead_letter_topic)

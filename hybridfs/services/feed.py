@@ -49,6 +49,7 @@ from hybridfs.services.feed_schema import (
     encode_change,
     stat_from_attrs_json,
 )
+from hybridfs.tasks import failpoint
 
 if TYPE_CHECKING:
     from hybridfs.core.filesystem import Filesystem
@@ -147,6 +148,7 @@ class FeedService:
         token = id(change)
         self._applying[token] = time.monotonic()
         try:
+            failpoint("feed-apply")
             await self.fs.apply_change(change)
         finally:
             del self._applying[token]
@@ -218,6 +220,8 @@ class FeedService:
             return f"no answer from kafka for {stats.lag_age:.1f}s"
         if stats.lag is not None and stats.lag > MAX_LAG:
             return f"lag {stats.lag} > {MAX_LAG} records"
+        if stats.failing:
+            return f"not consuming: a change failed to apply and is retried ({stats.last_failure})"
         oldest = min(self._applying.values(), default=None)
         if oldest is not None and time.monotonic() - oldest > MAX_APPLY_SECONDS:
             return f"a change has been applying for {time.monotonic() - oldest:.1f}s"
