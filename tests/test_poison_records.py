@@ -62,11 +62,12 @@ def test_a_deeply_nested_s3_event_record_is_skipped_and_later_records_apply(
 def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
     mount_factory: MountFactory, s3: Any, stack: Stack, topic_prefix: str
 ) -> None:
-    """A consumer that fails (a stand-in for any bug: the failpoint fires on the first records handed over) is
+    """A consumer that fails (a stand-in for any bug: the failpoint fires on the first records handed over, three
+    times, so the unhealthy window outlasts the polling whatever the restart delays' jitter) is
     restarted, takes its partitions back and reads on from its position; while it is down, the S3 event feed is
     not healthy and says why. Before: the restarted run kept the old run's set of assigned partitions, so it
     assigned nothing and never read again, while its health stayed true."""
-    mount, topic = _s3_events_mount(mount_factory, stack, topic_prefix, env={"HYBRIDFS_FAILPOINTS": "s3-events:1"})
+    mount, topic = _s3_events_mount(mount_factory, stack, topic_prefix, env={"HYBRIDFS_FAILPOINTS": "s3-events:3"})
     mount.allow_log(r"S3 event records.* failed.*FailpointError: failpoint s3-events")
     mount.allow_log(r"FailpointError: failpoint s3-events")
     assert not (mount.path / "a").exists() and not (mount.path / "b").exists()  # remembered as missing (SLOW_TIMERS)
@@ -88,7 +89,7 @@ def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
                                                          etags["b"], 1)))
     seen_within(lambda: read_or_none(mount.path / "b") == b"b", "a record after the restart")
     wait_until(lambda: feed_status(mount)["healthy"], timeout=10, message="the S3 event feed healthy again")
-    assert status(mount)["tasks"]["restarts"] == 1
+    assert status(mount)["tasks"]["restarts"] == 3
 
 
 def _poison_change(mount: Mount, name: str) -> tuple[bytes, bytes]:
@@ -126,12 +127,13 @@ def test_a_change_record_of_a_bad_shape_is_dead_lettered_and_the_feed_goes_on(
 
 
 def test_a_change_that_fails_to_apply_makes_the_feed_untrusted_until_it_is_applied(mount_factory: MountFactory) -> None:
-    """A handler that fails is retried (its partition waits behind it): meanwhile the feed is not caught up, so
-    the mount does not trust what it knows, and says why. Before: the feed stayed "trusted" through the retries
-    (nothing was being applied, and the lag counted only records not yet received)."""
+    """A handler that fails (a stand-in for any bug: the failpoint) is retried, its partition waiting behind it:
+    meanwhile the feed is not caught up, so the mount does not trust what it knows, and says why. Before: the
+    feed stayed "trusted" through the retries (nothing was being applied, and the lag counted only records not
+    yet received)."""
     a = mount_factory()
     b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"],
-                      env={"HYBRIDFS_FAILPOINTS": "feed-apply:1"})
+                      env={"HYBRIDFS_FAILPOINTS": "feed-apply:3"})  # 3 tries: the retries outlast the polling
     b.allow_log(r"handling change for .* failed; not committed.*FailpointError: failpoint feed-apply")
     for m in (a, b):
         wait_until(functools.partial(feed_trusted, m), timeout=30, message=f"{m.path}: feed caught up")

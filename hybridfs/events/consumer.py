@@ -217,6 +217,10 @@ class EventConsumer:
             last_failure=next(iter(self._failing.values()), None),
         )
 
+    def consuming(self) -> bool:
+        """A run consumes and no handler waits to be retried (cheap: for every trust decision)."""
+        return self._running and not self._failing
+
     # --- trio side ------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

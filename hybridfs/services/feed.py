@@ -121,7 +121,8 @@ class FeedService:
         self._index_limiter = trio.CapacityLimiter(1)
 
     def trusted(self) -> bool:
-        return self.healthy
+        # Between two checks, a consumer that stopped, or a change that failed, ends trust at once.
+        return self.healthy and self.consumer.consuming()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; run again after a failure (the supervisor does), the consumer resumes at its group's
@@ -249,6 +250,8 @@ class FeedService:
         self.reason = reason or "caught up"
 
     def status(self) -> dict[str, Any]:
+        if self.healthy and not self.consumer.consuming():
+            self.check()  # what trusted() already says: the status says it too, with the reason
         delays = sorted(self._delays)
         return {
             "topic": self.topic,
