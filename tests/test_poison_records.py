@@ -15,10 +15,11 @@ from typing import Any
 
 from confluent_kafka import Producer
 from conftest import MountFactory
-from helpers import Mount, Stack, wait_until
+from helpers import Mount, Stack, run_hybridfs, wait_until
 from test_feed import feed_trusted, read, status, visible_within
 from test_foreign_writes import SLOW_TIMERS, feed_status, minio_record, read_or_none, seen_within, wait_feed_reading
 
+from hybridfs.commands.status import render
 from hybridfs.events.topics import create_topics
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # the poison S3 event record of the issue
@@ -83,12 +84,14 @@ def test_a_restarted_s3_event_consumer_reads_again_from_where_it_was(
 
     wait_until(unhealthy, timeout=10, interval=0.01, message="the S3 event feed unhealthy")
     assert "not consuming" in seen[-1]["reason"], seen[-1]
+    assert render(status(mount) | {"s3_events": seen[-1]}).count("NOT TRUSTED (not consuming: ") == 1
     wait_until(lambda: read_or_none(mount.path / "a") == b"a", timeout=30,
                message="the record that failed, read again by the restarted consumer")
     _produce(stack.bootstrap, topic, (None, minio_record(stack.bucket, mount.key("b"), "s3:ObjectCreated:Put",
                                                          etags["b"], 1)))
     seen_within(lambda: read_or_none(mount.path / "b") == b"b", "a record after the restart")
     wait_until(lambda: feed_status(mount)["healthy"], timeout=10, message="the S3 event feed healthy again")
+    assert f"s3 events  {topic}: caught up (caught up); " in run_hybridfs("status", str(mount.path)).stdout
     assert status(mount)["tasks"]["restarts"] == 3
 
 
