@@ -153,3 +153,28 @@ def test_a_change_that_fails_to_apply_makes_the_feed_untrusted_until_it_is_appli
     wait_until(lambda: read(b.path / "f.txt") == b"applied on the second try", timeout=30,
                message="the change applied on B after the retry")
     wait_until(functools.partial(feed_trusted, b), timeout=10, message="B's feed trusted again")
+
+
+def test_a_restarted_change_feed_resumes_and_is_untrusted_meanwhile(mount_factory: MountFactory) -> None:
+    """The feed fails once it is caught up (a stand-in for any bug: the failpoint, three times): the supervisor
+    starts it again, its consumer joins the group again and resumes at the committed offsets, and while no run
+    consumes the mount falls back to revalidation and says why. Before: the health of the failed run stood
+    ("trusted") until the next run's first check."""
+    a = mount_factory()
+    b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"],
+                      env={"HYBRIDFS_FAILPOINTS": "feed-caught-up:3"})
+    b.allow_log(r"FeedService.run failed .*FailpointError: failpoint feed-caught-up")
+    (a.path / "before.txt").write_bytes(b"made while B's feed fails")
+    seen: list[dict[str, Any]] = []
+
+    def failed_run() -> bool:
+        seen.append(status(b)["feed"])
+        return "the change feed failed" in seen[-1]["reason"]
+
+    wait_until(failed_run, timeout=30, interval=0.01, message="B's feed between two runs")
+    assert seen[-1]["mode"] == "fallback" and "FailpointError" in seen[-1]["reason"], seen[-1]
+    wait_until(lambda: status(b)["tasks"]["restarts"] == 3 and feed_trusted(b), timeout=60,
+               message="B's feed restarted three times and caught up")
+    assert read(b.path / "before.txt") == b"made while B's feed fails"
+    (a.path / "after.txt").write_bytes(b"made after the restarts")
+    visible_within(lambda: read(b.path / "after.txt") == b"made after the restarts", "a change after the restarts")

@@ -49,7 +49,7 @@ from hybridfs.services.feed_schema import (
     encode_change,
     stat_from_attrs_json,
 )
-from hybridfs.tasks import failpoint
+from hybridfs.tasks import describe, failpoint
 
 if TYPE_CHECKING:
     from hybridfs.core.filesystem import Filesystem
@@ -129,6 +129,7 @@ class FeedService:
         committed offsets. Between runs nothing applies the feed: the namespace is not trusted then."""
         if self.index is None:
             await self._load_index()
+        failure = None
         try:
             async with trio.open_nursery() as nursery:
                 if self.index is not None:
@@ -137,8 +138,11 @@ class FeedService:
                 await nursery.start(self.consumer.run)
                 nursery.start_soon(self._watch)
                 task_status.started()
+        except Exception as exc:
+            failure = f"the change feed failed ({describe(exc)})"[:300]
+            raise
         finally:
-            self._set_health(f"not consuming: {self.consumer.stats().stopped or 'stopped'}")
+            self._set_health(f"not consuming: {failure or self.consumer.stats().stopped or 'stopped'}")
 
     async def handle(self, change: Change) -> None:
         if self.index is not None:
@@ -231,6 +235,8 @@ class FeedService:
     async def _watch(self) -> None:
         while True:
             self.check()
+            if self.healthy:
+                failpoint("feed-caught-up")  # tests: a bug that ends a running feed (its restart)
             await trio.sleep(CHECK_INTERVAL)
 
     def check(self) -> None:
