@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+import time
+from typing import Any, cast
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from conftest import MountFactory
 from helpers import Mount, Stack, run_hybridfs, wait_until
 from test_feed import feed_trusted, read, status, visible_within
@@ -178,3 +179,46 @@ def test_a_restarted_change_feed_resumes_and_is_untrusted_meanwhile(mount_factor
     assert read(b.path / "before.txt") == b"made while B's feed fails"
     (a.path / "after.txt").write_bytes(b"made after the restarts")
     visible_within(lambda: read(b.path / "after.txt") == b"made after the restarts", "a change after the restarts")
+
+
+def test_a_change_record_too_big_to_copy_whole_is_dead_lettered_without_its_value(mount_factory: MountFactory,
+                                                                                  stack: Stack) -> None:
+    """A record as big as the broker takes (1 MB) cannot be copied whole to the dead-letter topic (the copy adds
+    headers): it is set aside with its headers and reason and without its value, and the feed goes on. Before:
+    the copy failed ("Message size too large") and was retried forever, so the feed never committed past it and
+    applied nothing after it."""
+    a = mount_factory()
+    b = mount_factory(extra_args=["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"])
+    for m in (a, b):
+        m.allow_log(r"invalid event: value is 1000000 bytes, over the limit of 65536 from .*\.changes\[\d+\]@\d+: "
+                    r"sent to the dead-letter topic")
+        m.allow_log(r"too large for the dead-letter topic .*: set aside without its value")
+        wait_until(functools.partial(feed_trusted, m), timeout=30, message=f"{m.path}: feed caught up")
+    _produce(stack.bootstrap, f"{b.topic_prefix}.changes", (b.key("big.txt").encode(), b"x" * 1_000_000))
+    wait_until(lambda: status(b)["feed"]["consumer"]["dead_lettered"] == 1, timeout=20,
+               message="the big record set aside on B")
+    (a.path / "after.txt").write_bytes(b"still applied")
+    visible_within(lambda: read(b.path / "after.txt") == b"still applied", "a change after the big record")
+    copies = _dead_letters(stack.bootstrap, f"{b.topic_prefix}.dead-letter", count=2)  # one from each mount
+    for headers, key, value in copies:
+        assert key == b.key("big.txt").encode() and value is None, (key, value)
+        assert headers["hybridfs.dlq.dropped"] == b"value of 1000000 bytes, key of %d bytes, headers" % len(key)
+        assert headers["hybridfs.dlq.reason"].startswith(b"invalid event: value is 1000000 bytes"), headers
+
+
+def _dead_letters(bootstrap: str, topic: str, count: int) -> list[tuple[dict[str, bytes], bytes | None, bytes | None]]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-dead-letters", "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest"})
+    found: list[tuple[dict[str, bytes], bytes | None, bytes | None]] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 20
+        while len(found) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                headers = cast(list[tuple[str, bytes]], msg.headers() or [])
+                found.append((dict(headers), msg.key(), msg.value()))
+    finally:
+        consumer.close()
+    assert len(found) == count, found
+    return found

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from hybridfs.events.schema import Event, InvalidEvent, RejectEvent, decode
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
@@ -393,21 +393,38 @@ class EventConsumer:
         # outage is the consumer's own WARNING).
         retry = Retrying(dataclasses.replace(self._policy, info_at=5, warn_at=None), log,
                          f"dead-lettering {where} failed")
+        whole = True
         while True:
-            err = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, limiter=self.dead_letter_limiter)
-            if err is None:
+            failed = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, whole,
+                                                   limiter=self.dead_letter_limiter)
+            if failed is None:
                 retry.succeeded()
                 self._dead_lettered += 1
                 return
-            await retry.wait(err)
+            error, too_large = failed
+            if too_large and whole:
+                # The copy adds headers to a record as big as the broker takes: it can never be sent whole, and
+                # retrying it would hold up the partition for good. The reason and where it was still go.
+                log.warning("%s is too large for the dead-letter topic %s (%s): set aside without its value",
+                            where, self.dead_letter_topic, error)
+                whole = False
+                continue
+            await retry.wait(error)
 
-    def _dead_letter_sync(self, msg: Message, reason: str) -> str | None:
+    def _dead_letter_sync(self, msg: Message, reason: str, whole: bool = True) -> tuple[str, bool] | None:
+        """Copy ``msg`` to the dead-letter topic (``whole``: with its value, key and headers; else with only its
+        key, when short, and where it came from). None when Kafka took it; else (error, the copy is too large)."""
         producer = self._dlq_producer
         if producer is None:
-            return "consumer stopping"
+            return "consumer stopping", False
         result: list[KafkaError | None] = []
         headers: list[tuple[str, str | bytes | None]] = []
         original = msg.headers()
+        key, value = msg.key(), msg.value()
+        if not whole:
+            headers.append(("hybridfs.dlq.dropped", f"value of {len(value or b'')} bytes, key of "
+                            f"{len(key or b'')} bytes, headers".encode()))
+            key, value, original = (key if key is not None and len(key) <= 1024 else None), None, None
         if isinstance(original, dict):
             headers.extend(original.items())
         elif original:
@@ -423,18 +440,20 @@ class EventConsumer:
         try:
             producer.produce(
                 self.dead_letter_topic,
-                value=msg.value(),
-                key=msg.key(),
+                value=value,
+                key=key,
                 headers=headers,
                 on_delivery=lambda err, _m: result.append(err),
             )
             producer.flush(5)
-        except Exception as exc:  # BufferError, KafkaException: retried by the caller
-            return str(exc)
+        except KafkaException as exc:  # retried by the caller
+            return str(exc), _too_large(exc.args[0] if exc.args else None)
+        except Exception as exc:  # BufferError: retried by the caller
+            return str(exc), False
         if not result:
-            return "no delivery report"
+            return "no delivery report", False
         err = result[0]
-        return None if err is None else err.str()
+        return None if err is None else (err.str(), _too_large(err))
 
     def _finish(self, msg: Message, epoch: int) -> None:
         key = (msg.topic() or "", msg.partition() or 0, epoch)
@@ -666,6 +685,12 @@ class EventConsumer:
 def _kind(item: object) -> str:
     kind = getattr(item, "type", None)
     return f"{kind} event" if isinstance(kind, str) else type(item).__name__.lower()
+
+
+def _too_large(err: object) -> bool:
+    """A copy that no retry can send: larger than the producer's or the broker's message limit."""
+    return isinstance(err, KafkaError) and err.code() in (KafkaError.MSG_SIZE_TOO_LARGE,
+                                                          KafkaError.RECORD_LIST_TOO_LARGE)
 
 
 def _rejection(exc: BaseException) -> RejectEvent | None:
