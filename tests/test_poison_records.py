@@ -149,7 +149,7 @@ def test_a_change_that_fails_to_apply_makes_the_feed_untrusted_until_it_is_appli
 
     (a.path / "f.txt").write_bytes(b"applied on the second try")
     wait_until(untrusted, timeout=10, interval=0.01, message="B's feed untrusted while the change is retried")
-    assert "a change failed to apply and is retried" in seen[-1]["reason"], seen[-1]
+    assert "a record is held up, retrying (applying change for " in seen[-1]["reason"], seen[-1]
     assert "FailpointError" in seen[-1]["reason"], seen[-1]
     wait_until(lambda: read(b.path / "f.txt") == b"applied on the second try", timeout=30,
                message="the change applied on B after the retry")

@@ -73,8 +73,8 @@ class ConsumerStats:
     lag_age: float | None = None  # seconds since the lag was last measured (None: never)
     running: bool = False  # a run is consuming (between restarts: False)
     stopped: str | None = None  # why not: the last run's failure, or "not started"
-    failing: int = 0  # messages whose handler failed and waits to be retried (their key is held up)
-    last_failure: str | None = None  # the error of one of them
+    failing: int = 0  # messages held up: their handler, or their dead-letter copy, failed and is retried
+    last_failure: str | None = None  # what failed for one of them
 
 
 class _PartitionTrack:
@@ -199,7 +199,7 @@ class EventConsumer:
         self._warned: set[int] = set()
         self._running = False
         self._stopped: str | None = "not started"
-        self._failing: dict[str, str] = {}  # where -> the error of a handler waiting to be retried
+        self._failing: dict[str, str] = {}  # where -> what failed for a message held up (handler, dead letter)
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
@@ -218,7 +218,7 @@ class EventConsumer:
         )
 
     def consuming(self) -> bool:
-        """A run consumes and no handler waits to be retried (cheap: for every trust decision)."""
+        """A run consumes and no message is held up by a retry (cheap: for every trust decision)."""
         return self._running and not self._failing
 
     # --- trio side ------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class EventConsumer:
                         return True
                     self._handler_failures += 1
                     # Until it succeeds, this key (and with concurrency 1, the partition) waits: say so in stats.
-                    self._failing[where] = f"{what}: {type(exc).__name__}: {exc}"[:300]
+                    self._failing[where] = f"applying {what}: {type(exc).__name__}: {exc}"[:300]
                     await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
                     continue
                 self._handled += 1
@@ -394,22 +394,26 @@ class EventConsumer:
         retry = Retrying(dataclasses.replace(self._policy, info_at=5, warn_at=None), log,
                          f"dead-lettering {where} failed")
         whole = True
-        while True:
-            failed = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, whole,
-                                                   limiter=self.dead_letter_limiter)
-            if failed is None:
-                retry.succeeded()
-                self._dead_lettered += 1
-                return
-            error, too_large = failed
-            if too_large and whole:
-                # The copy adds headers to a record as big as the broker takes: it can never be sent whole, and
-                # retrying it would hold up the partition for good. The reason and where it was still go.
-                log.warning("%s is too large for the dead-letter topic %s (%s): set aside without its value",
-                            where, self.dead_letter_topic, error)
-                whole = False
-                continue
-            await retry.wait(error)
+        try:
+            while True:
+                failed = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, whole,
+                                                       limiter=self.dead_letter_limiter)
+                if failed is None:
+                    retry.succeeded()
+                    self._dead_lettered += 1
+                    return
+                error, too_large = failed
+                if too_large and whole:
+                    # The copy adds headers to a record as big as the broker takes: it can never be sent whole,
+                    # and retrying it would hold up the partition for good. The reason and where it was still go.
+                    log.warning("%s is too large for the dead-letter topic %s (%s): set aside without its value",
+                                where, self.dead_letter_topic, error)
+                    whole = False
+                    continue
+                self._failing[where] = f"dead-lettering {where}: {error}"[:300]  # held up until Kafka takes it
+                await retry.wait(error)
+        finally:
+            self._failing.pop(where, None)
 
     def _dead_letter_sync(self, msg: Message, reason: str, whole: bool = True) -> tuple[str, bool] | None:
         """Copy ``msg`` to the dead-letter topic (``whole``: with its value, key and headers; else with only its

@@ -226,7 +226,7 @@ class FeedService:
         if stats.lag is not None and stats.lag > MAX_LAG:
             return f"lag {stats.lag} > {MAX_LAG} records"
         if stats.failing:
-            return f"not consuming: a change failed to apply and is retried ({stats.last_failure})"
+            return f"not consuming: a record is held up, retrying ({stats.last_failure})"
         oldest = min(self._applying.values(), default=None)
         if oldest is not None and time.monotonic() - oldest > MAX_APPLY_SECONDS:
             return f"a change has been applying for {time.monotonic() - oldest:.1f}s"
