@@ -180,6 +180,12 @@ def render(status: dict[str, Any]) -> str:
                      f"({feed.get('reason', '?')}); {feed.get('applied', 0)} changes applied"
                      f"{'' if delay is None else f', p50 {delay} ms after they were made'}, "
                      f"{feed.get('published', 0)} published, lag {_lag((feed.get('consumer') or {}).get('lag'))}")
+    foreign = status.get("s3_events") or {}
+    if foreign:
+        state = "caught up" if foreign.get("healthy") else "NOT TRUSTED"
+        lines.append(f"s3 events  {foreign.get('topic', '?')}: {state} ({foreign.get('reason', '?')}); "
+                     f"{foreign.get('received', 0)} read, {foreign.get('applied', 0)} applied, "
+                     f"{foreign.get('bad_records', 0)} unreadable skipped, lag {_lag(foreign.get('lag'))}")
     hydrator = _get(status, "services", "hydrator") or {}
     purger = _get(status, "services", "purger") or {}
     if hydrator:

@@ -12,11 +12,15 @@ Delivery is at least once. A partition's offset is committed only past messages 
 (or that were set aside): with concurrent handlers the commit is the lowest offset still in progress.
 
 * Bad input (undecodable, or the handler raises :class:`RejectEvent`/:class:`InvalidEvent`): one WARNING
-  saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit.
+  saying why, the original bytes go to the dead-letter topic with the reason in headers, then the commit. A
+  decoder that raises anything else has a bug: ERROR with the traceback, and the record is set aside the same
+  way (decoding it again gives the same answer: retrying would stop its partition for good).
 * Any other handler exception: ERROR with the traceback, no commit, and the handler is called again for the
   same event after a backoff (the retry policy, hybridfs/retry.py: up to ``max_backoff``, jittered). The mount
   keeps running.
 * Kafka unreachable: one WARNING, one INFO when it is back; librdkafka retries on its own meanwhile.
+* ``run`` failed (a bug) and started again: it joins the group again and resumes at the committed offsets;
+  ``stats().running`` is False (and ``stopped`` says why) while no run consumes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from hybridfs.events.schema import Event, InvalidEvent, RejectEvent, decode
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
@@ -67,6 +71,10 @@ class ConsumerStats:
     lag: int | None  # messages on the broker not yet finished by this consumer group member
     reachable: bool | None
     lag_age: float | None = None  # seconds since the lag was last measured (None: never)
+    running: bool = False  # a run is consuming (between restarts: False)
+    stopped: str | None = None  # why not: the last run's failure, or "not started"
+    failing: int = 0  # messages held up: their handler, or their dead-letter copy, failed and is retried
+    last_failure: str | None = None  # what failed for one of them
 
 
 class _PartitionTrack:
@@ -189,6 +197,9 @@ class EventConsumer:
         self._lag: int | None = None
         self._reachable: bool | None = None
         self._warned: set[int] = set()
+        self._running = False
+        self._stopped: str | None = "not started"
+        self._failing: dict[str, str] = {}  # where -> what failed for a message held up (handler, dead letter)
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
@@ -200,13 +211,44 @@ class EventConsumer:
             lag=self._lag,
             reachable=self._reachable,
             lag_age=None if self._lag_at is None else time.monotonic() - self._lag_at,
+            running=self._running,
+            stopped=self._stopped,
+            failing=len(self._failing),
+            last_failure=next(iter(self._failing.values()), None),
         )
+
+    def consuming(self) -> bool:
+        """A run consumes and no message is held up by a retry (cheap: for every trust decision)."""
+        return self._running and not self._failing
 
     # --- trio side ------------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Consume until cancelled. Run again after a failure, it joins the group again and resumes at the
+        committed offsets (what was handed over and not finished is delivered again: at least once)."""
         self._token = trio.lowlevel.current_trio_token()
         consumer = self._new_consumer()  # bad settings fail here, before started()
+        self._reset_run_state()
+        try:
+            await self._run(consumer, task_status)
+        except Exception as exc:
+            self._stopped = f"the consumer failed ({type(exc).__name__}: {exc})"[:300]
+            raise
+        finally:
+            self._running = False
+            self._stopped = self._stopped or "stopped"
+
+    def _reset_run_state(self) -> None:
+        """What an earlier run left is not this run's: messages it had queued for its dispatcher were dropped
+        with it (never committed: delivered again), so they count neither as outstanding nor as lag."""
+        with self._outstanding_lock:
+            self._outstanding = 0
+        self._tracks.clear()
+        self._next_offsets.clear()
+        self._lag, self._lag_at, self._assigned = None, None, 0
+        self._running, self._stopped = True, None
+
+    async def _run(self, consumer: Consumer, task_status: trio.TaskStatus[None]) -> None:
         self._dlq_producer = Producer(
             client_config(
                 self.bootstrap,
@@ -230,8 +272,10 @@ class EventConsumer:
                         send.close()  # the thread ended without being cancelled: let the dispatcher finish
                         return
                     except Exception as exc:
+                        self._running, self._stopped = False, f"the kafka consumer failed ({exc}); restarting"[:300]
                         await restarts.wait(exc)
                     consumer = self._new_consumer()
+                    self._running, self._stopped = True, None
         finally:
             self._stop.set()
             send.close()
@@ -313,24 +357,35 @@ class EventConsumer:
         except InvalidEvent as exc:
             await self._set_aside(msg, f"invalid event: {exc.reason}", where)
             return True
+        except Exception as exc:
+            # A bug in the decoder. Decoding again gives the same answer, so retrying would stop the partition
+            # for good (and a compacted topic replays the record to every new mount): set it aside too.
+            log.error("decoding %s failed (a bug in the decoder)", where, exc_info=True)
+            await self._set_aside(msg, f"undecodable: {type(exc).__name__}: {exc}"[:300], where)
+            return True
         what = f"{_kind(event)} for {getattr(event, 'key', '?')!r}"
         retry = Retrying(self._policy, log, f"handling {what} ({where}) failed; not committed")
-        while True:
-            try:
-                await self.handler(event)
-            except Exception as exc:
-                rejected = _rejection(exc)
-                if rejected is not None:
-                    await self._set_aside(
-                        msg, f"rejected {_kind(event)} for {getattr(event, 'key', '?')!r}: {rejected.reason}",
-                        where,
-                    )
-                    return True
-                self._handler_failures += 1
-                await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
-                continue
-            self._handled += 1
-            return True
+        try:
+            while True:
+                try:
+                    await self.handler(event)
+                except Exception as exc:
+                    rejected = _rejection(exc)
+                    if rejected is not None:
+                        await self._set_aside(
+                            msg, f"rejected {_kind(event)} for {getattr(event, 'key', '?')!r}: {rejected.reason}",
+                            where,
+                        )
+                        return True
+                    self._handler_failures += 1
+                    # Until it succeeds, this key (and with concurrency 1, the partition) waits: say so in stats.
+                    self._failing[where] = f"applying {what}: {type(exc).__name__}: {exc}"[:300]
+                    await retry.wait(exc)  # a handler waits out outages itself: what reaches here is an ERROR
+                    continue
+                self._handled += 1
+                return True
+        finally:
+            self._failing.pop(where, None)
 
     async def _set_aside(self, msg: Message, reason: str, where: str) -> None:
         log.warning("%s from %s: sent to the dead-letter topic %s", reason, where, self.dead_letter_topic)
@@ -338,21 +393,42 @@ class EventConsumer:
         # outage is the consumer's own WARNING).
         retry = Retrying(dataclasses.replace(self._policy, info_at=5, warn_at=None), log,
                          f"dead-lettering {where} failed")
-        while True:
-            err = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, limiter=self.dead_letter_limiter)
-            if err is None:
-                retry.succeeded()
-                self._dead_lettered += 1
-                return
-            await retry.wait(err)
+        whole = True
+        try:
+            while True:
+                failed = await trio.to_thread.run_sync(self._dead_letter_sync, msg, reason, whole,
+                                                       limiter=self.dead_letter_limiter)
+                if failed is None:
+                    retry.succeeded()
+                    self._dead_lettered += 1
+                    return
+                error, too_large = failed
+                if too_large and whole:
+                    # The copy adds headers to a record as big as the broker takes: it can never be sent whole,
+                    # and retrying it would hold up the partition for good. The reason and where it was still go.
+                    log.warning("%s is too large for the dead-letter topic %s (%s): set aside without its value",
+                                where, self.dead_letter_topic, error)
+                    whole = False
+                    continue
+                self._failing[where] = f"dead-lettering {where}: {error}"[:300]  # held up until Kafka takes it
+                await retry.wait(error)
+        finally:
+            self._failing.pop(where, None)
 
-    def _dead_letter_sync(self, msg: Message, reason: str) -> str | None:
+    def _dead_letter_sync(self, msg: Message, reason: str, whole: bool = True) -> tuple[str, bool] | None:
+        """Copy ``msg`` to the dead-letter topic (``whole``: with its value, key and headers; else with only its
+        key, when short, and where it came from). None when Kafka took it; else (error, the copy is too large)."""
         producer = self._dlq_producer
         if producer is None:
-            return "consumer stopping"
+            return "consumer stopping", False
         result: list[KafkaError | None] = []
         headers: list[tuple[str, str | bytes | None]] = []
         original = msg.headers()
+        key, value = msg.key(), msg.value()
+        if not whole:
+            headers.append(("hybridfs.dlq.dropped", f"value of {len(value or b'')} bytes, key of "
+                            f"{len(key or b'')} bytes, headers".encode()))
+            key, value, original = (key if key is not None and len(key) <= 1024 else None), None, None
         if isinstance(original, dict):
             headers.extend(original.items())
         elif original:
@@ -368,18 +444,20 @@ class EventConsumer:
         try:
             producer.produce(
                 self.dead_letter_topic,
-                value=msg.value(),
-                key=msg.key(),
+                value=value,
+                key=key,
                 headers=headers,
                 on_delivery=lambda err, _m: result.append(err),
             )
             producer.flush(5)
-        except Exception as exc:  # BufferError, KafkaException: retried by the caller
-            return str(exc)
+        except KafkaException as exc:  # retried by the caller
+            return str(exc), _too_large(exc.args[0] if exc.args else None)
+        except Exception as exc:  # BufferError: retried by the caller
+            return str(exc), False
         if not result:
-            return "no delivery report"
+            return "no delivery report", False
         err = result[0]
-        return None if err is None else err.str()
+        return None if err is None else (err.str(), _too_large(err))
 
     def _finish(self, msg: Message, epoch: int) -> None:
         key = (msg.topic() or "", msg.partition() or 0, epoch)
@@ -611,6 +689,12 @@ class EventConsumer:
 def _kind(item: object) -> str:
     kind = getattr(item, "type", None)
     return f"{kind} event" if isinstance(kind, str) else type(item).__name__.lower()
+
+
+def _too_large(err: object) -> bool:
+    """A copy that no retry can send: larger than the producer's or the broker's message limit."""
+    return isinstance(err, KafkaError) and err.code() in (KafkaError.MSG_SIZE_TOO_LARGE,
+                                                          KafkaError.RECORD_LIST_TOO_LARGE)
 
 
 def _rejection(exc: BaseException) -> RejectEvent | None:

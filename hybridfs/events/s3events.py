@@ -14,10 +14,13 @@ Accepted shapes of one Kafka message value (JSON):
 * EventBridge: ``{"source": "aws.s3", "detail-type": "Object Created" | "Object Deleted", "detail":
   {"bucket": {"name": ...}, "object": {"key": ..., "etag": ..., "size": ...}}}``
 
-Error boundary (as in :mod:`hybridfs.events.consumer`): a record that cannot be read is logged (WARNING, why and
-where) and skipped; a handler that raises is a bug, logged with its traceback, and the record is skipped (the
-metadata timers still bound how long the change stays unseen). Nothing here ends the mount. Kafka unreachable:
-one WARNING, one INFO when it is back.
+Error boundary (as in :mod:`hybridfs.events.consumer`): a record that cannot be read, of any size, shape or
+nesting, is logged once (WARNING, why and where), counted (``bad_records``) and skipped — the topic is not ours,
+so there is no dead-letter copy; a handler that raises is a bug, logged with its traceback, and the record is
+skipped (the metadata timers still bound how long the change stays unseen). Nothing here ends the mount. Kafka
+unreachable: one WARNING, one INFO when it is back. A run that fails anyway (a bug) is started again by the
+supervisor: it assigns its partitions again and reads on after the last message handled; meanwhile the feed
+is not healthy (``stats().running``), so the namespace is not trusted.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from hybridfs.events.consumer import run_consumer_thread
 from hybridfs.events.topics import RdKafkaLogger, client_config, is_unreachable_error
+from hybridfs.tasks import describe, failpoint
 
 __all__ = ["BadRecord", "S3Change", "S3EventFeed", "S3FeedStats", "parse_s3_events"]
 
@@ -46,6 +50,8 @@ START_MARGIN = 5.0  # seconds before the mount's start from which records are re
 _PARTITION_CHECK = 10.0  # seconds between looks for partitions added to the topic
 _LAG_INTERVAL = 1.0
 _BATCH = 500  # messages per hand-over to trio
+# A notification is a few KiB (one record; S3 batches at most a few). Far more is garbage, not worth parsing.
+MAX_RECORD_BYTES = 1024 * 1024
 
 
 class BadRecord(ValueError):
@@ -73,14 +79,19 @@ class S3Change:
 def parse_s3_events(value: bytes | None) -> list[S3Change]:
     """The created/removed changes in one message value; other events (tagging, ACLs, restores) give nothing.
 
-    Raises :class:`BadRecord` when the value is not one of the accepted shapes.
+    Total: raises :class:`BadRecord` (never anything else) when the value is not one of the accepted shapes,
+    whatever its size, nesting or types.
     """
     if not value:
         raise BadRecord("empty message")
+    if len(value) > MAX_RECORD_BYTES:
+        raise BadRecord(f"{len(value)} bytes, over the limit of {MAX_RECORD_BYTES}")
     try:
         doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRecord(f"not JSON ({exc})") from None
+    except RecursionError:  # json's C scanner nests on the C stack: bounded by the recursion limit
+        raise BadRecord("JSON nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError, and integers of more than 4300 digits, are ValueErrors
+        raise BadRecord(f"not JSON ({exc})"[:300]) from None
     if not isinstance(doc, dict):
         raise BadRecord(f"a JSON {type(doc).__name__}, not an object")
     if "Records" in doc:
@@ -118,8 +129,7 @@ def _from_record(record: object) -> S3Change | None:
     s3 = _table(record, "s3")
     bucket = _text(_table(s3, "bucket"), "name", "s3.bucket.name")
     obj = _table(s3, "object")
-    # S3 (and MinIO, Ceph) URL-encode the key in records, spaces as '+'.
-    key = urllib.parse.unquote_plus(_text(obj, "key", "s3.object.key"))
+    key = _object_key(obj, "s3.object.key")
     source = record.get("source")
     agent = source.get("userAgent") if isinstance(source, dict) else None
     return S3Change(removed=removed, bucket=bucket, key=key, etag=_etag(obj.get("eTag")), size=_size(obj.get("size")),
@@ -134,11 +144,11 @@ def _from_eventbridge(doc: dict[str, Any]) -> S3Change | None:
     detail = doc["detail"]
     bucket = _text(_table(detail, "bucket"), "name", "detail.bucket.name")
     obj = _table(detail, "object")
-    # EventBridge's keys are URL-encoded like the records' ones.
-    key = urllib.parse.unquote_plus(_text(obj, "key", "detail.object.key"))
+    key = _object_key(obj, "detail.object.key")
+    reason = _optional_text(detail.get("reason")) or ""  # never formatted unless text: repr of any shape may fail
     return S3Change(removed=kind == "Object Deleted", bucket=bucket, key=key, etag=_etag(obj.get("etag")),
                     size=_size(obj.get("size")), sequencer=_optional_text(obj.get("sequencer")),
-                    event_name=f"EventBridge:{kind}:{detail.get('reason', '')}")
+                    event_name=f"EventBridge:{kind}:{reason}")
 
 
 def _table(parent: dict[str, Any], name: str) -> dict[str, Any]:
@@ -153,6 +163,16 @@ def _text(parent: dict[str, Any], name: str, where: str) -> str:
     if not isinstance(text, str) or not text:
         raise BadRecord(f"a record has no '{where}'")
     return text
+
+
+def _object_key(obj: dict[str, Any], where: str) -> str:
+    # S3 (and MinIO, Ceph, EventBridge) URL-encode the key in records, spaces as '+'.
+    key = urllib.parse.unquote_plus(_text(obj, "key", where))
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\udXXX" escape: no S3 key is that
+        raise BadRecord(f"'{where}' is not valid UTF-8") from None
+    return key
 
 
 def _optional_text(value: object) -> str | None:
@@ -177,6 +197,9 @@ class S3FeedStats:
     lag: int | None  # messages on the broker not yet read
     last_poll_age: float | None  # seconds since the consumer thread last polled
     reachable: bool | None
+    running: bool = False  # a consumer thread of this feed is reading now
+    assigned: int = 0  # partitions it reads
+    stopped: str | None = None  # why it does not run: the last run's failure, or "not started"
 
 
 ChangeHandler = Callable[[S3Change], Awaitable[None]]
@@ -201,10 +224,14 @@ class S3EventFeed:
         self.start_time = time.time() if start_time is None else start_time
         self.poll_timeout = poll_timeout
         self.close_timeout = close_timeout
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # of the current run; each run has its own
         self._token: trio.lowlevel.TrioToken | None = None
-        self._assigned: set[int] = set()
-        self._assigned_at: dict[int, int] = {}  # partition -> the offset it was assigned at (its lag's start)
+        self._assigned: set[int] = set()  # partitions of the current run's consumer (thread-owned)
+        self._assigned_at: dict[int, int] = {}  # partition -> the offset it was first assigned at (thread-owned)
+        # partition -> the offset after the last message handled (trio-owned): where a restarted run resumes.
+        self._positions: dict[int, int] = {}
+        self._running = False
+        self._stopped: str | None = "not started"
         self._received = 0
         self._changes = 0
         self._bad = 0
@@ -218,16 +245,32 @@ class S3EventFeed:
         age = None if self._last_poll is None else round(time.monotonic() - self._last_poll, 3)
         return S3FeedStats(topic=self.topic, received=self._received, changes=self._changes, bad_records=self._bad,
                            handler_failures=self._handler_failures, lag=self._lag, last_poll_age=age,
-                           reachable=self._reachable)
+                           reachable=self._reachable, running=self._running, assigned=len(self._assigned),
+                           stopped=self._stopped)
 
     # -- trio side
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read until cancelled. Run again after a failure (the supervisor does), it takes its partitions back
+        and reads on from the position of each: after the last message handled, so a record that was handed
+        over when the run failed is read again, and one handled is not."""
         self._token = trio.lowlevel.current_trio_token()
         consumer = self._new_consumer()  # bad settings fail here, before started()
+        # A stop event of this run's own: a thread of an earlier run, abandoned while stuck in librdkafka,
+        # keeps the one that told it to stop.
+        stop = self._stop = threading.Event()
+        self._lag = None  # measured anew by this run's consumer
+        self._running, self._stopped = True, None
         task_status.started()
-        await run_consumer_thread(functools.partial(self._thread_main, consumer), self._token, self._stop,
-                                  self.close_timeout)
+        try:
+            await run_consumer_thread(functools.partial(self._thread_main, consumer, stop), self._token, stop,
+                                      self.close_timeout)
+        except Exception as exc:
+            self._stopped = f"the consumer failed ({describe(exc)})"[:300]
+            raise
+        finally:
+            self._running = False
+            self._stopped = self._stopped or "stopped"
 
     def _new_consumer(self) -> Consumer:
         conf = client_config(
@@ -240,16 +283,25 @@ class S3EventFeed:
         return Consumer(conf)
 
     async def _deliver(self, messages: list[Message]) -> None:
+        failpoint("s3-events")
         for msg in messages:
             await self._handle(msg)
+            # Handled (or skipped): a restarted run starts after it, so no record is logged or applied twice.
+            self._positions[msg.partition() or 0] = (msg.offset() or 0) + 1
 
     async def _handle(self, msg: Message) -> None:
+        """Apply one message; never raises for its content (the S3 event topic is not ours: no dead-letter
+        copy, so a record that cannot be read is logged once, counted and skipped)."""
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         try:
             changes = parse_s3_events(msg.value())
         except BadRecord as exc:
             self._bad += 1
             log.warning("skipping an unreadable S3 event record at %s: %s", where, exc.reason)
+            return
+        except Exception:  # a bug in the parser: skip the record, never stop reading for it
+            self._bad += 1
+            log.exception("skipping an S3 event record at %s that the parser failed on", where)
             return
         for change in changes:
             if change.bucket != self.bucket:
@@ -263,11 +315,12 @@ class S3EventFeed:
 
     # -- the consumer thread
 
-    def _thread_main(self, consumer: Consumer) -> None:
+    def _thread_main(self, consumer: Consumer, stop: threading.Event) -> None:
         next_partition_check = 0.0
         next_lag = 0.0
+        self._assigned = set()  # a new consumer has nothing assigned: every partition is assigned again
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 now = time.monotonic()
                 if now >= next_partition_check:
                     next_partition_check = now + (_PARTITION_CHECK if self._assigned else 1.0)
@@ -318,22 +371,34 @@ class S3EventFeed:
         new = sorted(set(topic.partitions) - self._assigned)
         if not new:
             return
-        first = not self._assigned
+        first = not self._assigned_at  # this feed's first assignment ever (not a restarted run's)
         start_ms = int((self.start_time - START_MARGIN) * 1000)
         # Partitions known at start: from just before the mount started (what happened before, the mount
-        # learns from S3). Partitions added later: from their beginning.
-        wanted = [TopicPartition(self.topic, p, start_ms if first else OFFSET_BEGINNING) for p in new]
-        if first:
+        # learns from S3). Partitions added later: from their beginning. A restarted run: where each was.
+        resumed = [TopicPartition(self.topic, p, self._resume_offset(p)) for p in new]
+        wanted = [TopicPartition(self.topic, tp.partition, start_ms if first else OFFSET_BEGINNING)
+                  for tp in resumed if tp.offset < 0]
+        if first and wanted:
             try:
                 wanted = [self._at_end_if_none(consumer, tp) for tp in consumer.offsets_for_times(wanted, timeout=5.0)]
             except Exception as exc:
                 log.debug("S3 events: offsets_for_times failed (%s); retrying", exc)
                 return
+        wanted += [tp for tp in resumed if tp.offset >= 0]
         consumer.incremental_assign(wanted)
         self._assigned.update(new)
-        self._assigned_at.update({tp.partition: tp.offset for tp in wanted})
+        for tp in wanted:
+            self._assigned_at.setdefault(tp.partition, tp.offset)
         log.info("reading S3 event records from %s (partitions %s)", self.topic,
                  ", ".join(f"{tp.partition}@{tp.offset}" for tp in wanted))
+
+    def _resume_offset(self, partition: int) -> int:
+        """Where a restarted run reads ``partition`` from (-1: nowhere yet, the partition is new to this feed):
+        after the last message handled, else where the first run was assigned it (nothing read since)."""
+        handled = self._positions.get(partition)
+        if handled is not None:
+            return handled
+        return self._assigned_at.get(partition, -1)
 
     def _at_end_if_none(self, consumer: Consumer, tp: TopicPartition) -> TopicPartition:
         """No record since the start time comes back as -1 (the end): assign the end's own offset instead, so
@@ -357,7 +422,7 @@ class S3EventFeed:
                 if tp.offset >= 0:
                     position = tp.offset
                 else:  # nothing read yet: where it was assigned (OFFSET_BEGINNING for a partition added later)
-                    start = self._assigned_at.get(tp.partition, -1)
+                    start = self._resume_offset(tp.partition)
                     position = start if start >= 0 else low
                 total += max(0, high - position)
             self._lag = total

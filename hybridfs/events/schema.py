@@ -188,6 +188,19 @@ def encode(event: Event) -> bytes:
 # --- decoding untrusted input -------------------------------------------------------------------------------
 
 
+def _show(value: object, limit: int = 80) -> str:
+    """``value`` for a reason text: repr of a scalar (cut to ``limit``), the type of anything else (repr of a
+    nested value from untrusted JSON can be huge, or deeper than the recursion limit)."""
+    if value is None or isinstance(value, str | bool | float):
+        return repr(value)[:limit]
+    if isinstance(value, int):
+        return repr(value)[:limit] if value.bit_length() < 256 else "a huge integer"
+    try:
+        return json.dumps(value)[:limit]
+    except (RecursionError, ValueError, TypeError):
+        return "a deeply nested JSON value"
+
+
 def _reject_constant(name: str) -> Any:
     raise InvalidEvent(f"JSON constant {name} is not allowed")
 
@@ -196,7 +209,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise InvalidEvent(f"duplicate member {k!r}")
+            raise InvalidEvent(f"duplicate member {_show(k)}")
         out[k] = v
     return out
 
@@ -281,7 +294,7 @@ def decode(raw: bytes, *, allowed_prefix: str) -> Event:
 
     etype = obj.get("type")
     if not isinstance(etype, str) or etype not in EVENT_TYPES:
-        raise InvalidEvent(f"unknown type {etype!r}"[:200])
+        raise InvalidEvent(f"unknown type {_show(etype)}")
 
     for required in ("key", "etag", "size", "reason", "origin", "time", "id"):
         if required not in obj:
@@ -298,7 +311,7 @@ def decode(raw: bytes, *, allowed_prefix: str) -> Event:
         if type(size) is not int:
             raise InvalidEvent(f"size must be an integer or null, not {type(size).__name__}")
         if size < 0 or size > MAX_OBJECT_SIZE:
-            raise InvalidEvent(f"size {size} is out of range (0 to 5 TiB)")
+            raise InvalidEvent(f"size {_show(size)} is out of range (0 to 5 TiB)")
 
     reason = _sane_text(obj["reason"], "reason", limit=64)
     origin = _sane_text(obj["origin"], "origin")

@@ -36,6 +36,7 @@ from hybridfs.events.schema import (
     _no_duplicates,
     _reject_constant,
     _sane_text,
+    _show,
     topic_names,
     validate_key,
 )
@@ -150,13 +151,14 @@ def _time_ns(obj: dict[str, Any], name: str, *, required: bool = True) -> int | 
 def _stat(attrs: object, key: str) -> tuple[Stat, str | None]:
     if not isinstance(attrs, dict):
         raise InvalidEvent(f"attrs must be an object or null, not {type(attrs).__name__}")
-    kind = _TYPES.get(attrs.get("type"))  # type: ignore[arg-type]
+    name = attrs.get("type")
+    kind = _TYPES.get(name) if isinstance(name, str) else None  # any other JSON value: unhashable, or not a name
     if kind is None:
-        raise InvalidEvent(f"unknown attrs.type {attrs.get('type')!r}"[:200])
+        raise InvalidEvent(f"unknown attrs.type {_show(name)}")
     mode = _int(attrs, "mode", 0, 0o177777)
     assert mode is not None
     if stat_mod.S_IFMT(mode) != kind:
-        raise InvalidEvent(f"attrs.mode {mode:o} is not of type {attrs['type']}")
+        raise InvalidEvent(f"attrs.mode {mode:o} is not of type {name}")
     if (kind == stat_mod.S_IFDIR) != key.endswith("/"):
         raise InvalidEvent("a directory's key must end in '/', and only a directory's")
     etag = attrs.get("etag")
@@ -198,7 +200,7 @@ def decode_change(key: bytes | None, value: bytes | None, headers: Any, *, allow
     if not isinstance(obj, dict):
         raise InvalidEvent(f"value is a JSON {type(obj).__name__}, not an object")
     if type(obj.get("version")) is not int or obj["version"] != CHANGES_VERSION:
-        raise InvalidEvent(f"unknown version {obj.get('version')!r}"[:200])
+        raise InvalidEvent(f"unknown version {_show(obj.get('version'))}")
     for required in ("key", "origin", "time", "attrs"):
         if required not in obj:
             raise InvalidEvent(f"missing member {required!r}")
@@ -227,6 +229,6 @@ def stat_from_attrs_json(text: str, key: str) -> Stat:
     """A row of the metadata index back as a Stat; InvalidEvent when the row is unusable."""
     try:
         attrs = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidEvent(f"malformed JSON: {exc}"[:300]) from None
     return _stat(attrs, key)[0]

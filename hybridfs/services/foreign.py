@@ -67,14 +67,34 @@ class ForeignWrites:
             self.ignored += 1
 
     @staticmethod
-    def healthy(feed: S3EventFeed) -> bool:
+    def unhealthy_reason(feed: S3EventFeed) -> str | None:
+        """Why the records of ``feed`` cannot be relied on now (None: they can): trusting local metadata is
+        only right while every change made by another tool reaches the mount."""
         stats = feed.stats()
-        return (stats.reachable is True and stats.lag is not None and stats.lag <= MAX_LAG
-                and stats.last_poll_age is not None and stats.last_poll_age <= MAX_POLL_AGE)
+        if not stats.running:
+            return f"not consuming: {stats.stopped or 'stopped'}"
+        if stats.reachable is not True:
+            return "kafka unreachable" if stats.reachable is False else "not connected to kafka yet"
+        if stats.last_poll_age is None or stats.last_poll_age > MAX_POLL_AGE:
+            return ("not consuming: no poll yet" if stats.last_poll_age is None else
+                    f"not consuming: last poll {stats.last_poll_age:.1f}s ago (records being applied for that long)")
+        if not stats.assigned:
+            return "not consuming: no partition assigned yet"
+        if stats.lag is None:
+            return "lag not measured yet"
+        if stats.lag > MAX_LAG:
+            return f"lag {stats.lag} > {MAX_LAG} records"
+        return None
+
+    @staticmethod
+    def healthy(feed: S3EventFeed) -> bool:
+        return ForeignWrites.unhealthy_reason(feed) is None
 
     def status(self, feed: S3EventFeed) -> dict[str, Any]:
         stats = feed.stats()
+        reason = self.unhealthy_reason(feed)
         return {"topic": stats.topic, "received": stats.received, "changes": stats.changes,
                 "applied": self.applied, "own": self.own, "ignored": self.ignored, "bad_records": stats.bad_records,
                 "handler_failures": stats.handler_failures, "lag": stats.lag, "last_poll_age": stats.last_poll_age,
-                "reachable": stats.reachable, "healthy": self.healthy(feed)}
+                "reachable": stats.reachable, "running": stats.running, "assigned": stats.assigned,
+                "healthy": reason is None, "reason": reason or "caught up"}
