@@ -250,6 +250,11 @@ class DirectoryInUse(Exception):
     """Another process holds the directory's lock: a second mount on one cache or state directory."""
 
 
+class SizeMismatch(Exception):
+    """A copy to store is not as long as its version: the caller's size and ETag disagree. Not a disk fault:
+    the copy is dropped and the cache stays in use (as an EIO it once turned the whole cache unavailable)."""
+
+
 class CacheCorrupt(Exception):
     """A cached block does not match its checksum."""
 
@@ -656,7 +661,7 @@ def _store(layout: Layout, temp: Path, key: str, etag: str, size: int, sums: Sum
     fd = os.open(temp, os.O_RDONLY)
     try:
         if os.fstat(fd).st_size != size:
-            raise OSError(errno.EIO, f"cache file has {os.fstat(fd).st_size} bytes, expected {size}")
+            raise SizeMismatch(f"the file has {os.fstat(fd).st_size} bytes, its version {etag} has {size}")
         if sums is None:  # no checksums from the writer: compute them from the file it wrote
             sums = sums_of_file(fd, key, etag, size, block)
         if fsync:
@@ -1001,6 +1006,10 @@ class LocalCache:
             try:
                 await self._run(lambda: _store(self.layout, temp, key, etag, size, sums, self.block_size,
                                                self.fsync))
+            except SizeMismatch as exc:
+                await self._drop_temp(temp)
+                log.warning("cache: not storing %s: %s; the copy is dropped (S3 holds the object)", key, exc)
+                return False
             except OSError as exc:
                 await self._drop_temp(temp)
                 self._disk_failed(exc, f"storing {key}")
