@@ -658,3 +658,25 @@ def test_status_summary_and_rendering() -> None:
     line = next(x for x in render(status).splitlines() if x.startswith("feed"))
     assert "t.changes: FALLBACK (revalidating with S3) for 3.0s (kafka unreachable)" in line
     assert "7 changes applied, p50 12.5 ms" in line and "lag ?" in line
+
+
+@pytest.mark.allow_log(r"S3 holds another version")
+def test_a_purge_whose_copy_is_removed_meanwhile_ends_quietly(tmp_path: Path) -> None:
+    """An unlink (or a change from the feed) removes the cached copy while the purger uploads it aside. Before:
+    FileNotFoundError escaped the handler, and the consumer logged an ERROR and retried the event (seen by the
+    torture test: "handling evict event ... failed ([Errno 2] No such file or directory ...)")."""
+    async def body(w: World) -> None:
+        await w.cached("data/a", b"cached version")
+        w.store.put_object("data/a", b"a newer version in S3")
+        upload = w.store.upload_file
+
+        async def removed_first(key: str, path: str, metadata: dict[str, str]) -> ObjectInfo:
+            await w.cache.remove("data/a")  # the unlink, between the purger's checks and its upload
+            return await upload(key, path, metadata)
+
+        w.store.upload_file = removed_first  # type: ignore[method-assign]
+        await w.purger.handle(evict("data/a"))
+        assert w.purger.outcomes == {"not-cached": 1}
+        assert w.cache.lookup("data/a") is None
+
+    run(body, tmp_path)

@@ -183,6 +183,14 @@ class Purger:
         except FsError as exc:
             log.warning("not evicting %s: could not make sure S3 holds its bytes: %s", key, exc.message)
             return "unsafe"
+        except FileNotFoundError as exc:
+            # The copy was removed while we checked (an unlink, a change from the feed, a corrupt copy dropped):
+            # nothing is left to evict. A file gone under an entry still indexed is a real fault: raised.
+            now = self.cache.lookup(key)
+            if now is None or now.etag != entry.etag:
+                log.debug("not evicting %s: its cached copy went away meanwhile (%s)", key, exc)
+                return "not-cached"
+            raise
         if not safe:
             return "unsafe"
         # Awaits happened: re-check everything against the entry as it is now.
@@ -214,6 +222,8 @@ class Purger:
         path = self.cache.data_path(key, entry.etag)
         try:
             st = await trio.to_thread.run_sync(os.stat, path, limiter=self.cache.limiter)
+        except FileNotFoundError:
+            raise  # removed meanwhile, or lost under its entry: _purge tells which
         except OSError as exc:
             log.warning("not evicting %s: S3 does not hold the cached version and its cached file is unreadable "
                         "(%s)", key, exc)
