@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +37,9 @@ REVALIDATE_WITHIN = 1.0
 # How long `ls` waits for S3's listing of a directory the mount has listed before (or holds cached files of)
 # before it answers with what it knows; the listing goes on in the background and is kept when it lands.
 LIST_WITHIN = 1.0
+# How long attributes served because S3 did not answer in time are served again without waiting (a lookup then an
+# open of a cached file must not wait twice); they are never stored as an answer of S3.
+FALLBACK_STANDS = REVALIDATE_WITHIN
 KNOWN_LISTINGS = 4096
 
 
@@ -83,6 +85,11 @@ class Namespace:
         self.lasting: Callable[[], bool] = _never
         self.standing: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self.slow_revalidations = 0  # stats answered from the last known attributes because S3 was slow
+        # Revalidations under way, shared by the stats of a path meanwhile; they go on after a stat stops waiting.
+        self._revalidating: dict[str, _HeadFetch] = {}
+        # Paths whose last stat stopped waiting for S3 and served these last known attributes, until S3's answer
+        # lands or a change arrives (at most FALLBACK_STANDS): the next stat serves them too, without waiting.
+        self._fell_back: TTLCache[str, Stat] = TTLCache(CACHE_ENTRIES, FALLBACK_STANDS)
         # Fetches under way, path -> [how many, changes to the path since the first began]: an answer S3 gave
         # before a change arrived (from the feed, a record, or our own) is not stored (see ``_Watch``).
         self._watched: dict[str, list[int]] = {}
@@ -106,31 +113,60 @@ class Namespace:
             return self.standing[path]
         if max_age is None and path in self.missing:
             raise not_found(path)
-        # Bounded when we have attributes to fall back on: a stalled or slow S3 must not hold up a stat or open
-        # of a cached file for the S3 read timeout (contract 5 covers slow as well as refused) — neither our own
-        # HEAD nor a prefetch's that we would wait for.
-        bounded = self.last_known.get(path) is not None or self._cached_stat(path) is not None
-        watch = self._watch(path)
-        with watch, trio.move_on_after(REVALIDATE_WITHIN if bounded else math.inf):
-            try:
-                return await self._ask_s3(path, max_age)
-            except FsError as exc:
-                fallback = self._fallback(path, exc)
-                if fallback is None:
-                    raise
-                return fallback
-        # S3 stalled, slow, or only busy (a large `ls -l` queues its HEADs behind the S3 limiter): not an
-        # outage to warn about; the breaker and the failing calls say when S3 is really down.
         known = self.last_known.get(path) or self._cached_stat(path)
-        assert known is not None  # bounded only when there is one
-        # Counted as an answer for --attr-timeout: the open (or stat) that follows at once must not wait for S3
-        # a second time (a lookup then an open of a cached file took 2 s against a stalled S3).
-        if not watch.changed:
-            self.stats[path] = CachedStat(known, time.monotonic())
+        if known is None:  # nothing to fall back on: wait for S3's answer
+            return await self._ask_s3(path, max_age)
+        if path in self._fell_back:
+            # The stat just before gave up waiting and served these; an open right after it (or a lookup, then
+            # an open) does not wait for S3 a second time. S3's answer, when it lands, replaces them.
+            return known
+        return await self._revalidate(path, max_age, known)
+
+    async def _revalidate(self, path: str, max_age: float | None, known: Stat) -> Stat:
+        """S3's answer for a path whose last known attributes could be served: waited for REVALIDATE_WITHIN at
+        most (a stalled or slow S3 must not hold up a stat or open of a cached file for the S3 read timeout,
+        contract 5). The question goes on in the background and its answer is kept when it lands; until then
+        the last known attributes are served, but never stored as an answer: a later revalidation asks again."""
+        now = time.monotonic()
+        fetch = self._revalidating.get(path)
+        # One under way answers this stat too, unless this one needs an answer fresher than it can give (an
+        # open's --attr-timeout: asked no earlier than ``max_age`` ago, by a HEAD, not from a listing).
+        if fetch is None or (max_age is not None and (fetch.max_age is None or now - fetch.started > max_age)):
+            fetch = self._revalidating[path] = _HeadFetch(now, max_age)
+            if self.spawner is not None:
+                self.spawner.start_soon(self._revalidate_in_background, path, fetch, name=f"revalidate {path!r}")
+        with trio.move_on_after(REVALIDATE_WITHIN):
+            if self.spawner is None:  # no background (unit tests): the question ends with this stat's wait
+                await self._revalidate_in_background(path, fetch)
+            await fetch.done.wait()
+        if fetch.stat is not None:
+            return fetch.stat
+        if fetch.error is not None:
+            fallback = self._fallback(path, fetch.error)
+            if fallback is None:
+                raise fetch.error
+            return fallback
+        # S3 stalled, slow, or only busy (a large `ls -l` queues its HEADs): not an outage to warn about; the
+        # breaker and the failing calls say when S3 is really down.
+        self._fell_back[path] = known
         self.slow_revalidations += 1
         log.debug("%s: S3 did not answer a revalidation within %gs; serving the last known attributes", path,
                   REVALIDATE_WITHIN)
         return known
+
+    async def _revalidate_in_background(self, path: str, fetch: _HeadFetch) -> None:
+        try:
+            fetch.stat = await self._ask_s3(path, fetch.max_age)  # kept unless the path changed meanwhile
+        except FsError as exc:
+            fetch.error = exc
+        except Exception as exc:  # a bug: this stat fails with EIO and a log line, the mount goes on
+            log.exception("revalidating %r: internal error", path)
+            fetch.error = FsError(errno.EIO, f"revalidating {path!r}: internal error {exc!r}", level=logging.ERROR)
+        finally:
+            fetch.done.set()
+            if self._revalidating.get(path) is fetch:
+                del self._revalidating[path]
+                self._fell_back.pop(path, None)  # S3 answered (or failed): the next stat goes by that
 
     async def _ask_s3(self, path: str, max_age: float | None) -> Stat:
         prefetch = self._prefetching.get(path)
@@ -510,6 +546,10 @@ class Namespace:
     def _changed(self, path: str) -> None:
         """A change to ``path``, which is also one to its parent's listing: answers under way for either are
         older than it."""
+        # What we served without S3's answer is older than this change, and so may be an answer under way: a
+        # later stat asks S3 anew rather than share it (its answer is still stored if no change came first).
+        self._fell_back.pop(path, None)
+        self._revalidating.pop(path, None)
         for p in (path, parent_of(path)) if path else (path,):
             counts = self._watched.get(p)
             if counts is not None:
@@ -544,6 +584,17 @@ class _Watch:
         counts[0] -= 1
         if counts[0] == 0:
             del self.watched[self.path]
+
+
+class _HeadFetch:
+    """One revalidation of a path under way (``Namespace._revalidate``), started at ``started`` (monotonic) for a
+    stat that asked for an answer no older than ``max_age``."""
+
+    def __init__(self, started: float, max_age: float | None) -> None:
+        self.started, self.max_age = started, max_age
+        self.done = trio.Event()
+        self.stat: Stat | None = None
+        self.error: FsError | None = None
 
 
 class _ListingFetch:

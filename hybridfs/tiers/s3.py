@@ -1,7 +1,9 @@
 """The cloud tier: one S3 bucket through boto3, the source of truth for data and namespace.
 
-Every boto3 call is blocking, so each runs in a worker thread behind the ``s3`` CapacityLimiter; the trio loop
-never waits on the network. Retries of throttling, 5xx and connection failures are botocore's (standard mode,
+Every boto3 call is blocking, so each runs in a worker thread behind a CapacityLimiter; the trio loop never waits
+on the network. Metadata calls (HEAD, LIST) have a limiter of their own, ``s3-meta``: a GET streaming a whole
+object holds its thread for seconds, and a wave of them (hydrations, cold reads, uploads) must never make a stat
+or an open wait for a thread. Retries of throttling, 5xx and connection failures are botocore's (standard mode,
 exponential backoff with jitter); once they are used up the error maps to an errno here, in one place.
 
 Writes that replace an object are conditional (``Condition``: If-Match the ETag the new content was based on, or
@@ -50,6 +52,9 @@ MAX_PARTS = 10_000
 WRITE_TOKEN = "hybridfs-write"  # x-amz-meta-hybridfs-write: which upload stored this version
 # Pending aborts: INFO at once (an upload is left open meanwhile), WARNING once S3 stays away (~10 s).
 ABORT_RETRY = Policy(first=1.0, cap=60.0, info_at=1, warn_at=4)
+# Operations (the first word of a call's ``what``) that run behind the metadata limiter: short requests that a stat,
+# a lookup or an `ls` waits on. Everything else (GET, PUT, parts, COPY, DELETE, ...) runs behind the bulk one.
+METADATA_OPERATIONS = frozenset({"HEAD", "LIST"})
 
 
 class WriteConflict(FsError):
@@ -110,6 +115,8 @@ class S3Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     threads: int = 16
+    # Threads for metadata calls (HEAD, LIST), beside ``threads``; None: as many as ``threads``.
+    meta_threads: int | None = None
     part_size: int = 8 * 1024**2
     # Added to the User-Agent of every request: bucket notifications carry it (MinIO's and Ceph's
     # ``source.userAgent``), so a mount recognises the records of its own changes.
@@ -177,10 +184,11 @@ def make_client(settings: S3Settings) -> Any:
         retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        # The mount's own calls (the s3 limiter), the hydrator's, the purger's and s3transfer's threads share one
-        # client; connections beyond the pool are opened anyway and closed after use (with a warning), so the
-        # pool only bounds idle connections kept: make it large enough for every caller at once.
-        max_pool_connections=max(128, settings.threads * 4),
+        # The mount's own calls (both limiters), the hydrator's, the purger's and s3transfer's threads share one
+        # client; connections beyond the pool are opened anyway and closed after use (with a warning: urllib3's
+        # pool does not block), so the pool only bounds idle connections kept: make it large enough for every
+        # caller at once, metadata calls included.
+        max_pool_connections=max(128, settings.threads * 4 + meta_threads(settings)),
         s3=s3_options(settings.endpoint_url),  # type: ignore[arg-type]
         user_agent_extra=settings.user_agent_extra or None,
         # Uploads carry a CRC32C we compute (google_crc32c, ~17 GB/s) instead of botocore's pure-Python-driven
@@ -193,6 +201,10 @@ def make_client(settings: S3Settings) -> Any:
     return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
 
 
+def meta_threads(settings: S3Settings) -> int:
+    return settings.meta_threads or settings.threads
+
+
 class CloudStore:
     """Async facade over one bucket. Keys are full object keys; the core maps paths to keys."""
 
@@ -200,8 +212,11 @@ class CloudStore:
         self.settings = settings
         self.bucket = settings.bucket
         self.client = client or make_client(settings)
-        self.limiter = trio.CapacityLimiter(settings.threads)
+        self.limiter = trio.CapacityLimiter(settings.threads)  # bulk: GET, PUT, parts, COPY, DELETE, ...
         self.limiter_name = "s3"
+        # HEAD and LIST only: a stat never waits for a thread behind downloads and uploads (METADATA_OPERATIONS).
+        self.meta_limiter = trio.CapacityLimiter(meta_threads(settings))
+        self.meta_limiter_name = "s3-meta"
         self.pending_aborts: list[tuple[str, str]] = []
         self.journal: UploadJournal | None = None  # set by the mount: open multipart uploads, durably
         self._aborts_wanted = trio.Event()
@@ -221,13 +236,14 @@ class CloudStore:
         )
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one blocking boto3 call in a thread behind the s3 limiter and map its errors."""
+        """Run one blocking boto3 call in a thread behind its limiter (metadata or bulk) and map its errors."""
         bound = functools.partial(fn, *args, **kwargs)
         self.breaker.check(what)  # S3 known to be down: EIO at once, not after a retry cycle
         operation = what.split(" ", 1)[0]
         self.calls[operation] += 1
+        limiter = self.meta_limiter if operation in METADATA_OPERATIONS else self.limiter
         try:
-            result = await trio.to_thread.run_sync(bound, limiter=self.limiter, abandon_on_cancel=True)
+            result = await trio.to_thread.run_sync(bound, limiter=limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self.breaker.observe(exc)
             error = map_client_error(exc, what)
