@@ -177,6 +177,11 @@ def _s3(out: Families, mount: Mount) -> None:
                 breaker.refused)
     out.gauge("hybridfs_s3_multipart_aborts_pending", "Multipart uploads waiting to be aborted",
               len(store.pending_aborts))
+    for lane, limiter in (("bulk", store.limiter), ("metadata", store.meta_limiter)):
+        out.gauge("hybridfs_s3_threads_busy", "S3 calls running, by lane (metadata: HEAD and LIST; bulk: the rest)",
+                  limiter.borrowed_tokens, lane=lane)
+        out.gauge("hybridfs_s3_calls_waiting", "S3 calls waiting for a thread of their lane, by lane",
+                  limiter.statistics().tasks_waiting, lane=lane)
 
 
 def _data(out: Families, mount: Mount) -> None:
