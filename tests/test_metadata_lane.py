@@ -104,3 +104,27 @@ def test_open_after_foreign_overwrite_reads_new_bytes_during_a_download_wave(
     print(f"open after a foreign overwrite: {took:.3f}s; read the {'new' if body == new else 'OLD'} bytes")
     assert body == new, "the open served the old cached bytes although S3 held the new version"
     assert took < ANSWER_WITHIN, took
+
+
+
+def test_a_revalidation_that_lands_late_is_kept_and_the_fallback_is_not(
+        mount_factory: MountFactory, s3: Any, s3_proxy: S3FaultProxy) -> None:
+    """An open whose revalidation S3 answers late serves the last known attributes after a second; S3's answer is
+    kept when it lands, so the next stat shows the new version. Before: the HEAD was abandoned and the fallback
+    stored as a fresh answer, which stats then served for --dir-cache-time (here 30 s)."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--no-events", "--attr-timeout", "0.2",
+                                      "--dir-cache-time", "30"])
+    path = mount.path / "known.bin"
+    path.write_bytes(b"old")
+    s3.put_object(Bucket=mount.bucket, Key=mount.key("known.bin"), Body=b"new version")  # a foreign overwrite
+    held = s3_proxy.add(Rule(method="HEAD", path=re.escape(f"/{mount.bucket}/{mount.key('known.bin')}") + "$",
+                             action="late", delay=3.0, times=1))
+    time.sleep(0.3)  # past --attr-timeout: the open revalidates (the point of the test, not a sync)
+    body, took = timed(path.read_bytes)
+    assert held.hits == 1, "the open's revalidation was not the held HEAD"
+    assert body == b"old" and took < 3.0, (body, took)  # served from what the mount knows (contract 5)
+    start = time.monotonic()
+    wait_until(lambda: os.stat(path).st_size == len(b"new version"), timeout=10,
+               message="the stat to show the version S3's late answer named")
+    print(f"open fell back in {took:.2f}s; the new size shown {time.monotonic() - start:.2f}s later")
+    assert path.read_bytes() == b"new version"
