@@ -131,12 +131,15 @@ class Namespace:
         fetch = self._revalidating.get(path)
         # One under way answers this stat too, unless this one needs an answer fresher than it can give (an
         # open's --attr-timeout: asked no earlier than ``max_age`` ago, by a HEAD, not from a listing).
+        inline = False
         if fetch is None or (max_age is not None and (fetch.max_age is None or now - fetch.started > max_age)):
             fetch = self._revalidating[path] = _HeadFetch(now, max_age)
             if self.spawner is not None:
                 self.spawner.start_soon(self._revalidate_in_background, path, fetch, name=f"revalidate {path!r}")
+            else:  # no background (unit tests): the question ends with this stat's wait
+                inline = True
         with trio.move_on_after(REVALIDATE_WITHIN):
-            if self.spawner is None:  # no background (unit tests): the question ends with this stat's wait
+            if inline:
                 await self._revalidate_in_background(path, fetch)
             await fetch.done.wait()
         if fetch.stat is not None:
@@ -546,8 +549,8 @@ class Namespace:
     def _changed(self, path: str) -> None:
         """A change to ``path``, which is also one to its parent's listing: answers under way for either are
         older than it."""
-        # What we served without S3's answer is older than this change, and so may be an answer under way: a
-        # later stat asks S3 anew rather than share it (its answer is still stored if no change came first).
+        # What we served without S3's answer is older than this change, and so is an answer under way: a later
+        # stat asks S3 anew rather than share it (that answer itself is not stored, see ``_Watch``).
         self._fell_back.pop(path, None)
         self._revalidating.pop(path, None)
         for p in (path, parent_of(path)) if path else (path,):
