@@ -35,7 +35,7 @@ from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
-from hybridfs.tiers.s3 import CloudStore
+from hybridfs.tiers.s3 import CloudStore, WriteConflict
 
 log = logging.getLogger("hybridfs.fs")
 
@@ -259,26 +259,64 @@ class Filesystem:
             of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
             return
         st = await self.ns.stat(path)
-        if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
-            changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
-        new = st.with_(**changes)
         if st.is_dir:
+            new = self._with_changes(st, changes)
             await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
             self.ns.remember(path, new)
             self._publish(Change.put(self.keys.dir_prefix(path), new))
             return
         key = self.keys.key(path)
-        await self.store.copy(key, key, metadata_for(new))
-        info = await self.store.head(key)
-        if info is None:
-            raise not_found(path)
-        if st.etag is not None and info.etag != st.etag:
-            await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
-        new = new.with_(etag=info.etag)
+        try:
+            new = await self._copy_in_place(key, st, changes)
+        except WriteConflict:
+            # The object is no longer the version our attributes came from (another writer replaced it within
+            # --dir-cache-time). chmod, chown and utime name the file, not a version of it: they apply to what is
+            # there now, as they would on a local disk after the other write. Refusing would fail `chmod` for a
+            # change the user cannot see. So: HEAD it again and copy once more from that version; only a second
+            # change in between fails (EIO, logged), never a copy onto bytes our attributes do not describe.
+            st = await self._reread(path, key)
+            log.info("%s changed in S3 since its attributes were read; applying %s to the new version (ETag %s)",
+                     path, ", ".join(sorted(changes)), st.etag)
+            try:
+                new = await self._copy_in_place(key, st, changes)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{path!r} keeps changing in S3; its attributes were not changed "
+                              f"({exc.message})", level=logging.WARNING) from None
         self.ns.remember(path, new)
         self._publish(Change.put(key, new))
         if of is not None:
             of.stat = new
+
+    @staticmethod
+    def _with_changes(st: Stat, changes: dict[str, int]) -> Stat:
+        if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
+            changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
+        return st.with_(**changes)
+
+    async def _copy_in_place(self, key: str, st: Stat, changes: dict[str, int]) -> Stat:
+        """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:
+        WriteConflict when it is gone). The attributes returned are S3's answer after the copy — size and ETag
+        of what it holds now, never those of the stat the change was computed from."""
+        await self.store.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
+        return await self._stat_after_copy(key, st.etag)
+
+    async def _stat_after_copy(self, key: str, old_etag: str | None) -> Stat:
+        info = await self.store.head(key)
+        if info is None:  # deleted right after the copy: as if the delete came after our change
+            raise not_found(self.keys.path(key) or key)
+        if old_etag is not None and info.etag != old_etag:
+            await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
+        return self.ns.parse(info)
+
+    async def _reread(self, path: str, key: str) -> Stat:
+        """What S3 holds at ``path`` now (a HEAD, past every cache); ENOENT when it is gone."""
+        info = await self.store.head(key)
+        if info is None:
+            self.ns.forget(path)
+            raise not_found(path)
+        st = self.ns.parse(info)
+        self.ns.remember(path, st)
+        return st
 
     async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
         if of is not None:
@@ -428,10 +466,20 @@ class Filesystem:
             # multipart upload is bound to the old key).
             await self.writes.flush(of)
             src = of.stat
-        await self.store.copy(old_key, new_key, metadata_for(src))
+        try:
+            await self.store.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+        except WriteConflict:  # replaced since we read its attributes: move what is there now (see setattr)
+            src = await self._reread(old, old_key)
+            log.info("%s changed in S3 since its attributes were read; moving the new version (ETag %s)", old,
+                     src.etag)
+            try:
+                await self.store.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{old!r} keeps changing in S3; not renamed ({exc.message})",
+                              level=logging.WARNING) from None
+        # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
+        moved = await self._stat_after_copy(new_key, None)
         await self.store.delete(old_key)
-        info = await self.store.head(new_key)
-        moved = src.with_(etag=info.etag if info else src.etag)
         self.ns.remember(new, moved)
         self._publish(Change.put(new_key, moved))
         self._publish(Change.delete(old_key))
@@ -453,9 +501,7 @@ class Filesystem:
         moved = await self.ns.stat(old)
         objects = await self.store.list_keys(old_prefix)
         for info in objects:
-            target = new_prefix + info.key[len(old_prefix):]
-            head = await self.store.head(info.key)
-            await self.store.copy(info.key, target, head.metadata or {} if head else {})
+            await self._copy_as_is(info.key, new_prefix + info.key[len(old_prefix):])
         if not any(o.key == old_prefix for o in objects):
             await self.store.put(new_prefix, b"", metadata_for(moved))
             self._publish(Change.put(new_prefix, moved))
@@ -471,6 +517,22 @@ class Filesystem:
         self.ns.forget_tree(old)
         self.ns.listings.clear()
         self.ns.remember(new, moved)
+
+    async def _copy_as_is(self, src: str, dst: str) -> None:
+        """Copy ``src`` with its own metadata, conditional on the version the metadata was read from: a version
+        replaced between the HEAD and the copy must not get the previous version's attributes. Once more on a
+        conflict (the new version, with its own metadata); gone meanwhile: nothing to move."""
+        for _ in range(2):
+            head = await self.store.head(src)
+            if head is None:
+                return
+            try:
+                await self.store.copy(src, dst, head.metadata or {}, source_etag=head.etag)
+                return
+            except WriteConflict:
+                continue
+        raise FsError(errno.EIO, f"{src} keeps changing in S3; the directory was not moved whole",
+                      level=logging.WARNING)
 
     # -- files -----------------------------------------------------------------------------------------------
 

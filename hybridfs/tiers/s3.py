@@ -372,12 +372,20 @@ class CloudStore:
 
         self.bytes_read += await self._call(f"GET {key}", fetch)
 
-    async def copy(self, src: str, dst: str, metadata: dict[str, str]) -> None:
-        """Server-side copy with new metadata; s3transfer switches to multipart copy above 5 GiB."""
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None) -> None:
+        """Server-side copy with new metadata; s3transfer switches to a multipart copy (UploadPartCopy) above the
+        part size, whose ETag then differs from the source's.
+
+        With ``source_etag``, only from that version of ``src`` (CopySourceIfMatch): the metadata given was
+        computed from it, and copying it onto another version (a foreign overwrite not seen yet) would pair that
+        version's bytes with our stale attributes. s3transfer passes the condition to its HEAD (IfMatch) and to
+        every UploadPartCopy. WriteConflict when ``src`` is no longer that version, ENOENT when it is gone.
+        """
+        extra: dict[str, str | dict[str, str]] = {"Metadata": metadata, "MetadataDirective": "REPLACE"}
+        if source_etag is not None:
+            extra["CopySourceIfMatch"] = f'"{source_etag}"'
         await self._call(f"COPY {src} -> {dst}", self.client.copy, {"Bucket": self.bucket, "Key": src},
-                         self.bucket, dst,
-                         ExtraArgs={"Metadata": metadata, "MetadataDirective": "REPLACE"},
-                         Config=self.transfer_config)
+                         self.bucket, dst, ExtraArgs=extra, Config=self.transfer_config)
 
     async def delete(self, key: str) -> None:
         await self._call(f"DELETE {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
