@@ -7,14 +7,17 @@ unlink of a key whose commit is on its way waits for the commit, or fences it: w
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import Mount
+from helpers import Mount, wait_until
+from s3proxy import Rule, S3FaultProxy
 
 MiB = 1024 * 1024
 # Long attribute caches: the mount keeps the 10-byte version's attributes while boto3 replaces it.
@@ -26,6 +29,10 @@ def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
         return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
     except s3.exceptions.NoSuchKey:
         return None
+
+
+def in_s3(s3: Any, mount: Mount, name: str) -> bool:
+    return s3_bytes(s3, mount, name) is not None
 
 
 def object_path(mount: Mount, name: str) -> str:
@@ -75,3 +82,83 @@ def test_metadata_change_after_a_foreign_overwrite_keeps_the_new_version(
         assert stat.S_IMODE((mount.path / name).stat().st_mode) == 0o600
     assert "expected 12" not in mount.log_text()  # the cache was not marked unavailable
     assert "changed in S3 since its attributes were read" in mount.log_text()  # the conditional copy was refused
+
+
+# -- item 3: an unlink is not undone by a commit that was on its way -----------------------------------------
+
+
+def _attempt(fn: Callable[[], object], outcome: dict[str, object], name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            fn()
+            outcome[name] = None
+        except OSError as exc:
+            outcome[name] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("size", [1000, 24 * MiB], ids=["put", "multipart"])
+def test_rm_while_the_first_commit_is_on_its_way_stays_removed(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, size: int) -> None:
+    """A new file's close is committing (S3 has stored it; the proxy holds its answer: the PUT, or the
+    CompleteMultipartUpload of a 24 MiB stream) when `rm` removes it. Before: rm returned at once without a
+    DELETE (the path was only pending), and the object stayed in S3 and listed. After: the close succeeds, rm
+    waits for the commit and then deletes it: the name is gone from S3 and from the mount."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--part-size", "5M",
+                                      "--write-timeout", "30"])
+    name = "new.bin"
+    if size < 5 * MiB:
+        commit = Rule(method="PUT", path=object_path(mount, name), action="late")
+    else:
+        commit = Rule(method="POST", path=object_path(mount, name), query=r"uploadId=", action="late")
+    rule = s3_proxy.add(commit)
+    path = mount.path / name
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    data = os.urandom(size)
+    for start in range(0, size, MiB):
+        os.write(fd, data[start:start + MiB])
+    outcome: dict[str, object] = {}
+    closer = _attempt(lambda: os.close(fd), outcome, "close")
+    wait_until(lambda: rule.held >= 1, 60, message="S3 to store the object while its answer is held")
+    remover = _attempt(lambda: os.unlink(path), outcome, "rm")
+    wait_until(lambda: not remover.is_alive() or "the unlink waits for it" in mount.log_text(), 30,
+               message="rm to return or to wait for the commit")
+    s3_proxy.remove(rule)
+    closer.join(60)
+    remover.join(60)
+    assert outcome == {"close": None, "rm": None}
+    assert not in_s3(s3, mount, name), "the removed file is in S3"
+    assert name not in os.listdir(mount.path)
+    assert not path.exists()
+
+
+def test_rm_after_a_timed_out_fsync_deletes_the_commit_that_lands_later(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """fsync of a new file gives up after --write-timeout while its PUT is held (no answer); `rm` then removes
+    the file, still open; the held request is released and botocore's retry stores it. Before: it stayed in S3
+    and came back in the mount. After: the fenced commit deletes what it stored once it lands."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--write-timeout", "2",
+                                      "--s3-max-attempts", "2", "--s3-read-timeout", "30"])
+    mount.allow_log(r"did not finish within 2s")
+    mount.allow_log(r"closed with changes that are not stored")
+    name = "late.bin"
+    rule = s3_proxy.add(Rule(method="PUT", path=object_path(mount, name), action="stall", times=1))
+    path = mount.path / name
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, os.urandom(1000))
+        with pytest.raises(OSError) as failed:
+            os.fsync(fd)
+        assert failed.value.errno == errno.EIO
+        os.unlink(path)
+        s3_proxy.remove(rule)  # the held attempt is dropped; botocore's second attempt stores the object
+        wait_until(lambda: re.search(r"landed later \(ETag", mount.log_text()) is not None, 30,
+                   message="the held commit to land")
+        assert not in_s3(s3, mount, name), "the removed file came back in S3"
+    finally:
+        os.close(fd)
+    assert name not in os.listdir(mount.path)
+    assert not in_s3(s3, mount, name)

@@ -398,12 +398,31 @@ class Filesystem:
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory (use rmdir)")
         key = self.keys.key(path)
-        if path not in self.ns.pending:
-            await self.store.delete(key)
-            self._publish(Change.delete(key))
-        await self.cache.remove(key)
-        self.ns.forget(path)
-        self.inodes.unlink(path)
+        committing = await self._commits_settled(path, key)
+        # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
+        # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
+        # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
+        with self.writes.fence.removing(key):
+            if path not in self.ns.pending or committing:
+                await self.store.delete(key)
+                self._publish(Change.delete(key))
+            await self.cache.remove(key)
+            self.ns.forget(path)
+            self.inodes.unlink(path)
+
+    async def _commits_settled(self, path: str, key: str) -> bool:
+        """Before a delete of ``key``: wait (up to --write-timeout) for its commits on their way, so the delete
+        comes after them; those still on their way then are fenced by the caller. True when the key had any.
+        ENOENT when the path went away meanwhile (renamed or removed by a request that ran during the wait)."""
+        fence = self.writes.fence
+        if not fence.busy(key):
+            return False
+        log.debug("%s: a commit of it is on its way; the unlink waits for it", path)
+        if not await fence.drain(key, trio.current_time() + self.settings.write.timeout):
+            log.info("%s: its commit is still on its way after %gs; removing it now, and whatever the commit stores "
+                     "when it lands", path, self.settings.write.timeout)
+        await self.stat_of(path)  # re-check after the await
+        return True
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
         path = await self._child(parent_ino, name)
@@ -725,6 +744,7 @@ class Filesystem:
         if node.ino in self.open_files or node.unlinked or path not in self.ns.pending:
             return  # opened, renamed or removed meanwhile: it is somebody's file again
         log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", path)
+        self.writes.fence.discard(self.keys.key(path))  # an upload that gave up and lands later must not bring it
         self.ns.forget(path)
         self.inodes.unlink(path)
         parent = self.inodes.existing(parent_of(path))
