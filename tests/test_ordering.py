@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -162,3 +163,30 @@ def test_rm_after_a_timed_out_fsync_deletes_the_commit_that_lands_later(
         os.close(fd)
     assert name not in os.listdir(mount.path)
     assert not in_s3(s3, mount, name)
+
+
+# -- item 7: truncate of a closed file is conditional on the version its attributes came from ---------------
+
+
+@pytest.mark.parametrize("size", [0, 5])
+def test_truncate_of_a_closed_file_after_a_foreign_overwrite_applies_to_the_new_version(
+        mount_factory: Any, s3: Any, size: int) -> None:
+    """boto3 replaces a 10-byte file (mode 644) with a 1 MiB one of mode 600; `truncate -s SIZE` on the mount
+    while it still knows the old version. Before: size 0 was an unconditional PUT with the old attributes (S3
+    ended with mode 644 again); size 5 failed with ESTALE (the old version was gone). After: the truncate applies
+    to the version S3 holds, with its attributes."""
+    mount = mount_factory(extra_args=STALE_ATTRS)
+    path = mount.path / "f.txt"
+    path.write_bytes(b"0123456789")
+    os.chmod(path, 0o644)
+    assert path.stat().st_size == 10
+    new = os.urandom(MiB)
+    s3.put_object(Bucket=mount.bucket, Key=mount.key("f.txt"), Body=new,
+                  Metadata={"mode": str(stat.S_IFREG | 0o600), "uid": str(os.getuid()), "gid": str(os.getgid()),
+                            "mtime": str(int(time.time()))})
+    os.truncate(path, size)
+    head = s3.head_object(Bucket=mount.bucket, Key=mount.key("f.txt"))
+    assert s3_bytes(s3, mount, "f.txt") == new[:size]
+    assert int(head["Metadata"]["mode"]) == stat.S_IFREG | 0o600, "the stale attributes were stored"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes() == new[:size]

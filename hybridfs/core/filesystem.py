@@ -31,7 +31,7 @@ from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
 from hybridfs.core.paths import KeyMapper, child_path, name_of, parent_of
 from hybridfs.core.reader import CacheReader, CloudReader, ReadSettings
-from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
+from hybridfs.core.writer import Condition, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
@@ -327,25 +327,42 @@ class Filesystem:
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory")
         key = self.keys.key(path)
-        new = st.with_(size=size, mtime_ns=now_ns())
-        if size == 0:
-            etag = await self.store.put(key, b"", metadata_for(new))
-            await self.cache.remove(key)
-            self.ns.remember(path, new.with_(etag=etag, complete=True))
-            self._publish(Change.put(key, new.with_(etag=etag, complete=True)))
-            return
-        spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
         try:
-            await spool.load(st.etag, st.size)
-            await spool.truncate(size)
+            done, new = await self._truncate_closed(key, st, size)
+        except WriteConflict:
+            # Replaced since its attributes were read: truncate names the file, so it applies to the version there
+            # now, with that version's attributes (mode, owner) — not ours from before (see _change_metadata).
+            st = await self._reread(path, key)
+            log.info("%s changed in S3 since its attributes were read; truncating the new version (ETag %s)",
+                     path, st.etag)
+            try:
+                done, new = await self._truncate_closed(key, st, size)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{path!r} keeps changing in S3; not truncated ({exc.message})",
+                              level=logging.WARNING) from None
+        self._after_upload(key, path, done)
+        self.ns.remember(path, new)
+        self._publish(Change.put(key, new))
+        node.kernel_etag = None
+
+    async def _truncate_closed(self, key: str, st: Stat, size: int) -> tuple[Uploaded, Stat]:
+        """Store version ``st.etag`` of ``key`` cut (or extended) to ``size``: a commit conditional on that version
+        (WriteConflict when S3 holds another) and fenced like a close's, so one that lands after its caller gave up
+        can never replace a newer version, and the next close of the file waits for it. The upload is bounded by
+        --write-timeout; reading the current content (for a size above 0) is not: it is a download."""
+        new = st.with_(size=size, mtime_ns=now_ns())
+        spool = self.writes.spool_writer(key)
+        try:
+            if size:
+                await spool.load(st.etag, st.size)
+                await spool.truncate(size)
+            else:
+                await spool.load(None, 0)  # nothing of the old content is needed
             done = await spool.finish(metadata_for(new), Condition(st.etag),
                                       trio.current_time() + self.settings.write.timeout)
         finally:
             await spool.close()
-        self._after_upload(key, path, done)
-        self.ns.remember(path, new.with_(etag=done.etag, complete=True))
-        self._publish(Change.put(key, new.with_(etag=done.etag, complete=True)))
-        node.kernel_etag = None
+        return done, new.with_(etag=done.etag, complete=True)
 
     # -- namespace changes -----------------------------------------------------------------------------------
 
