@@ -14,6 +14,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +191,66 @@ def test_truncate_of_a_closed_file_after_a_foreign_overwrite_applies_to_the_new_
     assert int(head["Metadata"]["mode"]) == stat.S_IFREG | 0o600, "the stale attributes were stored"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes() == new[:size]
+
+
+# -- item 7: metadata operations are bounded by --write-timeout ---------------------------------------------
+
+BOUND = 2.0
+
+
+def _ops(root: Path) -> dict[str, Callable[[], object]]:
+    return {
+        "mkdir": lambda: os.mkdir(root / "newdir"),
+        "symlink": lambda: os.symlink("f_unlink", root / "newlink"),
+        "unlink": lambda: os.unlink(root / "f_unlink"),
+        "rmdir": lambda: os.rmdir(root / "d_rmdir"),
+        "chmod": lambda: os.chmod(root / "f_chmod", 0o600),
+        "touch": lambda: os.utime(root / "f_chmod", (1, 1)),
+        "rename": lambda: os.rename(root / "f_rename", root / "renamed"),
+        "truncate": lambda: os.truncate(root / "f_truncate", 0),
+    }
+
+
+def test_metadata_operations_on_a_stalled_s3_fail_within_the_write_timeout(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """S3 stops answering (requests held); each metadata operation fails with EIO within --write-timeout, and
+    none of them happened. Before: the first one waited for botocore's read timeout (20 s here; minutes with
+    retries), holding the directory locked meanwhile."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--write-timeout", str(BOUND),
+                                      "--s3-max-attempts", "1", "--s3-read-timeout", "20", *STALE_ATTRS])
+    mount.allow_log(rf"did not finish within {BOUND:g}s|no progress for {BOUND:g}s")
+    # The held requests fail when the proxy closes them (no answer): the breaker counts those failures.
+    mount.allow_log(r"S3 marked down after \d+ failed calls in a row \(Connection was closed")
+    root = mount.path
+    for name in ("f_unlink", "f_chmod", "f_rename", "f_truncate"):
+        (root / name).write_bytes(b"0123456789")
+        (root / name).stat()
+    (root / "d_rmdir").mkdir()
+    (root / "d_rmdir").stat()
+    for name in ("newdir", "newlink", "renamed"):  # known missing: no lookup needs S3 below
+        assert not os.path.lexists(root / name)
+    before = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=mount.bucket,
+                                                               Prefix=mount.prefix + "/")["Contents"]}
+    s3_proxy.down("stall")
+    try:
+        for op, call in _ops(root).items():
+            started = time.monotonic()
+            with pytest.raises(OSError) as failed:
+                call()
+            took = time.monotonic() - started
+            assert failed.value.errno == errno.EIO, op
+            assert took < BOUND + 3, f"{op} took {took:.1f}s with --write-timeout {BOUND:g}"
+    finally:
+        s3_proxy.up()
+    after = {o["Key"]: o["ETag"] for o in s3.list_objects_v2(Bucket=mount.bucket,
+                                                              Prefix=mount.prefix + "/")["Contents"]}
+    assert after == before  # nothing was half done
+
+    def listed() -> list[str] | None:
+        try:
+            return sorted(os.listdir(root))
+        except OSError:  # EIO until the breaker's probe sees S3 answer again (every 2 s)
+            return None
+
+    wait_until(lambda: listed() is not None, 15, message="the mount to list again")
+    assert listed() == ["d_rmdir", "f_chmod", "f_rename", "f_truncate", "f_unlink"]

@@ -16,10 +16,10 @@ import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -35,7 +35,7 @@ from hybridfs.core.writer import Condition, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
-from hybridfs.tiers.s3 import CloudStore, WriteConflict
+from hybridfs.tiers.s3 import CloudStore, ObjectInfo, WriteConflict
 
 log = logging.getLogger("hybridfs.fs")
 
@@ -75,6 +75,45 @@ class NoKernel:
 
     async def forget_entry(self, parent_ino: int, name: bytes) -> None:
         return None
+
+
+T = TypeVar("T")
+
+
+class BoundedStore:
+    """The S3 requests of metadata operations (mkdir, rmdir, unlink, rename, chmod/chown/utime, truncate, symlink,
+    mknod), each bounded by --write-timeout like a close: a stalled S3 fails the operation with EIO instead of
+    holding it — and the directory, which the kernel keeps locked meanwhile — through botocore's timeouts and
+    retries (minutes). A copy is bounded by its progress, since its time grows with the object.
+
+    A request given up on may still reach S3 (a boto3 call cannot be taken back): a late PUT of a marker or a late
+    copy is the change the caller asked for, arriving late (the copy still conditional on its source version); an
+    unlink's DELETE goes through the write fence, so it cannot remove a version this mount makes after it."""
+
+    def __init__(self, store: CloudStore, timeout: float) -> None:
+        self.store = store
+        self.timeout = timeout
+
+    async def within(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        with trio.move_on_after(self.timeout):
+            return await op()
+        raise FsError(errno.EIO, f"{what} did not finish within {self.timeout:g}s (S3 slow or unreachable)",
+                      level=logging.WARNING)
+
+    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> str:
+        return await self.within(f"PUT {key}", lambda: self.store.put(key, data, metadata))
+
+    async def delete(self, key: str) -> None:
+        await self.within(f"DELETE {key}", lambda: self.store.delete(key))
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self.within(f"HEAD {key}", lambda: self.store.head(key))
+
+    async def has_children(self, prefix: str) -> bool:
+        return await self.within(f"LIST {prefix}", lambda: self.store.has_children(prefix))
+
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None) -> None:
+        await self.store.copy(src, dst, metadata, source_etag=source_etag, stall_timeout=self.timeout)
 
 
 @dataclass(frozen=True)
@@ -146,6 +185,7 @@ class Filesystem:
         self._told_missing: LRUCache[str, bool] = LRUCache(100_000)  # paths a lookup answered ENOENT for
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
+        self.meta = BoundedStore(store, settings.write.timeout)  # the S3 requests of metadata operations
 
     def _check_accepting(self) -> None:
         if self.refuse_opens:
@@ -261,7 +301,7 @@ class Filesystem:
         st = await self.ns.stat(path)
         if st.is_dir:
             new = self._with_changes(st, changes)
-            await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
+            await self.meta.put(self.keys.dir_prefix(path), b"", metadata_for(new))
             self.ns.remember(path, new)
             self._publish(Change.put(self.keys.dir_prefix(path), new))
             return
@@ -297,11 +337,11 @@ class Filesystem:
         """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:
         WriteConflict when it is gone). The attributes returned are S3's answer after the copy — size and ETag
         of what it holds now, never those of the stat the change was computed from."""
-        await self.store.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
+        await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
         return await self._stat_after_copy(key, st.etag)
 
     async def _stat_after_copy(self, key: str, old_etag: str | None) -> Stat:
-        info = await self.store.head(key)
+        info = await self.meta.head(key)
         if info is None:  # deleted right after the copy: as if the delete came after our change
             raise not_found(self.keys.path(key) or key)
         if old_etag is not None and info.etag != old_etag:
@@ -310,7 +350,7 @@ class Filesystem:
 
     async def _reread(self, path: str, key: str) -> Stat:
         """What S3 holds at ``path`` now (a HEAD, past every cache); ENOENT when it is gone."""
-        info = await self.store.head(key)
+        info = await self.meta.head(key)
         if info is None:
             self.ns.forget(path)
             raise not_found(path)
@@ -370,7 +410,7 @@ class Filesystem:
         path = await self._child(parent_ino, name)
         await self._require_absent(path)
         st = self._new_stat(stat_mod.S_IFDIR, mode, uid, gid)
-        await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(st))
+        await self.meta.put(self.keys.dir_prefix(path), b"", metadata_for(st))
         self.ns.remember(path, st)
         self.ns.listings[path] = {}
         self._publish(Change.put(self.keys.dir_prefix(path), st))
@@ -390,7 +430,7 @@ class Filesystem:
         path = await self._child(parent_ino, name)
         await self._require_absent(path)
         st = self._new_stat(stat_mod.S_IFLNK, 0o777, uid, gid).with_(size=len(target))
-        etag = await self.store.put(self.keys.key(path), target, metadata_for(st))
+        etag = await self.meta.put(self.keys.key(path), target, metadata_for(st))
         st = st.with_(etag=etag)
         self.ns.remember(path, st)
         self._publish(Change.put(self.keys.key(path), st, target=target.decode("utf-8", "replace")))
@@ -421,7 +461,8 @@ class Filesystem:
         # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
         with self.writes.fence.removing(key):
             if path not in self.ns.pending or committing:
-                await self.store.delete(key)
+                await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
+                    self.spawner, key, lambda: self.store.delete(key)))
                 self._publish(Change.delete(key))
             await self.cache.remove(key)
             self.ns.forget(path)
@@ -447,9 +488,9 @@ class Filesystem:
         if not st.is_dir:
             raise FsError(errno.ENOTDIR, f"{path!r} is not a directory")
         prefix = self.keys.dir_prefix(path)
-        if await self.store.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
+        if await self.meta.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
             raise FsError(errno.ENOTEMPTY, f"{path!r} is not empty")
-        await self.store.delete(prefix)
+        await self.meta.delete(prefix)
         self._publish(Change.delete(prefix))
         self.ns.forget_tree(path)
         self.inodes.unlink(path)
@@ -490,7 +531,7 @@ class Filesystem:
             raise FsError(errno.ENOTDIR, f"{new!r} is not a directory")
         if not src.is_dir and dst.is_dir:
             raise FsError(errno.EISDIR, f"{new!r} is a directory")
-        if dst.is_dir and await self.store.has_children(self.keys.dir_prefix(new)):
+        if dst.is_dir and await self.meta.has_children(self.keys.dir_prefix(new)):
             raise FsError(errno.ENOTEMPTY, f"{new!r} is not empty")
 
     async def _rename_file(self, old: str, new: str, src: Stat, dst: Stat | None) -> None:
@@ -503,26 +544,26 @@ class Filesystem:
             await self.writes.flush(of)
             src = of.stat
         try:
-            await self.store.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+            await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
         except WriteConflict:  # replaced since we read its attributes: move what is there now (see setattr)
             src = await self._reread(old, old_key)
             log.info("%s changed in S3 since its attributes were read; moving the new version (ETag %s)", old,
                      src.etag)
             try:
-                await self.store.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+                await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
             except WriteConflict as exc:
                 raise FsError(errno.EIO, f"{old!r} keeps changing in S3; not renamed ({exc.message})",
                               level=logging.WARNING) from None
         # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
         moved = await self._stat_after_copy(new_key, None)
-        await self.store.delete(old_key)
+        await self.meta.delete(old_key)
         self.ns.remember(new, moved)
         self._publish(Change.put(new_key, moved))
         self._publish(Change.delete(old_key))
         if of is not None:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
-            await self.store.delete(self.keys.dir_prefix(new))
+            await self.meta.delete(self.keys.dir_prefix(new))
             self._publish(Change.delete(self.keys.dir_prefix(new)))
         await self.cache.rename(old_key, new_key)
         self.ns.forget(old)
@@ -539,13 +580,13 @@ class Filesystem:
         for info in objects:
             await self._copy_as_is(info.key, new_prefix + info.key[len(old_prefix):])
         if not any(o.key == old_prefix for o in objects):
-            await self.store.put(new_prefix, b"", metadata_for(moved))
+            await self.meta.put(new_prefix, b"", metadata_for(moved))
             self._publish(Change.put(new_prefix, moved))
         for info in objects:
             # A copy's ETag may differ from the original's (multipart): the feed says "changed, ask S3".
             self._publish(Change.unknown(new_prefix + info.key[len(old_prefix):]))
         for info in objects:
-            await self.store.delete(info.key)
+            await self.meta.delete(info.key)
             self._publish(Change.delete(info.key))
             await self.cache.remove(info.key)
         if dst is not None:
@@ -559,11 +600,11 @@ class Filesystem:
         replaced between the HEAD and the copy must not get the previous version's attributes. Once more on a
         conflict (the new version, with its own metadata); gone meanwhile: nothing to move."""
         for _ in range(2):
-            head = await self.store.head(src)
+            head = await self.meta.head(src)
             if head is None:
                 return
             try:
-                await self.store.copy(src, dst, head.metadata or {}, source_etag=head.etag)
+                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag)
                 return
             except WriteConflict:
                 continue
@@ -1014,7 +1055,7 @@ class Filesystem:
         st = self._new_stat(kind, mode, uid, gid)
         if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK):
             st = st.with_(rdev=rdev)
-        st = st.with_(etag=await self.store.put(key, b"", metadata_for(st)))
+        st = st.with_(etag=await self.meta.put(key, b"", metadata_for(st)))
         self.ns.remember(path, st)
         self._publish(Change.put(key, st))
         return self.inodes.looked_up(path), st

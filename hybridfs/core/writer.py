@@ -150,12 +150,7 @@ class WriteFence:
             log.exception("commit of %s: internal error", pending.key)
             pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
-            pending.done.set()
-            sends = self._open.get(pending.key, [])
-            with contextlib.suppress(ValueError):
-                sends.remove(pending)
-            if not sends:
-                self._open.pop(pending.key, None)
+            self._done(pending)
         if pending.abandoned and not pending.removed:
             if pending.etag is not None:
                 self._landed[pending.key] = pending.etag
@@ -164,6 +159,14 @@ class WriteFence:
             else:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
                          pending.key, pending.error)
+
+    def _done(self, pending: _Send) -> None:
+        pending.done.set()
+        sends = self._open.get(pending.key, [])
+        with contextlib.suppress(ValueError):
+            sends.remove(pending)
+        if not sends:
+            self._open.pop(pending.key, None)
 
     async def _attempt(self, pending: _Send, condition: Condition, send: Send) -> str:
         try:
@@ -204,6 +207,29 @@ class WriteFence:
                 await sends[0].done.wait()
             return True
         return False
+
+    async def delete(self, spawner: Spawner, key: str, send: Callable[[], Awaitable[None]]) -> None:
+        """A DELETE of ``key`` in line with its commits. It runs in a task of its own, so a caller that stops
+        waiting (--write-timeout) does not leave it running unseen: until S3 has answered it, the next close of the
+        key waits for it (``settle``) before committing, so a DELETE that S3 processes late cannot remove a version
+        made here after it."""
+        pending = _Send(key, "")
+        self._open.setdefault(key, []).append(pending)
+        spawner.start_soon(self._run_delete, pending, send, name=f"delete {key}")
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+
+    async def _run_delete(self, pending: _Send, send: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await send()
+        except FsError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
+            log.exception("delete of %s: internal error", pending.key)
+            pending.error = io_error(f"delete of {pending.key}: internal error {exc!r}")
+        finally:
+            self._done(pending)
 
     @contextlib.contextmanager
     def removing(self, key: str) -> Iterator[None]:
