@@ -206,6 +206,7 @@ class _Progress:
     async def bounded(self, call: Callable[[], Awaitable[None]], stall_timeout: float, what: str) -> None:
         """Run ``call``; EIO when it has made no progress for ``stall_timeout`` seconds."""
         stalled = False
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
                 nonlocal stalled
@@ -215,8 +216,13 @@ class _Progress:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            await call()
+            try:
+                await call()
+            except Exception as exc:  # raised as itself below, not wrapped in an exception group
+                error = exc
             nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if stalled:
             raise FsError(errno.EIO, f"{what}: no progress for {stall_timeout:g}s (S3 slow or unreachable)",
                           level=logging.WARNING)
