@@ -166,6 +166,28 @@ def test_rm_after_a_timed_out_fsync_deletes_the_commit_that_lands_later(
     assert not in_s3(s3, mount, name)
 
 
+def test_a_new_file_whose_close_failed_does_not_appear_when_its_commit_lands_later(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """close() of a new file gives up after --write-timeout while its PUT is held; the file is gone with its last
+    descriptor ("never stored"); then the held request is released and botocore's retry stores it. Before: the
+    file the caller was told is not stored appeared in S3 and in the mount. After: it is deleted as it lands."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--write-timeout", "2",
+                                      "--s3-max-attempts", "2", "--s3-read-timeout", "30"])
+    mount.allow_log(r"did not finish within 2s")
+    mount.allow_log(r"told-eio.bin closed with changes that are not stored \(the last flush failed\)")
+    name = "told-eio.bin"
+    rule = s3_proxy.add(Rule(method="PUT", path=object_path(mount, name), action="stall", times=1))
+    with pytest.raises(OSError) as failed:
+        (mount.path / name).write_bytes(os.urandom(1000))
+    assert failed.value.errno == errno.EIO
+    assert name not in os.listdir(mount.path)
+    s3_proxy.remove(rule)
+    wait_until(lambda: re.search(r"landed later \(ETag", mount.log_text()) is not None, 30,
+               message="the held commit to land")
+    assert not in_s3(s3, mount, name), "a file whose close failed appeared in S3"
+    assert name not in os.listdir(mount.path)
+
+
 # -- item 7: truncate of a closed file is conditional on the version its attributes came from ---------------
 
 
