@@ -137,6 +137,32 @@ def test_rm_while_the_first_commit_is_on_its_way_stays_removed(
     assert not path.exists()
 
 
+def test_close_of_a_file_removed_while_it_was_open_succeeds_and_stores_nothing(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """A process appends to a stored file; `rm` removes it (S3 has deleted it; the proxy holds the answer); the
+    process closes meanwhile. As on a local disk, the close succeeds and the name stays gone. Before: the close
+    committed If-Match the deleted version and failed with EIO ("changed in S3 while this file was open")."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--write-timeout", "30"])
+    path = mount.path / "open.log"
+    path.write_bytes(b"first line\n")
+    fh = open(path, "ab")  # closed below
+    fh.write(b"second line\n")
+    fh.flush()
+    rule = s3_proxy.add(Rule(method="DELETE", path=object_path(mount, "open.log"), action="late"))
+    outcome: dict[str, object] = {}
+    remover = _attempt(lambda: os.unlink(path), outcome, "rm")
+    wait_until(lambda: rule.held >= 1, 30, message="S3 to delete the object while its answer is held")
+    closer = _attempt(fh.close, outcome, "close")
+    wait_until(lambda: not closer.is_alive() or "the flush waits for what is on its way" in mount.log_text(), 30,
+               message="the close to end or to wait for the DELETE")
+    s3_proxy.remove(rule)
+    remover.join(60)
+    closer.join(60)
+    assert outcome == {"rm": None, "close": None}
+    assert not in_s3(s3, mount, "open.log")
+    assert "open.log" not in os.listdir(mount.path)
+
+
 def test_rm_after_a_timed_out_fsync_deletes_the_commit_that_lands_later(
         s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
     """fsync of a new file gives up after --write-timeout while its PUT is held (no answer); `rm` then removes

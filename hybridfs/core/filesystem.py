@@ -459,14 +459,25 @@ class Filesystem:
         # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
         # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
         # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
+        node = self.inodes.existing(path)
+
+        def gone() -> None:
+            if self.inodes.existing(path) is not node:  # a DELETE that landed after its unlink gave up, and the
+                return  # name is another file's now: that one stays (its first commit waits for this DELETE)
+            self.ns.forget(path)
+            self.inodes.unlink(path)  # a close of it that waited for the DELETE now finds it unlinked
+
+        def deleted() -> None:
+            self._publish(Change.delete(key))
+            gone()
+
         with self.writes.fence.removing(key):
             if path not in self.ns.pending or committing:
                 await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
-                    self.spawner, key, lambda: self.store.delete(key)))
-                self._publish(Change.delete(key))
+                    self.spawner, key, lambda: self.store.delete(key), deleted))
+            else:
+                gone()
             await self.cache.remove(key)
-            self.ns.forget(path)
-            self.inodes.unlink(path)
 
     async def _commits_settled(self, path: str, key: str) -> bool:
         """Before a delete of ``key``: wait (up to --write-timeout) for its commits on their way, so the delete

@@ -190,6 +190,8 @@ class WriteFence:
 
     async def settle(self, key: str) -> str | None:
         """Wait for the key's earlier commits; the ETag of one that landed after its caller gave up, if any."""
+        if self._open.get(key):
+            log.debug("%s: the flush waits for what is on its way to S3 for this key (a commit or a delete)", key)
         while sends := self._open.get(key):
             await sends[0].done.wait()
         return self._landed.pop(key, None)
@@ -208,21 +210,25 @@ class WriteFence:
             return True
         return False
 
-    async def delete(self, spawner: Spawner, key: str, send: Callable[[], Awaitable[None]]) -> None:
+    async def delete(self, spawner: Spawner, key: str, send: Callable[[], Awaitable[None]],
+                     deleted: Callable[[], None]) -> None:
         """A DELETE of ``key`` in line with its commits. It runs in a task of its own, so a caller that stops
         waiting (--write-timeout) does not leave it running unseen: until S3 has answered it, the next close of the
         key waits for it (``settle``) before committing, so a DELETE that S3 processes late cannot remove a version
-        made here after it."""
+        made here after it. ``deleted`` (synchronous) runs once S3 has deleted it, before any waiter resumes: a
+        close waiting in ``settle`` then finds its file unlinked."""
         pending = _Send(key, "")
         self._open.setdefault(key, []).append(pending)
-        spawner.start_soon(self._run_delete, pending, send, name=f"delete {key}")
+        spawner.start_soon(self._run_delete, pending, send, deleted, name=f"delete {key}")
         await pending.done.wait()
         if pending.error is not None:
             raise pending.error
 
-    async def _run_delete(self, pending: _Send, send: Callable[[], Awaitable[None]]) -> None:
+    async def _run_delete(self, pending: _Send, send: Callable[[], Awaitable[None]],
+                          deleted: Callable[[], None]) -> None:
         try:
             await send()
+            deleted()
         except FsError as exc:
             pending.error = exc
         except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
