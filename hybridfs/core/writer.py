@@ -109,8 +109,12 @@ class WriteFence:
     (``settle``). A commit that S3 refuses because the object is no longer the version it was based on is
     recognised as ours when the object carries the token of this commit (a botocore retry whose first attempt
     did land: success) or of an earlier commit of ours that failed or gave up (it landed late: this commit
-    replaces it). Any other refusal is a conflict with another writer, reported to the caller. Owned by the trio
-    thread.
+    replaces it). Any other refusal is a conflict with another writer, reported to the caller.
+
+    Deletes of a key are ordered with its commits (issue 21): an unlink waits for the commits on their way
+    (``drain``), its DELETE is fenced like a commit (``delete``: the next close of the key waits for it), and a
+    commit still on its way when the key is removed deletes what it stores once it lands (``removing``,
+    ``discard``). Owned by the trio thread.
     """
 
     def __init__(self, store: CloudStore) -> None:
@@ -270,8 +274,8 @@ class WriteFence:
         """``pending`` stored a version of a key unlinked meanwhile: delete it, if it is still the one there.
 
         Only a version carrying this commit's token is deleted: a newer one (a new file made at the name since)
-        is not ours to remove. A version landing between this HEAD and the DELETE would be removed with it; S3
-        has no conditional DELETE to close that window (AWS's If-Match on DELETE is not in MinIO)."""
+        is not ours to remove. A version landing between this HEAD and the DELETE would be removed with it: a
+        conditional DELETE (If-Match) would close that window, but not every S3 implementation has one."""
         try:
             info = await self.store.head(pending.key)
             if info is None or (info.metadata or {}).get(WRITE_TOKEN) != pending.token:
