@@ -567,7 +567,9 @@ class Filesystem:
                               level=logging.WARNING) from None
         # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
         moved = await self._stat_after_copy(new_key, None)
-        await self.meta.delete(old_key)
+        # Fenced like an unlink's: a DELETE that S3 processes late must not remove a file made at the old name next.
+        await self.meta.within(f"DELETE {old_key}", lambda: self.writes.fence.delete(
+            self.spawner, old_key, lambda: self.store.delete(old_key), lambda: None))
         self.ns.remember(new, moved)
         self._publish(Change.put(new_key, moved))
         self._publish(Change.delete(old_key))
