@@ -456,9 +456,6 @@ class Filesystem:
             raise FsError(errno.EISDIR, f"{path!r} is a directory (use rmdir)")
         key = self.keys.key(path)
         committing = await self._commits_settled(path, key)
-        # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
-        # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
-        # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
         node = self.inodes.existing(path)
 
         def gone() -> None:
@@ -471,6 +468,9 @@ class Filesystem:
             self._publish(Change.delete(key))
             gone()
 
+        # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
+        # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
+        # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
         with self.writes.fence.removing(key):
             if path not in self.ns.pending or committing:
                 await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
