@@ -266,6 +266,9 @@ class WritePath:
         if scope.cancelled_caught:
             of.flush_failed = True
             raise timeout_error(key, self.settings.timeout)
+        if node.unlinked:  # removed while we waited (an unlink's DELETE is fenced like a commit): nothing to store
+            await self._drop(of)
+            return
         if landed is not None:
             of.stat = of.stat.with_(etag=landed)
         keep_mtime = of.writer is None or of.mtime_set

@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +95,7 @@ class _Send:
     etag: str | None = None
     error: BaseException | None = None
     abandoned: bool = False  # the flush that started it gave up (timeout): nobody waits for the answer
+    removed: bool = False  # the key was unlinked while this was on its way: what it stores is deleted on landing
 
 
 Send = Callable[[Condition], Awaitable[str]]
@@ -108,8 +109,12 @@ class WriteFence:
     (``settle``). A commit that S3 refuses because the object is no longer the version it was based on is
     recognised as ours when the object carries the token of this commit (a botocore retry whose first attempt
     did land: success) or of an earlier commit of ours that failed or gave up (it landed late: this commit
-    replaces it). Any other refusal is a conflict with another writer, reported to the caller. Owned by the trio
-    thread.
+    replaces it). Any other refusal is a conflict with another writer, reported to the caller.
+
+    Deletes of a key are ordered with its commits (issue 21): an unlink waits for the commits on their way
+    (``drain``), its DELETE is fenced like a commit (``delete``: the next close of the key waits for it), and a
+    commit still on its way when the key is removed deletes what it stores once it lands (``removing``,
+    ``discard``). Owned by the trio thread.
     """
 
     def __init__(self, store: CloudStore) -> None:
@@ -117,9 +122,10 @@ class WriteFence:
         self._open: dict[str, list[_Send]] = {}
         self._landed: dict[str, str] = {}
         self._unacknowledged: dict[str, set[str]] = {}  # key -> tokens of commits whose caller heard "failed"
+        self._removing: dict[str, int] = {}  # key -> unlinks of it under way (``removing``)
 
     async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
-        pending = _Send(key, token)
+        pending = _Send(key, token, removed=key in self._removing)
         self._open.setdefault(key, []).append(pending)
         spawner.start_soon(self._run, pending, condition, send, name=f"commit {key}")
         try:
@@ -140,19 +146,16 @@ class WriteFence:
         try:
             failpoint("commit")
             pending.etag = await self._attempt(pending, condition, send)
+            if pending.removed:  # checked with no await since the answer: an unlink cannot slip in between
+                await self._delete_landed(pending)
         except FsError as exc:
             pending.error = exc
         except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
             log.exception("commit of %s: internal error", pending.key)
             pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
-            pending.done.set()
-            sends = self._open.get(pending.key, [])
-            with contextlib.suppress(ValueError):
-                sends.remove(pending)
-            if not sends:
-                self._open.pop(pending.key, None)
-        if pending.abandoned:
+            self._done(pending)
+        if pending.abandoned and not pending.removed:
             if pending.etag is not None:
                 self._landed[pending.key] = pending.etag
                 log.info("an upload of %s whose caller was told it failed landed later (ETag %s); the next "
@@ -160,6 +163,14 @@ class WriteFence:
             else:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
                          pending.key, pending.error)
+
+    def _done(self, pending: _Send) -> None:
+        pending.done.set()
+        sends = self._open.get(pending.key, [])
+        with contextlib.suppress(ValueError):
+            sends.remove(pending)
+        if not sends:
+            self._open.pop(pending.key, None)
 
     async def _attempt(self, pending: _Send, condition: Condition, send: Send) -> str:
         try:
@@ -183,9 +194,99 @@ class WriteFence:
 
     async def settle(self, key: str) -> str | None:
         """Wait for the key's earlier commits; the ETag of one that landed after its caller gave up, if any."""
+        if self._open.get(key):
+            log.debug("%s: the flush waits for what is on its way to S3 for this key (a commit or a delete)", key)
         while sends := self._open.get(key):
             await sends[0].done.wait()
         return self._landed.pop(key, None)
+
+    # -- deletes of a key with commits on their way (issue 21: an unlink must not be undone by a late commit) --
+
+    def busy(self, key: str) -> bool:
+        """A commit of ``key`` is on its way, or one whose caller heard "failed" may have stored something."""
+        return bool(self._open.get(key)) or key in self._landed or key in self._unacknowledged
+
+    async def drain(self, key: str, deadline: float) -> bool:
+        """Wait until ``deadline`` (trio time) for the key's commits on their way; True when none is left."""
+        with trio.move_on_at(deadline):
+            while sends := self._open.get(key):
+                await sends[0].done.wait()
+            return True
+        return False
+
+    async def delete(self, spawner: Spawner, key: str, send: Callable[[], Awaitable[None]],
+                     deleted: Callable[[], None]) -> None:
+        """A DELETE of ``key`` in line with its commits. It runs in a task of its own, so a caller that stops
+        waiting (--write-timeout) does not leave it running unseen: until S3 has answered it, the next close of the
+        key waits for it (``settle``) before committing, so a DELETE that S3 processes late cannot remove a version
+        made here after it. ``deleted`` (synchronous) runs once S3 has deleted it, before any waiter resumes: a
+        close waiting in ``settle`` then finds its file unlinked."""
+        pending = _Send(key, "")
+        self._open.setdefault(key, []).append(pending)
+        spawner.start_soon(self._run_delete, pending, send, deleted, name=f"delete {key}")
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+
+    async def _run_delete(self, pending: _Send, send: Callable[[], Awaitable[None]],
+                          deleted: Callable[[], None]) -> None:
+        try:
+            await send()
+            deleted()
+        except FsError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
+            log.exception("delete of %s: internal error", pending.key)
+            pending.error = io_error(f"delete of {pending.key}: internal error {exc!r}")
+        finally:
+            self._done(pending)
+
+    @contextlib.contextmanager
+    def removing(self, key: str) -> Iterator[None]:
+        """While an unlink of ``key`` deletes it: every commit of the key still on its way, or starting before the
+        block ends, deletes what it stores once it lands (so the name cannot come back after the delete). When the
+        delete fails, the marks are taken back: the file is still there, and so may its next version be."""
+        self._removing[key] = self._removing.get(key, 0) + 1
+        for pending in self._open.get(key, []):
+            pending.removed = True
+        try:
+            yield
+        except BaseException:
+            if self._removing.get(key, 0) <= 1:
+                for pending in self._open.get(key, []):
+                    pending.removed = False
+            raise
+        else:
+            self._landed.pop(key, None)  # deleted now: nothing for a next flush to base itself on
+            self._unacknowledged.pop(key, None)
+        finally:
+            self._removing[key] -= 1
+            if not self._removing[key]:
+                del self._removing[key]
+
+    def discard(self, key: str) -> None:
+        """The file at ``key`` was forgotten as never stored (its uploads failed, its caller heard so): a commit of
+        it that lands later is deleted, not left to appear as a file nobody was told was stored."""
+        for pending in self._open.get(key, []):
+            pending.removed = True
+
+    async def _delete_landed(self, pending: _Send) -> None:
+        """``pending`` stored a version of a key unlinked meanwhile: delete it, if it is still the one there.
+
+        Only a version carrying this commit's token is deleted: a newer one (a new file made at the name since)
+        is not ours to remove. A version landing between this HEAD and the DELETE would be removed with it: a
+        conditional DELETE (If-Match) would close that window, but not every S3 implementation has one."""
+        try:
+            info = await self.store.head(pending.key)
+            if info is None or (info.metadata or {}).get(WRITE_TOKEN) != pending.token:
+                return
+            await self.store.delete(pending.key)
+        except FsError as exc:  # the commit itself did land: its caller is not told otherwise
+            log.warning("%s was removed while its upload was on its way; the upload landed later (ETag %s) and "
+                        "could not be deleted: %s", pending.key, pending.etag, exc.message)
+            return
+        log.info("%s was removed while its upload was on its way; the upload landed later (ETag %s) and was "
+                 "deleted", pending.key, pending.etag)
 
 
 _TIME_KEYS = frozenset({"mtime", "ctime", "atime"})
