@@ -9,8 +9,10 @@ two attempts with short timeouts, and ``CHECK_TIMEOUT`` in all.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from pathlib import Path
 from typing import Any
 
 from hybridfs.config import MountConfig, bucket_and_prefix
@@ -78,3 +80,47 @@ def _client_error(exc: Any, bucket: str, prefix: str, endpoint: str) -> str:
     if code in ("AccessDenied", "403", "AllAccessDisabled"):
         return f"S3 denies listing {where} ({code}): the credentials need s3:ListBucket on it"
     return f"S3 at {endpoint} refused listing {where}: {code} ({err.get('Message', '')})"
+
+
+# -- the kernel's FUSE request timeout (Linux >= 6.14) -----------------------------------------------------------
+
+FUSE_SYSCTLS = Path("/proc/sys/fs/fuse")
+
+
+def fuse_request_timeout(sysctls: Path = FUSE_SYSCTLS) -> tuple[str, int] | None:
+    """The timeout the kernel will give a new mount that sets none itself (hybridfs sets none), and the sysctl it
+    comes from; None when there is none (0, or a kernel without these sysctls). A request left unanswered that
+    long aborts the whole connection: every later access fails with ENOTCONN until a remount."""
+    default = _read_uint(sysctls / "default_request_timeout")
+    ceiling = _read_uint(sysctls / "max_request_timeout")
+    if ceiling and (not default or default > ceiling):  # the ceiling applies to the default too
+        return "fs.fuse.max_request_timeout", ceiling
+    if default:
+        return "fs.fuse.default_request_timeout", default
+    return None
+
+
+def check_fuse_request_timeout(write_timeout: float, sysctls: Path = FUSE_SYSCTLS) -> str | None:
+    """The warning to log when the kernel would abort the mount before hybridfs answers a close()/fsync() that
+    waits for S3 (up to ``--write-timeout``), or None. Read once at mount time, as the kernel does."""
+    found = fuse_request_timeout(sysctls)
+    if found is None or found[1] > write_timeout:
+        return None
+    name, seconds = found
+    return (f"{name} is {seconds}s, not above --write-timeout {write_timeout:g}s: a close() or fsync() waiting "
+            f"for S3 that long would make the kernel abort this mount (Transport endpoint is not connected); "
+            f"raise the sysctl (0: off) or lower --write-timeout")
+
+
+def _read_uint(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0  # no such sysctl (a kernel before 6.14): no timeout
+
+
+def warn_fuse_request_timeout(write_timeout: float) -> None:
+    """Called once as the mount starts: one WARNING line when the kernel's request timeout is too short."""
+    warning = check_fuse_request_timeout(write_timeout)
+    if warning is not None:
+        logging.getLogger("hybridfs.mount").warning("%s", warning)
