@@ -145,7 +145,7 @@ class Mount:
             self.kernel_timeouts = timeouts
             ops = FuseOperations(fs, timeouts=timeouts)
             fsname = f"hybridfs:{self.cfg.source}"
-            warn_fuse_request_timeout(self.cfg.write_timeout)  # the kernel reads its timeout as we mount
+            warn_fuse_request_timeout(self.cfg)  # the kernel reads its timeout as we mount
             pyfuse3.init(ops, self.cfg.mountpoint, mount_options(fsname, allow_other=self.cfg.allow_other))
             log.info("mounted %s on %s (cache %s, %d bytes; events %s)", self.cfg.source, self.cfg.mountpoint,
                      self.cfg.cache_dir, self.cfg.cache_size,

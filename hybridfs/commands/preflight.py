@@ -100,16 +100,23 @@ def fuse_request_timeout(sysctls: Path = FUSE_SYSCTLS) -> tuple[str, int] | None
     return None
 
 
-def check_fuse_request_timeout(write_timeout: float, sysctls: Path = FUSE_SYSCTLS) -> str | None:
-    """The warning to log when the kernel would abort the mount before hybridfs answers a close()/fsync() that
-    waits for S3 (up to ``--write-timeout``), or None. Read once at mount time, as the kernel does."""
+def check_fuse_request_timeout(cfg: MountConfig, sysctls: Path = FUSE_SYSCTLS) -> str | None:
+    """The warning to log when the kernel would abort the mount before hybridfs answers a request that waits
+    for S3, or None. Two waits bound a request today: a close()/fsync() waits for its upload up to
+    ``--write-timeout``; any request that calls S3 while it stalls waits for that call, up to
+    ``--s3-max-attempts`` x (``--s3-connect-timeout`` + ``--s3-read-timeout``) (measured: 120 s with the
+    defaults, for lookups, listings, reads of uncached files, mkdir, unlink, rename) until the breaker marks S3
+    down. Read once at mount time, as the kernel does."""
     found = fuse_request_timeout(sysctls)
-    if found is None or found[1] > write_timeout:
+    s3_call = cfg.s3_max_attempts * (cfg.s3_connect_timeout + cfg.s3_read_timeout)
+    if found is None or found[1] > max(cfg.write_timeout, s3_call):
         return None
     name, seconds = found
-    return (f"{name} is {seconds}s, not above --write-timeout {write_timeout:g}s: a close() or fsync() waiting "
-            f"for S3 that long would make the kernel abort this mount (Transport endpoint is not connected); "
-            f"raise the sysctl (0: off) or lower --write-timeout")
+    return (f"{name} is {seconds}s, not above what a request may wait for S3 (--write-timeout "
+            f"{cfg.write_timeout:g}s; an S3 call that stalls: {cfg.s3_max_attempts} attempts x "
+            f"({cfg.s3_connect_timeout:g}s connect + {cfg.s3_read_timeout:g}s read) = {s3_call:g}s): the kernel "
+            f"would abort this mount (Transport endpoint is not connected); raise the sysctl (0: off) or lower "
+            f"those options")
 
 
 def _read_uint(path: Path) -> int:
@@ -119,8 +126,8 @@ def _read_uint(path: Path) -> int:
         return 0  # no such sysctl (a kernel before 6.14): no timeout
 
 
-def warn_fuse_request_timeout(write_timeout: float) -> None:
+def warn_fuse_request_timeout(cfg: MountConfig) -> None:
     """Called once as the mount starts: one WARNING line when the kernel's request timeout is too short."""
-    warning = check_fuse_request_timeout(write_timeout)
+    warning = check_fuse_request_timeout(cfg)
     if warning is not None:
         logging.getLogger("hybridfs.mount").warning("%s", warning)

@@ -295,7 +295,7 @@ class Planner:
         if disk is not None and disk.total > 0 and disk.free < s.min_free * disk.total:
             # Requested evictions have not freed their bytes yet: count them as freed here too.
             short = int((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
-            if short > sum(e.size for e in self.cache.coldest(busy)):
+            if short > projected:
                 others = short  # others fill the disk: emptying the cache would not restore min_free
             else:
                 pressure = short > to_free and self._others_grew
