@@ -99,3 +99,32 @@ def test_pressure_evictions_are_bounded_and_undone(mount_factory: Any, s3_proxy:
             assert hashlib.sha256(data).hexdigest() == digest, name
             assert took < 2.0, f"{name} took {took:.2f}s with S3 down"
         s3_proxy.up()
+
+
+def test_a_slowly_growing_file_does_not_take_the_whole_cache(mount_factory: Any, tmp_path: Path) -> None:
+    """Another file grows a little at a time into the space the evictions free: the cache gives it --min-free
+    (plus 1 %) of the disk in all, not everything a few MiB at a time; and gets it back once the file is gone."""
+    count = 32
+    with tmpfs(tmp_path / "disk", "64m") as disk:
+        mount = mount_factory(cache_dir=disk, extra_args=[
+            "--no-events", "--cache-size", "48M", "--min-free", "0.1", "--evict-interval", "0.3"])
+        total = os.statvfs(disk).f_blocks * os.statvfs(disk).f_frsize
+        (mount.path / "d").mkdir()
+        for i in range(count):
+            (mount.path / f"d/f{i:02d}.bin").write_bytes(os.urandom(MiB))
+        wait_until(lambda: cached(mount) == (count, count * MiB), timeout=15, message="every file cached")
+        steps = 0
+        with open(disk / "growing", "ab", buffering=0) as fh:
+            for steps in range(1, 60):  # noqa: B007 - the count is reported
+                try:
+                    fh.write(b"\0" * (2 * MiB))
+                except OSError:  # the disk is full: the cache stopped giving
+                    break
+                rounds_pass(mount, 2)
+        files, _ = cached(mount)
+        print(f"after {steps} steps of 2 MiB: {files} of {count} files cached, "
+              f"{(disk / 'growing').stat().st_size / MiB:.0f} MiB grown; planner {planner(mount)}")
+        assert files >= count - (0.11 * total // MiB) - 1, "the cache gave the growing file at most --min-free"
+        (disk / "growing").unlink()
+        wait_until(lambda: cached(mount) == (count, count * MiB), timeout=30,
+                   message="the files given to the growing file to be hydrated again")

@@ -5,7 +5,10 @@ Every ``interval`` seconds (and at once when a hydration is waiting for room) it
 * **watermarks** — usage above ``high_watermark x capacity``: evict down to ``low_watermark x capacity``;
 * **disk** — less than ``min_free`` of the cache disk free: evict until that much (plus 1% of the disk) is free,
   but only when evicting can restore it: a disk filled by others beyond what the cache holds is not the cache's
-  to fix, and emptying the cache for it would only lose the cached files (logged once per episode);
+  to fix, and emptying the cache for it would only lose the cached files (logged once per episode). Nor does
+  the cache give others more than ``min_free`` (plus 1%) of the disk (what they took since the disk first went
+  short, until the cache has its files back): beyond that, a file that grows slowly would take the whole cache a
+  few MiB at a time;
 * **room** — hydrations waiting for space: evict until their bytes fit under the capacity;
 * **max age** — files not read for ``max_age`` seconds go, whatever the usage (reason ``max-age``).
 
@@ -128,6 +131,8 @@ class Planner:
         # whether they use more now: a shortage they caused is pressure; one the cache caused is its bound.
         self._others_before: int | None = None
         self._others_grew = False
+        self._others_now = 0
+        self._given_from: int | None = None  # others' use when the disk first went short (None: nothing given)
         self.unsent: dict[str, Event] = {}  # requested through the bus and not purged locally (yet)
         self.local_purges = 0
         self.local_since: float | None = None  # trio time the planner went local (None: the bus carries them)
@@ -295,8 +300,12 @@ class Planner:
         if disk is not None and disk.total > 0 and disk.free < s.min_free * disk.total:
             # Requested evictions have not freed their bytes yet: count them as freed here too.
             short = int((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
-            if short > projected:
-                others = short  # others fill the disk: emptying the cache would not restore min_free
+            if short > projected or (self._others_grew
+                                     and self._given() + short > (s.min_free + DISK_SLACK) * disk.total):
+                # Others fill the disk: emptying the cache would not restore min_free, or the cache has already
+                # given others' growth what min_free promises them (a file growing slowly would otherwise take
+                # the whole cache a few MiB at a time).
+                others = short
             else:
                 pressure = short > to_free and self._others_grew
                 to_free = max(to_free, short)
@@ -335,10 +344,25 @@ class Planner:
         if disk is None or disk.total <= 0:
             return
         others = disk.total - disk.free - self._usage_at_disk
-        if disk.free >= self.settings.min_free * disk.total:
+        short = disk.free < self.settings.min_free * disk.total
+        if not short:
             self._others_before = others
+        self._others_now = others
+        if short and self._given_from is None:
+            self._given_from = others
+        elif not short and not self.pressure_evicted and not self.returning:
+            self._given_from = None  # nothing owed any more: the next shortage starts afresh
+        elif self._given_from is not None:
+            self._given_from = min(self._given_from, others)  # others shrank: what they took shrank too
         # Files round up to blocks on disk: a little growth of "others" is the cache's own; 1% of the disk is not.
         self._others_grew = self._others_before is None or others > self._others_before + DISK_SLACK * disk.total
+
+    def _given(self) -> int:
+        """What others have taken of the disk since it first went short of min_free (and the cache began to
+        give way), while the cache has not got its files back. Measured on the disk, not summed from
+        evictions: the cache's own files being written count as others for a moment, and a sum of evictions
+        would keep them."""
+        return 0 if self._given_from is None else max(0, self._others_now - self._given_from)
 
     def _log_others(self, plan: Plan) -> None:
         """Once per episode: the disk is short, and not because of the cache."""
@@ -349,8 +373,9 @@ class Planner:
             return
         self._others_logged = True
         log.info("the cache disk has %s free, under --min-free %.0f%%, short by %s: more than the cache could "
-                 "free (%s cached), so others fill it; not evicting for it", _size(self.disk.free),
-                 100 * self.settings.min_free, _size(plan.others), _size(plan.usage))
+                 "free (%s cached) or than it gives others (--min-free, %s given), so others fill it; not evicting "
+                 "for it", _size(self.disk.free), 100 * self.settings.min_free, _size(plan.others),
+                 _size(plan.usage), _size(self._given()))
 
     def _remember(self, entries: list[CacheEntry]) -> None:
         """Evicted under disk pressure: hydrate them again once the space returns (the most recent only)."""
