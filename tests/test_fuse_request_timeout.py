@@ -21,13 +21,14 @@ import pytest
 from helpers import Mount
 
 from hybridfs.bench.s3proxy import Rule
+from hybridfs.commands.preflight import fuse_request_timeout
 
 SYSCTL = Path("/proc/sys/fs/fuse/default_request_timeout")
 KERNEL_TIMEOUT = 20  # seconds; the kernel checks every 15 s, so an overdue request aborts within 20-35 s
 TIMER = 15
 
-pytestmark = pytest.mark.skipif(not SYSCTL.exists() or os.geteuid() != 0,
-                                reason="needs Linux >= 6.14's fs.fuse sysctls and root")
+needs_sysctl = pytest.mark.skipif(not SYSCTL.exists() or os.geteuid() != 0,
+                                  reason="needs Linux >= 6.14's fs.fuse sysctls and root")
 
 
 @contextlib.contextmanager
@@ -46,6 +47,7 @@ def mount_with_timeout(mount_factory: Any, seconds: int, extra_args: list[str]) 
     return mount
 
 
+@needs_sysctl
 def test_a_stalled_write_fails_before_the_kernel_aborts_the_mount(mount_factory: Any, s3_proxy: Any) -> None:
     write_timeout = 5
     mount = mount_with_timeout(mount_factory, KERNEL_TIMEOUT, [
@@ -78,6 +80,7 @@ def test_a_stalled_write_fails_before_the_kernel_aborts_the_mount(mount_factory:
     s3_proxy.remove(stall)
 
 
+@needs_sysctl
 def test_warns_when_the_kernel_timeout_is_below_the_write_timeout(mount_factory: Any) -> None:
     mount = mount_with_timeout(mount_factory, KERNEL_TIMEOUT, ["--no-events", "--write-timeout", "30",
                                                                "--s3-max-attempts", "2", "--s3-read-timeout", "5",
@@ -87,3 +90,19 @@ def test_warns_when_the_kernel_timeout_is_below_the_write_timeout(mount_factory:
     mount.allow_log(re.escape(line))
     assert line in mount.log_text()
     assert os.listdir(mount.path) == []
+
+
+@pytest.mark.parametrize(("default", "ceiling", "expected"), [
+    ("0", "0", None),
+    ("20", "0", ("fs.fuse.default_request_timeout", 20)),
+    ("0", "30", ("fs.fuse.max_request_timeout", 30)),  # the ceiling applies to servers that set none, too
+    ("40", "30", ("fs.fuse.max_request_timeout", 30)),
+    ("20", "30", ("fs.fuse.default_request_timeout", 20)),
+    (None, None, None),  # a kernel before 6.14
+])
+def test_the_timeout_a_new_mount_gets(tmp_path: Path, default: str | None, ceiling: str | None,
+                                      expected: tuple[str, int] | None) -> None:
+    for name, value in (("default_request_timeout", default), ("max_request_timeout", ceiling)):
+        if value is not None:
+            (tmp_path / name).write_text(f"{value}\n")
+    assert fuse_request_timeout(tmp_path) == expected
