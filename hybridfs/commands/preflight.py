@@ -91,8 +91,9 @@ FUSE_TIMER = 15  # seconds between the kernel's checks for overdue requests (FUS
 def fuse_request_timeout(sysctls: Path = FUSE_SYSCTLS) -> tuple[str, int] | None:
     """The timeout the kernel will give a new mount that sets none itself (hybridfs sets none), and the sysctl it
     comes from; None when there is none (0, or a kernel without these sysctls). The ceiling applies alone too
-    (measured: max_request_timeout 20 with the default at 0 aborted a mount whose close waited 30 s). A request left unanswered that
-    long aborts the whole connection: every later access fails with ENOTCONN until a remount."""
+    (measured: max_request_timeout 20 with the default at 0 aborted a mount whose close waited 30 s). A request
+    left unanswered that long aborts the whole connection: every later access fails with ENOTCONN until a
+    remount."""
     default = _read_uint(sysctls / "default_request_timeout")
     ceiling = _read_uint(sysctls / "max_request_timeout")
     if ceiling and (not default or default > ceiling):  # the ceiling applies to the default too
