@@ -473,6 +473,10 @@ class Filesystem:
         # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
         # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
         # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
+        # The cached copy goes first: an eviction that checks S3 while the DELETE is on its way must find nothing
+        # to preserve (it would keep the bytes as "deleted elsewhere"); and again after, for a hydration that
+        # committed meanwhile.
+        await self.cache.remove(key)
         with self.writes.fence.removing(key):
             if path not in self.ns.pending or committing:
                 await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
