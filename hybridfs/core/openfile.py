@@ -6,7 +6,8 @@ Write states (``OpenFile.state``)::
     CLEAN ───── any other write, truncate ─────────────────────────────────> SPOOLED (dirty)
     STREAMING ─ flush ok ───────────────────────────────────────────────────> CLEAN (committed: a new ETag)
     STREAMING ─ write not at the end, read-back, failed part or flush ─────> SPOOLED (dirty, every byte)
-    STREAMING ─ the same, when bytes already sent have no local copy left ──> LOST
+    STREAMING ─ the same, when bytes already sent have no local copy left ──> LOST (state disk full: ENOSPC;
+                the cache disk failed after holding some; see ``hybridfs.core.writer``)
     SPOOLED ─── flush ok ──> SPOOLED (clean, committed)     flush fails ──> FAILED (dirty, every byte kept)
     FAILED ──── flush ok ──> SPOOLED (clean)        last handle released ──> dropped, with a log line
     LOST ────── write, flush ──> EIO              O_TRUNC ──> STREAMING          released ──> dropped
@@ -236,12 +237,14 @@ class WritePath:
         try:
             if isinstance(writer, StreamWriter):
                 if not await writer.hand_over(spool):
+                    loss = writer.local_loss() or io_error("the local copy is gone")
                     await writer.abort()
                     of.writer = None
-                    of.lost = io_error(
-                        f"{of.node.path}: the {writer.size} bytes written since open cannot be stored: their "
-                        f"upload failed ({writer.failed.message if writer.failed else 'interrupted'}) and their "
-                        f"local copy is gone ({writer.tee.failed}); writes and flushes fail until it is closed")
+                    upload = f"their upload failed ({writer.failed.message}) and " if writer.failed else ""
+                    of.lost = FsError(
+                        loss.errno if loss.errno in WRITE_ERRNOS else errno.EIO,
+                        f"{of.node.path}: the {writer.size} bytes written since open cannot be stored: {upload}"
+                        f"{loss.message}; writes and flushes fail until it is closed", level=logging.ERROR)
                     raise of.lost
                 spool.dirty = True
             else:
