@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from typing import Any
 
+import pytest
 from helpers import Mount
+from s3proxy import Rule, S3FaultProxy
+from test_faults_write import object_path, through_proxy
+
+MiB = 1024 * 1024
 
 
 def stored(s3: Any, mount: Mount, name: str) -> bytes | None:
@@ -34,3 +40,30 @@ def test_fsync_on_a_read_only_descriptor_stores_another_descriptors_writes(mount
         assert stored(s3, mounted, "synced.txt") == b"first version\nsecond line\n"
     finally:
         os.close(writer)
+
+
+def test_failed_move_of_a_stream_after_its_directory_was_renamed(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """A stream whose directory is renamed mid-upload finishes at its old key and is then copied to the new one.
+    When that copy fails, fsync fails; the next close stores the whole file at the new key and nothing stays at
+    the old one (before: the used-up stream was finished again — an empty object claiming the full size)."""
+    mount = through_proxy(mount_factory, s3_proxy)  # --part-size 5M
+    (mount.path / "d").mkdir()
+    data = os.urandom(12 * MiB + 3)
+    fd = os.open(mount.path / "d" / "a.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data[:7 * MiB])
+        os.rename(mount.path / "d", mount.path / "e")
+        os.write(fd, data[7 * MiB:])
+        refused = s3_proxy.add(Rule(method="PUT", path=object_path(mount, "e/a.bin")))
+        with pytest.raises(OSError) as failure:
+            os.fsync(fd)
+        assert failure.value.errno == errno.EIO
+        assert refused.hits >= 1
+        s3_proxy.remove(refused)
+    finally:
+        os.close(fd)
+    assert stored(s3, mount, "e/a.bin") == data
+    assert stored(s3, mount, "d/a.bin") is None
+    assert (mount.path / "e" / "a.bin").stat().st_size == len(data)
+    assert (mount.path / "e" / "a.bin").read_bytes() == data

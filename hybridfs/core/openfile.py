@@ -65,6 +65,16 @@ class WriteState(enum.Enum):
     LOST = "lost"
 
 
+@dataclass(frozen=True)
+class Move:
+    """A stream that finished at its old key (its directory was renamed while it streamed) whose copy to the
+    new key failed: the next flush retries the copy; a write first takes the finished content into a spool."""
+
+    old_key: str
+    done: Uploaded
+    stat: Stat  # the attributes it was finished with
+
+
 @dataclass
 class OpenFile:
     """State shared by every handle open on one inode. Owned by the trio thread."""
@@ -78,6 +88,7 @@ class OpenFile:
     lost: FsError | None = None  # LOST: why nothing complete can be stored any more
     flush_failed: bool = False  # the last flush failed and none has succeeded since
     mtime_set: bool = False  # utime/futimens since the last write: the flush keeps that mtime
+    moving: Move | None = None  # stored at a key the file has left; not at its own key yet
 
     @property
     def state(self) -> WriteState:
@@ -95,12 +106,14 @@ class OpenFile:
         if self.lost is not None:
             return False
         if isinstance(self.writer, SpoolWriter):
-            return self.writer.dirty
-        return self.writer is not None or self.created
+            return self.writer.dirty or self.moving is not None
+        return self.writer is not None or self.created or self.moving is not None
 
     @property
     def size(self) -> int:
-        return self.writer.size if self.writer is not None else self.stat.size
+        if self.writer is not None:
+            return self.writer.size
+        return self.moving.done.size if self.moving is not None else self.stat.size
 
 
 # The errnos a failed close()/fsync() may report as they are; anything else (NoSuchUpload's ENOENT, a refused
@@ -247,6 +260,11 @@ class WritePath:
                         f"{loss.message}; writes and flushes fail until it is closed", level=logging.ERROR)
                     raise of.lost
                 spool.dirty = True
+            elif of.moving is not None:  # the finished stream's content, at the key it was stored under
+                spool.key = of.moving.old_key
+                await spool.load(of.moving.done.etag, of.moving.done.size)
+                spool.key = self.key_of(of.node)
+                spool.dirty = True
             else:
                 await spool.load(of.stat.etag, of.stat.size)
                 spool.dirty = of.created
@@ -271,6 +289,9 @@ class WritePath:
             raise timeout_error(key, self.settings.timeout)
         if landed is not None:
             of.stat = of.stat.with_(etag=landed)
+        if of.moving is not None and of.writer is None:
+            await self._finish_move(of, key)
+            return
         keep_mtime = of.writer is None or of.mtime_set
         st = of.stat if keep_mtime else of.stat.with_(mtime_ns=now_ns())
         writer = of.writer or self.stream_writer(of, key)  # created and never written: an empty object
@@ -301,10 +322,37 @@ class WritePath:
             if isinstance(exc, WriteConflict):
                 await self._learn_current(of, key)
             raise as_write_error(exc) from None
-        if moved_from is not None:
-            done = await self._move(moved_from, key, st, done)
         if isinstance(writer, StreamWriter):
-            of.writer = None
+            of.writer = None  # used up: finishing it again would store only what is left in its buffer
+        if moved_from is not None:
+            of.moving = Move(moved_from, done, st)
+            await self._finish_move(of, key)
+            return
+        if of.moving is not None:  # a spool made from a moved stream's content is stored at the new key now
+            await self._forget_old_key(of.moving.old_key)
+            of.moving = None
+        self._stored_version(of, key, st, done)
+
+    async def _finish_move(self, of: OpenFile, key: str) -> None:
+        """Copy a stream stored at its old key to ``key``; on failure the next flush tries again."""
+        assert of.moving is not None
+        move = of.moving
+        try:
+            done = await self._move(move.old_key, key, move.stat, move.done)
+        except FsError as exc:
+            of.flush_failed = True
+            raise as_write_error(exc) from None
+        of.moving = None
+        self._stored_version(of, key, move.stat, done)
+
+    async def _forget_old_key(self, old_key: str) -> None:
+        try:
+            await self.store.delete(old_key)
+        except FsError as exc:
+            log.error("%s: the copy left there by a renamed directory could not be removed: %s", old_key, exc)
+        await self.cache.remove(old_key)
+
+    def _stored_version(self, of: OpenFile, key: str, st: Stat, done: Uploaded) -> None:
         of.created = False
         of.flush_failed = False
         of.mtime_set = False
@@ -335,6 +383,9 @@ class WritePath:
     async def _drop(self, of: OpenFile) -> None:
         writer, of.writer = of.writer, None
         of.created = False
+        if of.moving is not None:  # never moved to its key: what is left at the old one was never shown there
+            moving, of.moving = of.moving, None
+            await self._forget_old_key(moving.old_key)
         if isinstance(writer, StreamWriter):
             await writer.abort()
         elif isinstance(writer, SpoolWriter):
