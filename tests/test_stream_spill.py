@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from helpers import Mount, tmpfs, wait_until
 from s3proxy import Rule, S3FaultProxy
+from test_degraded import fill
 from test_faults_write import through_proxy, uploads
 
 MiB = 1024 * 1024
@@ -149,4 +151,28 @@ def test_full_state_disk_is_a_clear_enospc(mount_factory: Any, s3: Any) -> None:
                 os.close(fd)
         assert closing.value.errno == errno.ENOSPC
         assert s3.list_objects_v2(Bucket=mount.bucket, Prefix=mount.key("full.bin")).get("KeyCount") == 0
+        mount.unmount()
+
+
+@pytest.mark.allow_log(r"cache copy of .* failed", r"No space left", r"cache: could not store")
+def test_random_write_after_the_cache_disk_filled_up_mid_stream(
+        mount_factory: Any, s3: Any, tmp_path: Path) -> None:
+    """The cache disk fills up while a stream is teed to it: the tee drops its file, but the bytes it held stay
+    readable for the hand-over (the stream's own descriptor of that file), the rest went to the spill file."""
+    with tmpfs(tmp_path / "small", "64m") as cache_dir:
+        mount = mount_factory(cache_dir=cache_dir, extra_args=["--cache-size", "48M", "--part-size", "5M"])
+        fd = os.open(mount.path / "filled.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            expected = stream(fd, 12)  # parts 1-2 (10 MiB) go to the cache's tee
+            wait_until(lambda: shutil.disk_usage(cache_dir).used >= 10 * MiB, 10,
+                       message="parts 1-2 to be teed to the cache disk")
+            fill(cache_dir)
+            for n in range(12, 24):
+                assert os.write(fd, block(n)) == MiB
+                expected += block(n)
+            assert os.pwrite(fd, b"Z" * 10, MiB) == 10
+            expected[MiB:MiB + 10] = b"Z" * 10
+        finally:
+            os.close(fd)
+        same(stored(s3, mount, "filled.bin"), expected)
         mount.unmount()

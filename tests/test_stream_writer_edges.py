@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import subprocess
 from typing import Any
 
 import pytest
-from helpers import Mount
+from helpers import Mount, wait_until
 from s3proxy import Rule, S3FaultProxy
-from test_faults_write import object_path, through_proxy
+from test_faults_write import object_path, through_proxy, uploads
 
 MiB = 1024 * 1024
 
@@ -67,3 +69,25 @@ def test_failed_move_of_a_stream_after_its_directory_was_renamed(
     assert stored(s3, mount, "d/a.bin") is None
     assert (mount.path / "e" / "a.bin").stat().st_size == len(data)
     assert (mount.path / "e" / "a.bin").read_bytes() == data
+
+
+def test_shutdown_aborts_a_stream_only_after_its_parts_in_flight(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """SIGTERM while a file is still open and streaming, a part on its way to S3: the upload is aborted once that
+    part is answered, not under it (S3 may keep a part that lands after the abort). Before: the abort went out
+    at once and the held part was answered NoSuchUpload."""
+    mount = through_proxy(mount_factory, s3_proxy)  # --write-timeout 4: the stop waits 9 s for open files
+    mount.allow_log(r"unmounting with 1 file\\(s\\) still being written", r"dropping its unfinished upload")
+    # Held longer than the stop's wait for open files (9 s), shorter than that plus the write timeout.
+    held = s3_proxy.add(Rule(method="PUT", query=r"partNumber=2(&|$)", action="delay", delay=11))
+    fd = os.open(mount.path / "open.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, os.urandom(11 * MiB))
+        wait_until(lambda: held.matched >= 1, 10, message="part 2 to reach the proxy")
+        mount.proc.send_signal(signal.SIGTERM)
+        mount.proc.wait(60)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    assert held.answers == [200], f"part 2 answered {held.answers} (404: the upload was aborted under it)"
+    assert uploads(s3, mount, "open.bin") == []

@@ -273,17 +273,18 @@ class Spill:
                 self.fd = await self._run(create)
             return self.fd
 
-    async def take(self, tee_path: Path | None) -> Path:
-        """The spill file, completed with the bytes the tee held (``tee_path``, removed), for a spool to adopt."""
+    async def take(self, tee_view: int | None, teed: list[tuple[int, int]]) -> Path:
+        """The spill file, completed with the ``teed`` ranges (offset, length) read from ``tee_view`` (a
+        descriptor of the tee's file), for a spool to adopt."""
         if self.failed is not None:
             raise self.failed
         fd = await self._open()
         self._closed = True  # from here the file is the spool's
 
         def join() -> None:
-            if tee_path is not None:
-                _copy_into(tee_path, fd)
-                tee_path.unlink(missing_ok=True)
+            for offset, length in teed:
+                assert tee_view is not None
+                _copy_range(tee_view, fd, offset, length)
 
         try:
             await self._run(join)
@@ -323,13 +324,15 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _copy_into(source: Path, fd: int, chunk: int = 1024**2) -> None:
-    """Copy ``source`` into ``fd`` at the same offsets (the first bytes of the file, held by the tee)."""
-    with open(source, "rb", buffering=0) as src:
-        offset = 0
-        while data := src.read(chunk):
-            _pwrite_all(fd, data, offset)
-            offset += len(data)
+def _copy_range(source: int, fd: int, offset: int, length: int, chunk: int = 1024**2) -> None:
+    """Copy ``length`` bytes at ``offset`` from descriptor ``source`` into ``fd`` at the same offset."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(source, min(chunk, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"the cache's copy ends at {offset}, before {end}")
+        _pwrite_all(fd, data, offset)
+        offset += len(data)
 
 
 # -- the streamed multipart upload ----------------------------------------------------------------------------
@@ -360,7 +363,13 @@ class StreamWriter:
         self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
         self.tee = TeeFile(cache)
         self.spill = Spill(key, settings, cache.limiter)  # what the tee cannot hold, from its first such byte
-        self.teed_any = False  # a part's only local copy is the tee's (lost with it if the cache disk fails)
+        self.teed_any = False  # a part's only local copy is the tee's
+        self.teed: list[tuple[int, int]] = []  # (offset, length) of the parts the tee holds
+        # Our own descriptor of the tee's file, opened before its first byte: when the cache disk fails later
+        # the tee removes its file, and the bytes it held stay readable here for a hand-over.
+        self._tee_view: int | None = None
+        self._viewing = trio.Lock()
+        self._view_closed = False
         self._teed: list[trio.Event] = []  # one per part sent: set once its local copy is written (or failed)
         self.charged = 0  # budget bytes held by the buffered (not yet sent) bytes
         self.overdrafts = 0
@@ -476,13 +485,43 @@ class StreamWriter:
         hand-over finds every byte (the tee alone drops everything past the cache's capacity)."""
         try:
             if self.tee.failed is None and offset + len(data) <= self.cache.capacity:
+                await self._watch_tee()
                 await self.tee.write(offset, data)
                 if self.tee.failed is None:
                     self.teed_any = True
+                    self.teed.append((offset, len(data)))
                     return
             await self.spill.write(offset, data)
         finally:
             teed.set()
+
+    async def _watch_tee(self) -> None:
+        """Open our descriptor of the tee's file (created here, before the tee's first write opens it)."""
+        async with self._viewing:
+            if self._tee_view is not None or self._view_closed or self.tee.failed is not None:
+                return
+            if self.tee.path is None:
+                self.tee.path = self.cache.new_temp_path()
+            path = self.tee.path
+            try:
+                view = await trio.to_thread.run_sync(
+                    lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), limiter=self.cache.limiter)
+            except OSError:
+                return  # the tee fails on the same disk: its parts go to the spill file
+            if self._view_closed:  # dropped meanwhile
+                await self._close_fd(view)
+            else:
+                self._tee_view = view
+
+    async def _close_view(self) -> None:
+        self._view_closed = True
+        view, self._tee_view = self._tee_view, None
+        if view is not None:
+            await self._close_fd(view)
+
+    async def _close_fd(self, fd: int) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.close, fd, limiter=self.cache.limiter)
 
     async def _drain(self) -> None:
         for _ in range(self.settings.max_inflight):
@@ -534,6 +573,7 @@ class StreamWriter:
             self._fail(timeout_error(self.key, self.settings.timeout))
             raise self.failed or timeout_error(self.key, self.settings.timeout)
         self._release_charge()  # a single PUT's buffer: S3 holds it now
+        await self._close_view()
         if self.spill.used:  # the cache could not hold the whole file: it is not cached
             await self.tee.discard("larger than the cache")
             await self.spill.discard()
@@ -609,6 +649,7 @@ class StreamWriter:
         self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
+        await self._close_view()
         await self.tee.discard()
         await self.spill.discard()
         return True
@@ -617,7 +658,7 @@ class StreamWriter:
         """Why bytes that already left memory have no local copy any more (None: every byte is kept)."""
         if self.spill.failed is not None:
             return self.spill.failed
-        if self.teed_any and self.tee.failed is not None:
+        if self.teed_any and self.tee.failed is not None and self._tee_view is None:
             return io_error(f"the cache's copy of {self.key} is gone ({self.tee.failed})")
         if not self.teed_any and not self.spill.used:
             return io_error(f"no local copy of {self.key} was written")
@@ -626,9 +667,9 @@ class StreamWriter:
     async def _local_copy(self) -> Path:
         """The file of every byte sent so far: the tee's copy, the spill file, or both joined in the spill."""
         try:
-            if not self.spill.used:
+            if not self.spill.used and self.tee.failed is None:
                 return await self.tee.detach()
-            return await self.spill.take(await self.tee.detach() if self.teed_any else None)
+            return await self.spill.take(self._tee_view, self.teed)
         except OSError as exc:
             raise io_error(f"cannot take the local copy of {self.key}: {exc}") from exc
 
@@ -645,22 +686,44 @@ class StreamWriter:
             await self._drain()
         self.store.schedule_abort(self.key, upload_id)
 
+    async def _journal_again(self, upload_id: str) -> None:
+        journal = self.store.journal
+        if journal is None:
+            return
+        log.info("%s: a part was still on its way when its upload was aborted; the next start aborts it again",
+                 self.key)
+        try:
+            await trio.to_thread.run_sync(journal.record, self.key, upload_id)
+        except Exception as exc:  # sqlite3.Error, OSError: only the record is missing
+            log.warning("could not record multipart upload %s of %s in the upload journal again: %s", upload_id,
+                        self.key, exc)
+
     async def abort(self) -> None:
         """Drop the upload and the local copy (the file was truncated, unlinked or closed unfinished)."""
         self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
             await self.spill.discard()
 
     async def abandon(self) -> None:
-        """At shutdown: abort now, so nothing is left in S3 (the journal covers what cannot be reached)."""
+        """At shutdown: abort the upload once its parts in flight are answered (bounded by the write timeout), so
+        nothing is left in S3: a part that lands after its upload's abort can keep storage (S3 documents it).
+        A part still in flight after that keeps the upload in the journal, so the next start aborts it again."""
         self._release_charge()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
-            await self.store.abort_multipart(self.key, upload_id)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.settings.timeout):
+                    await self._drain()
+                in_flight = self._parts_in_flight()
+                await self.store.abort_multipart(self.key, upload_id)
+                if in_flight:
+                    await self._journal_again(upload_id)
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
             await self.spill.discard()
 
