@@ -5,6 +5,8 @@ Write states (``OpenFile.state``)::
     CLEAN ───── write at 0 of an empty file, O_TRUNC ─────────────────────> STREAMING
     CLEAN ───── any other write, truncate ─────────────────────────────────> SPOOLED (dirty)
     STREAMING ─ flush ok ───────────────────────────────────────────────────> CLEAN (committed: a new ETag)
+    STREAMING ─ stored at its old key, the copy to its renamed directory fails ─> CLEAN + ``moving`` (the next
+                flush retries the copy; a write first loads that content into a spool)
     STREAMING ─ write not at the end, read-back, failed part or flush ─────> SPOOLED (dirty, every byte)
     STREAMING ─ the same, when bytes already sent have no local copy left ──> LOST (state disk full: ENOSPC;
                 the cache disk failed after holding some; see ``hybridfs.core.writer``)
