@@ -44,11 +44,13 @@ def test_fsync_on_a_read_only_descriptor_stores_another_descriptors_writes(mount
         os.close(writer)
 
 
+@pytest.mark.parametrize("then", ["close", "pwrite"])
 def test_failed_move_of_a_stream_after_its_directory_was_renamed(
-        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, then: str) -> None:
     """A stream whose directory is renamed mid-upload finishes at its old key and is then copied to the new one.
-    When that copy fails, fsync fails; the next close stores the whole file at the new key and nothing stays at
-    the old one (before: the used-up stream was finished again — an empty object claiming the full size)."""
+    When that copy fails, fsync fails; the next close (after a pwrite too: it edits the stored content in a
+    spool) stores the whole file at the new key and nothing stays at the old one (before: the used-up stream was
+    finished again — an empty object claiming the full size)."""
     mount = through_proxy(mount_factory, s3_proxy)  # --part-size 5M
     (mount.path / "d").mkdir()
     data = os.urandom(12 * MiB + 3)
@@ -63,6 +65,9 @@ def test_failed_move_of_a_stream_after_its_directory_was_renamed(
         assert failure.value.errno == errno.EIO
         assert refused.hits >= 1
         s3_proxy.remove(refused)
+        if then == "pwrite":
+            assert os.pwrite(fd, b"Z" * 10, 3) == 10
+            data = data[:3] + b"Z" * 10 + data[13:]
     finally:
         os.close(fd)
     assert stored(s3, mount, "e/a.bin") == data
