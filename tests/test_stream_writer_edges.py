@@ -7,6 +7,9 @@ import errno
 import os
 import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,3 +101,55 @@ def test_shutdown_aborts_a_stream_only_after_its_parts_in_flight(
             os.close(fd)
     assert held.answers == [200], f"part 2 answered {held.answers} (404 or None: aborted under it)"
     assert uploads(s3, mount, "open.bin") == []
+
+
+WRITER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+data = open(sys.argv[2], "rb").read()
+for start, end in ((0, 6), (6, 12), (12, 16)):
+    os.write(fd, data[start * 2**20:end * 2**20])
+    print(end, flush=True)
+    sys.stdin.readline()
+os.close(fd)
+print("closed", flush=True)
+"""
+
+
+def test_a_starting_mount_does_not_abort_a_live_mounts_long_stream(
+        mount_factory: Any, s3: Any, stack: Any, prefix: str, tmp_path: Path) -> None:
+    """--abort-uploads-after aborts uploads left by crashed hosts; a live mount's stream that started longer ago
+    but still sends parts is not one (before: the starting mount aborted it under its writer, whose next part
+    failed with NoSuchUpload). The writer is a process of its own: a descriptor of the file in this process
+    would be closed in the forked mount process, and that close flushes (finishes) the stream."""
+    grace = 5
+    a = mount_factory(extra_args=["--part-size", "5M"])
+    dead = s3.create_multipart_upload(Bucket=stack.bucket, Key=f"{prefix}/from-a-dead-host.bin")["UploadId"]
+    data = os.urandom(16 * MiB)
+    (tmp_path / "data").write_bytes(data)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(a.path / "long.bin"), str(tmp_path / "data")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        assert writer.stdout.readline().strip() == "6"
+        live = wait_until(lambda: uploads(s3, a, "long.bin"), 10, message="A's multipart upload")
+        time.sleep(grace + 1)  # both uploads must be older than the grace period: age is the condition under test
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "12"  # part 2: the stream is alive
+        wait_until(lambda: len(s3.list_parts(Bucket=a.bucket, Key=a.key("long.bin"), UploadId=live[0])
+                               .get("Parts", [])) == 2, 10, message="part 2 of A's stream")
+        b = mount_factory(extra_args=["--abort-uploads-after", str(grace)])
+        wait_until(lambda: not uploads(s3, b, "from-a-dead-host.bin"), 30,
+                   message=f"the dead host's upload {dead} to be aborted")
+        assert uploads(s3, a, "long.bin") == live, "the starting mount aborted A's live stream"
+        for _ in range(2):
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "16"
+        assert writer.stdout.readline().strip() == "closed"
+        assert writer.wait(30) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert stored(s3, a, "long.bin") == data
