@@ -767,7 +767,11 @@ class Filesystem:
             await self.writes.flush(of)
 
     async def fsync(self, fh: int) -> None:
-        await self.flush(fh)
+        """fsync(2): stores every change of the file, whichever descriptor wrote it — ``sync FILE`` and many
+        tools fsync through a read-only descriptor. Only close() of a read-only descriptor publishes nothing."""
+        of = self._handle(fh).file
+        if of.dirty or of.lost is not None:
+            await self.writes.flush(of)
 
     def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""

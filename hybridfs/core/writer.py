@@ -10,9 +10,13 @@
 
 A stream never loses bytes when S3 fails: a failed part or a failed/timed-out finish hands every byte written so
 far over to a spool (``StreamWriter.hand_over``: the local copy of the parts already sent, plus what is still in
-memory), the multipart upload is aborted in the background, and the next flush uploads the whole file again. Only
-when the local copy is gone too (cache disk failing, or the file is larger than the cache) are the bytes lost;
-the open file then refuses every write and flush with EIO (``hybridfs.core.openfile`` documents the states).
+memory), the multipart upload is aborted in the background, and the next flush uploads the whole file again. The
+same hand-over serves a write not at the end, a read-back and a truncate. The local copy of a part is the cache's
+tee while the cache can hold it; from the first byte it cannot (past the cache's capacity, or the cache disk
+failing) parts go to a spill file in the state directory (``Spill``), and the hand-over joins the two. Bytes are
+lost only when neither can keep them: the state disk is full (ENOSPC) or the cache disk fails after holding some
+(its copy of them is gone); the open file then refuses every write and flush with that error
+(``hybridfs.core.openfile`` documents the states).
 
 Commits are fenced: the PUT or CompleteMultipartUpload that makes a version visible is conditional on S3 still
 holding the version the content was based on (``Condition``), and runs in a task of its own that outlives a
@@ -32,6 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -42,6 +47,7 @@ from hybridfs.tiers.cache import LocalCache, TeeFile
 from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, Part, WriteConflict
 
 log = logging.getLogger("hybridfs.writer")
+T = TypeVar("T")
 
 __all__ = ["Condition", "NeedsSpool", "Spawner", "SpoolWriter", "StreamWriter", "Uploaded", "WriteFence",
            "WriteSettings"]
@@ -305,6 +311,131 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
+# -- the spill file: a stream's bytes that the cache cannot hold -----------------------------------------------
+
+
+class Spill:
+    """The bytes of a stream that its tee to the cache cannot hold (past the cache's capacity, or once the cache
+    disk failed), kept at their own offsets in a sparse file in the state directory, so that a hand-over to a
+    spool finds every byte written since open. Nothing is written here while the tee copes. Bounded by the state
+    disk: a write that does not fit is recorded in ``failed`` (ENOSPC) and reported by the hand-over that needs
+    the bytes; the upload itself goes on. Owned by the trio thread; the file is written from worker threads,
+    which only return results."""
+
+    def __init__(self, key: str, settings: WriteSettings, limiter: trio.CapacityLimiter) -> None:
+        self.key = key
+        self.path = settings.spool_dir / f"{uuid.uuid4().hex}.spill"
+        self.settings = settings
+        self.limiter = limiter
+        self.fd: int | None = None
+        self.used = False  # a part was given to it (kept or not)
+        self.failed: FsError | None = None
+        self._writers = 0
+        self._closed = False
+        self._opening = trio.Lock()
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    async def write(self, offset: int, data: bytes) -> bool:
+        """Keep ``data`` at ``offset``; False when it could not be kept (``failed`` says why)."""
+        self.used = True
+        if self.failed is not None or self._closed:
+            return False
+        self._writers += 1
+        try:
+            fd = await self._open()
+            await self._run(lambda: _pwrite_all(fd, data, offset))
+            return True
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if self.failed is None and not self._closed:
+                self.failed = FsError(code, f"the spill file of {self.key} in {self.settings.spool_dir}: "
+                                      f"{os.strerror(code)} (the state disk holds the bytes the cache cannot)",
+                                      level=logging.WARNING)
+                log.warning("%s; a random write, read-back or failed upload of it will fail", self.failed.message)
+            return False
+        finally:
+            self._writers -= 1
+            if self._closed and self._writers == 0:
+                await self._close()
+
+    async def _open(self) -> int:
+        async with self._opening:
+            if self._closed:
+                raise OSError(errno.ECANCELED, "spill discarded")
+            if self.fd is None:
+                path, directory = self.path, self.settings.spool_dir
+
+                def create() -> int:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+                self.fd = await self._run(create)
+            return self.fd
+
+    async def take(self, tee_view: int | None, teed: list[tuple[int, int]]) -> Path:
+        """The spill file, completed with the ``teed`` ranges (offset, length) read from ``tee_view`` (a
+        descriptor of the tee's file), for a spool to adopt."""
+        if self.failed is not None:
+            raise self.failed
+        fd = await self._open()
+        self._closed = True  # from here the file is the spool's
+
+        def join() -> None:
+            for offset, length in teed:
+                assert tee_view is not None
+                _copy_range(tee_view, fd, offset, length)
+
+        try:
+            await self._run(join)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise FsError(code, f"joining the cached and spilled bytes of {self.key}: {os.strerror(code)}",
+                          level=logging.ERROR) from exc
+        finally:
+            await self._close(unlink=False)
+        return self.path
+
+    async def discard(self) -> None:
+        self._closed = True
+        if self._writers == 0:
+            await self._close()
+
+    async def _close(self, *, unlink: bool = True) -> None:
+        fd, self.fd = self.fd, None
+        path = self.path
+
+        def drop() -> None:
+            if fd is not None:
+                os.close(fd)
+            if unlink:
+                path.unlink(missing_ok=True)
+
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await self._run(drop)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view, offset = view[written:], offset + written
+
+
+def _copy_range(source: int, fd: int, offset: int, length: int, chunk: int = 1024**2) -> None:
+    """Copy ``length`` bytes at ``offset`` from descriptor ``source`` into ``fd`` at the same offset."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(source, min(chunk, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"the cache's copy ends at {offset}, before {end}")
+        _pwrite_all(fd, data, offset)
+        offset += len(data)
+
+
 # -- the streamed multipart upload ----------------------------------------------------------------------------
 
 
@@ -332,6 +463,14 @@ class StreamWriter:
         self.slots = trio.Semaphore(settings.max_inflight)
         self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
         self.tee = TeeFile(cache)
+        self.spill = Spill(key, settings, cache.limiter)  # what the tee cannot hold, from its first such byte
+        self.teed_any = False  # a part's only local copy is the tee's
+        self.teed: list[tuple[int, int]] = []  # (offset, length) of the parts the tee holds
+        # Our own descriptor of the tee's file, opened before its first byte: when the cache disk fails later
+        # the tee removes its file, and the bytes it held stay readable here for a hand-over.
+        self._tee_view: int | None = None
+        self._viewing = trio.Lock()
+        self._view_closed = False
         self._teed: list[trio.Event] = []  # one per part sent: set once its local copy is written (or failed)
         self.charged = 0  # budget bytes held by the buffered (not yet sent) bytes
         self.overdrafts = 0
@@ -416,7 +555,7 @@ class StreamWriter:
         upload_id = self.upload_id
         try:
             async with trio.open_nursery() as both:
-                both.start_soon(self._tee_part, offset, data, teed)
+                both.start_soon(self._keep_part, offset, data, teed)
                 if upload_id is None:  # handed over meanwhile
                     return
                 try:  # caught here, so that a failing upload never cancels the local copy beside it
@@ -442,11 +581,48 @@ class StreamWriter:
             if charged and self.settings.budget is not None:
                 self.settings.budget.release(charged)
 
-    async def _tee_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
+    async def _keep_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
+        """The part's local copy: in the cache's tee while it can hold it, else in the spill file, so that a
+        hand-over finds every byte (the tee alone drops everything past the cache's capacity)."""
         try:
-            await self.tee.write(offset, data)
+            if self.tee.failed is None and offset + len(data) <= self.cache.capacity:
+                await self._watch_tee()
+                await self.tee.write(offset, data)
+                if self.tee.failed is None:
+                    self.teed_any = True
+                    self.teed.append((offset, len(data)))
+                    return
+            await self.spill.write(offset, data)
         finally:
             teed.set()
+
+    async def _watch_tee(self) -> None:
+        """Open our descriptor of the tee's file (created here, before the tee's first write opens it)."""
+        async with self._viewing:
+            if self._tee_view is not None or self._view_closed or self.tee.failed is not None:
+                return
+            if self.tee.path is None:
+                self.tee.path = self.cache.new_temp_path()
+            path = self.tee.path
+            try:
+                view = await trio.to_thread.run_sync(
+                    lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), limiter=self.cache.limiter)
+            except OSError:
+                return  # the tee fails on the same disk: its parts go to the spill file
+            if self._view_closed:  # dropped meanwhile
+                await self._close_fd(view)
+            else:
+                self._tee_view = view
+
+    async def _close_view(self) -> None:
+        self._view_closed = True
+        view, self._tee_view = self._tee_view, None
+        if view is not None:
+            await self._close_fd(view)
+
+    async def _close_fd(self, fd: int) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.close, fd, limiter=self.cache.limiter)
 
     async def _drain(self) -> None:
         for _ in range(self.settings.max_inflight):
@@ -498,6 +674,10 @@ class StreamWriter:
             self._fail(timeout_error(self.key, self.settings.timeout))
             raise self.failed or timeout_error(self.key, self.settings.timeout)
         self._release_charge()  # a single PUT's buffer: S3 holds it now
+        await self._close_view()
+        if self.spill.used:  # the cache could not hold the whole file: it is not cached
+            await self.tee.discard("larger than the cache")
+            await self.spill.discard()
         cached = await self.tee.commit(self.key, etag, self.size)
         return Uploaded(etag, self.size, cached, self.tee.failed)
 
@@ -558,20 +738,41 @@ class StreamWriter:
         """
         for teed in self._teed:  # local copies are disk-bound: wait for them, not for S3
             await teed.wait()
-        if self.upload_id is None and self.buffer_offset == 0:
+        if self.buffer_offset == 0:  # nothing left memory yet (at most a multipart upload was created)
             await spool.load(None, 0, initial=b"".join(self.chunks))
         else:
-            if self.tee.failed is not None or self.tee.path is None:
+            if self.local_loss() is not None:
                 return False
-            path = await self.tee.detach()
+            path = await self._local_copy()
             await spool.adopt(path, self.buffer_offset)
             if self.chunks:
                 await spool.write(self.buffer_offset, b"".join(self.chunks))
-            self._drop_upload()
+        self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
+        await self._close_view()
         await self.tee.discard()
+        await self.spill.discard()
         return True
+
+    def local_loss(self) -> FsError | None:
+        """Why bytes that already left memory have no local copy any more (None: every byte is kept)."""
+        if self.spill.failed is not None:
+            return self.spill.failed
+        if self.teed_any and self.tee.failed is not None and self._tee_view is None:
+            return io_error(f"the cache's copy of {self.key} is gone ({self.tee.failed})")
+        if not self.teed_any and not self.spill.used:
+            return io_error(f"no local copy of {self.key} was written")
+        return None
+
+    async def _local_copy(self) -> Path:
+        """The file of every byte sent so far: the tee's copy, the spill file, or both joined in the spill."""
+        try:
+            if not self.spill.used and self.tee.failed is None:
+                return await self.tee.detach()
+            return await self.spill.take(self._tee_view, self.teed)
+        except OSError as exc:
+            raise io_error(f"cannot take the local copy of {self.key}: {exc}") from exc
 
     def _drop_upload(self) -> None:
         if self.upload_id is None:
@@ -586,22 +787,46 @@ class StreamWriter:
             await self._drain()
         self.store.schedule_abort(self.key, upload_id)
 
+    async def _journal_again(self, upload_id: str) -> None:
+        journal = self.store.journal
+        if journal is None:
+            return
+        log.info("%s: a part was still on its way when its upload was aborted; the next start aborts it again",
+                 self.key)
+        try:
+            await trio.to_thread.run_sync(journal.record, self.key, upload_id)
+        except Exception as exc:  # sqlite3.Error, OSError: only the record is missing
+            log.warning("could not record multipart upload %s of %s in the upload journal again: %s", upload_id,
+                        self.key, exc)
+
     async def abort(self) -> None:
         """Drop the upload and the local copy (the file was truncated, unlinked or closed unfinished)."""
         self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
+            await self.spill.discard()
 
     async def abandon(self) -> None:
-        """At shutdown: abort now, so nothing is left in S3 (the journal covers what cannot be reached)."""
+        """At shutdown: abort the upload once its parts in flight are answered (bounded by the write timeout), so
+        nothing is left in S3: a part that lands after its upload's abort can keep storage (S3 documents it).
+        A part still in flight after that keeps the upload in the journal, so the next start aborts it again."""
         self._release_charge()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
-            await self.store.abort_multipart(self.key, upload_id)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.settings.timeout):
+                    await self._drain()
+                in_flight = self._parts_in_flight()
+                await self.store.abort_multipart(self.key, upload_id)
+                if in_flight:
+                    await self._journal_again(upload_id)
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
+            await self.spill.discard()
 
 
 # -- the spool ------------------------------------------------------------------------------------------------

@@ -586,7 +586,8 @@ class CloudStore:
                 try:
                     for page in self.client.get_paginator("list_multipart_uploads").paginate(**kwargs):
                         for upload in page.get("Uploads", []):
-                            if upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff:
+                            if (upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff
+                                    and not self._has_part_since(upload["Key"], upload["UploadId"], cutoff)):
                                 found.append((upload["Key"], upload["UploadId"]))
                 except botocore.exceptions.ClientError:
                     if not scope:
@@ -597,6 +598,18 @@ class CloudStore:
             return found
 
         return await self._call("ListMultipartUploads", collect)
+
+    def _has_part_since(self, key: str, upload_id: str, cutoff: Any) -> bool:
+        """Blocking: a part uploaded after ``cutoff`` — a live mount's long stream, not a crashed one's upload
+        (judged by its start alone, another mount's start would abort it under its writer)."""
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id):
+                if any(part["LastModified"] >= cutoff for part in page.get("Parts", [])):
+                    return True
+        except botocore.exceptions.ClientError:
+            return False  # gone meanwhile (NoSuchUpload), or unreadable: judged by its start alone
+        return False
 
     async def list_multipart_uploads(self, prefix: str) -> list[str]:
         resp = await self._call("ListMultipartUploads", self.client.list_multipart_uploads,
