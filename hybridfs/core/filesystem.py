@@ -676,7 +676,8 @@ class Filesystem:
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
             # here is never revalidated: its local state is the truth until it is uploaded.
             st = await self._revalidate(ino, path)
-            node = self.inodes.node(ino)  # re-check after the await
+            await self._drop_kernel_attrs_of_other_version(ino, st)
+            node = self.inodes.node(ino)  # re-check after the awaits
             of = self.open_files.get(ino)
             if of is None:
                 of = self.open_files[ino] = OpenFile(node, st)
@@ -698,6 +699,18 @@ class Filesystem:
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
+
+    async def _drop_kernel_attrs_of_other_version(self, ino: int, st: Stat) -> None:
+        """The open found a version other than the one whose attributes the kernel holds (replaced elsewhere
+        since the kernel's lookup): those may stand for --attr-timeout more, and their size is not this
+        version's, so fstat would say the old size and the kernel would end reads there (or read past the new
+        end as EOF). Drop them before the open returns: the next fstat or read asks us."""
+        node = self.inodes.node(ino)
+        if st.etag is None or node.attr_etag is None or node.attr_etag == st.etag:
+            return
+        node.attr_etag = None
+        node.kernel_etag = None
+        await self.kernel.invalidate(ino)
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handle(fh)
