@@ -28,6 +28,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from hybridfs.commands.preflight import warn_fuse_request_timeout
 from hybridfs.config import MountConfig, bucket_and_prefix
 from hybridfs.core.attrs import Defaults, metadata_for
 from hybridfs.core.budget import MemoryBudget
@@ -148,6 +149,7 @@ class Mount:
             self.kernel_timeouts = timeouts
             ops = FuseOperations(fs, timeouts=timeouts)
             fsname = f"hybridfs:{self.cfg.source}"
+            warn_fuse_request_timeout(self.cfg)  # the kernel reads its timeout as we mount
             pyfuse3.init(ops, self.cfg.mountpoint, mount_options(fsname, allow_other=self.cfg.allow_other))
             log.info("mounted %s on %s (cache %s, %d bytes; events %s)", self.cfg.source, self.cfg.mountpoint,
                      self.cfg.cache_dir, self.cfg.cache_size,

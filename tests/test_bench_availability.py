@@ -48,7 +48,7 @@ def test_hybridfs_serves_every_op_through_local_disk_faults(stack: Stack, s3: An
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "hybridfs", "bench", "availability", "--no-stack", "--systems", "hybridfs",
-         "--schedule", str(schedule), "--deadline", "5", "--settle", "5", "--out", str(out)],
+         "--schedule", str(schedule), "--deadline", "5", "--settle", "5", "--sla", "local=99.5", "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,9 +69,19 @@ def test_hybridfs_serves_every_op_through_local_disk_faults(stack: Stack, s3: An
     assert durability["missing"] == 0 and durability["wrong"] == 0
     (run,) = data["runs"]
     assert len(run["ops"]) == hfs["groups"]["all"]["ops"] and len(run["ops"][0]) == 6
+    # the figure over a year: this schedule has no S3 or Kafka phase, so only the local disk's outage counts
+    assert data["run"]["sla_pct"] == {"local": 99.5, "s3": 99.99, "kafka": 99.9}
+    year = hfs["yearly"]
+    assert year["unmeasured"] == ["s3", "kafka"] and len(year["repetitions"]) == 1
+    assert 99.0 <= year["availability_pct"]["median"] <= 100.0, year
+    assert 0 <= year["minutes_down"]["median"] <= 0.01 * 525_600
+    assert 0 < year["p99_no_fault_ms"]["median"] < 5000
 
     table = (out / "availability.md").read_text()
     assert "| hybridfs | 100 % | 100 % | n/a | n/a |" in table
+    assert "Over a year at local disk 99.5 % (2,628.0 min down a year), S3 99.99 %" in table
+    assert "Not in this schedule: S3 outage, Kafka outage." in table
+    assert f"| hybridfs | {year['availability_pct']['median']:.4f} % |" in table
     assert (out / "availability.png").stat().st_size > 0
     assert not (out / "work").exists()
     left = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"bench-avail/{data['run']['id']}/")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,38 @@ def test_a_hydration_racing_a_removal_does_not_bring_the_file_back(
     assert moved_state == b"cloud"
     if removal == "mv":
         assert (mount.path / "moved.bin").read_bytes() == data
+
+
+def test_an_eviction_racing_rm_preserves_nothing(s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any,
+                                                 stack: Stack, prefix: str) -> None:
+    """`rm` of a cached file with its DELETE's answer held at the proxy, and `hybridfs evict` of it meanwhile: the
+    purger finds the object gone from S3. Before: the cache entry was still there, so the purger kept the bytes
+    under .hybridfs/preserved/ as "deleted elsewhere" (contract 4: a delete made through this mount is known)."""
+    key = f"{prefix}/f.bin"
+    s3.put_object(Bucket=stack.bucket, Key=key, Body=os.urandom(50_000))
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url])
+    wait_until(lambda: all(services(mount).get(n, {}).get("consumer", {}).get("reachable")
+                           for n in ("hydrator", "purger")), 30, message="the hydrator and purger to reach Kafka")
+    path = mount.path / "f.bin"
+    run_hybridfs("hydrate", "--wait", str(path))
+    held = s3_proxy.add(Rule(method="DELETE", path=re.escape(f"/{stack.bucket}/{key}") + "$", action="late"))
+    rm = threading.Thread(target=os.unlink, args=(path,))
+    rm.start()
+    try:
+        wait_until(lambda: held.held >= 1, 30, message="the DELETE to reach S3 and its answer to be held")
+        run_hybridfs("evict", str(path))  # publishes nothing when the unlink already dropped the cached copy
+
+        def copy_gone() -> bool:
+            try:
+                return os.getxattr(path, "user.hybridfs.state") == b"cloud"
+            except FileNotFoundError:
+                return True  # the unlink finished
+
+        wait_until(lambda: services(mount)["purger"]["outcomes"] or copy_gone(), 30,
+                   message="the purger to handle it, or the copy to be gone already")
+    finally:
+        s3_proxy.remove(held)
+        rm.join()
+    listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"{prefix}/.hybridfs/preserved/")
+    assert listed.get("KeyCount") == 0, [o["Key"] for o in listed.get("Contents", [])]
+    assert not path.exists()

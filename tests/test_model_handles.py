@@ -6,11 +6,11 @@ pair of descriptors, one per side: opened O_RDWR, O_WRONLY|O_APPEND, O_RDONLY or
 open one; writes, pwrites, reads, ftruncate, fsync and close go through any of them in any order.
 
 The model also knows what S3 holds (``MountModel.stored``), from the write path's promises
-(``hybridfs.core.openfile``): a writable handle's close or fsync of a file with changes stores the whole file as
-every descriptor sees it; a read-only handle's close publishes nothing; a flush that S3 refuses (the fault proxy
-answers 500 to the next PUTs or CompleteMultipartUploads) fails with EIO and keeps every byte, so a later flush
-stores all of them; when the last descriptor of a file whose last flush failed is closed, S3 and the mount keep the
-old version, and the model puts the old version back into the reference too.
+(``hybridfs.core.openfile``): a writable handle's close, or any handle's fsync, of a file with changes stores the
+whole file as every descriptor sees it; a read-only handle's close publishes nothing; a flush that S3 refuses (the
+fault proxy answers 500 to the next PUTs or CompleteMultipartUploads) fails with EIO and keeps every byte, so a later
+flush stores all of them; when the last descriptor of a file whose last flush failed is closed, S3 and the mount
+keep the old version, and the model puts the old version back into the reference too.
 
 After every step: the listing and os.stat sizes of every name agree; os.fstat of every open handle agrees; closed
 files read the same through the mount; and S3 (listed with boto3 straight from MinIO) holds exactly the model's
@@ -291,7 +291,7 @@ class MountModel(RuleBasedStateMachine):
         h = self.pick(i)
         if self.stored[h.name] is None and not FAILING_NEW_FILES:
             return  # bug 2 (test_failed_first_close_of_a_new_file_leaves_no_file): skipped until it is fixed
-        uploads = h.writable and h.name in self.dirty
+        uploads = (h.writable or op == "fsync") and h.name in self.dirty
         multipart = len(self.content(h.name) or b"") > PART_SIZE
         path = re.escape(f"/{self.mount.bucket}/{self.mount.key(h.name)}") + "$"
         fault = (Rule(method="PUT", path=path, times=times) if request == "PUT"
@@ -314,7 +314,7 @@ class MountModel(RuleBasedStateMachine):
         act = os.fsync if op == "fsync" else os.close
         if op == "close":
             self.handles.remove(h)
-        uploads = h.writable and h.name in self.dirty
+        uploads = (h.writable or op == "fsync") and h.name in self.dirty  # fsync stores whoever wrote
         got = outcome(lambda: act(h.mfd))
         want = outcome(lambda: act(h.rfd))
         assert want is None

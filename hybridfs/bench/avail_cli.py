@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
                              "cache, as the peers keep their metadata in their cache directories)")
     parser.add_argument("--hybridfs-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `hybridfs mount` (repeatable), e.g. --hybridfs-arg=--write-timeout=10")
+    parser.add_argument("--sla", metavar="C=PCT,...",
+                        help="component availabilities for the figure over a year (default local=99.9,s3=99.99,"
+                             "kafka=99.9; with --report: the run's own); see docs/availability.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of the op mix (the run order is random)")
     parser.add_argument("--out", metavar="DIR", help="output directory (default ./bench-results/avail-<time>)")
     parser.add_argument("--report", metavar="JSON", help="only re-render availability.md and the chart")
@@ -59,13 +62,17 @@ def _size(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybridfs.bench import avail_report, avail_schedule
+    from hybridfs.bench import avail_report, avail_schedule, avail_sla
     from hybridfs.bench.availability import SYSTEMS, Settings, run_all
     from hybridfs.bench.cli import _log_to_file, _split, _stack_up
     from hybridfs.bench.machine import describe
 
+    try:
+        sla = avail_sla.parse_sla(args.sla) if args.sla else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if args.report:
-        return _rerender(Path(args.report), Path(args.out) if args.out else None)
+        return _rerender(Path(args.report), Path(args.out) if args.out else None, sla)
     if os.geteuid() != 0:
         raise CliError("bench availability needs root: it mounts a tmpfs per system and bind-mounts it read-only")
     systems = _split(args.systems)
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     results, run_id = run_all(systems, args.repeat, phases, settings, work, out_dir / "logs",
                               lambda text: print(text, flush=True))
     machine["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    data = avail_report.to_json(results, phases, settings, machine, command, run_id, time.monotonic() - started)
+    data = avail_report.to_json(results, phases, settings, machine, command, run_id, time.monotonic() - started,
+                                sla)
     written = avail_report.write_all(data, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     print("==> done: " + ", ".join(str(p) for p in written.values()))
@@ -110,16 +118,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rerender(json_path: Path, out_dir: Path | None) -> int:
+def _rerender(json_path: Path, out_dir: Path | None, sla: dict[str, float] | None) -> int:
     import json
 
-    from hybridfs.bench import avail_report
+    from hybridfs.bench import avail_report, avail_sla
 
     try:
         data = json.loads(json_path.read_text())
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {json_path}: {exc}") from None
+    # the figure over a year is computed again from the ops (a JSON written before it existed gets it too)
+    avail_report.add_yearly(data, sla or data["run"].get("sla_pct") or avail_sla.DEFAULT_SLA)
     target = (out_dir or json_path.parent).absolute()
+    target.mkdir(parents=True, exist_ok=True)
     png = avail_report.chart(data, target)
     md = target / "availability.md"
     md.write_text(avail_report.markdown(data, png.name if png else None))

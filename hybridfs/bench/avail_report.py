@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hybridfs.bench import avail_sla
 from hybridfs.bench.avail_schedule import GROUPS, Phase, describe, summary
 from hybridfs.bench.availability import TITLES, RunResult, Settings
 from hybridfs.bench.machine import one_line
@@ -86,13 +89,49 @@ def summarise(runs: list[dict[str, Any]], phases: list[dict[str, Any]], deadline
     return systems
 
 
+def _yearly_of_run(run: dict[str, Any], phases: list[dict[str, Any]], deadline: float,
+                   sla: dict[str, float]) -> dict[str, Any] | None:
+    """One repetition's modelled year (avail_sla), and its p99 latency in the no-fault phases."""
+    served: dict[str, float | None] = {}
+    for group in GROUPS:
+        figures = stats(_select(run, phases, group=group), deadline)
+        served[group] = None if figures["ops"] == 0 else figures["within_deadline"] / figures["ops"]
+    if served[avail_sla.NO_FAULT] is None:
+        return None
+    year = avail_sla.yearly(served, sla)
+    return {"repetition": run["repetition"], "availability_pct": 100.0 * year.availability,
+            "nines": None if year.nines is None else round(year.nines, 3),
+            "minutes_down": round(year.minutes_down, 2), "unmeasured": list(year.unmeasured),
+            "p99_no_fault_ms": stats(_select(run, phases, group=avail_sla.NO_FAULT), deadline)["p99_ms"]}
+
+
+def add_yearly(data: dict[str, Any], sla: dict[str, float]) -> None:
+    """Per system, ``yearly``: the figure over a year at ``sla`` per repetition, and their median, min and max."""
+    phases, deadline = data["run"]["schedule"], data["run"]["settings"]["deadline"]
+    data["run"]["sla_pct"] = dict(sla)
+    for name, entry in data["systems"].items():
+        reps = [y for r in data["runs"] if r["system"] == name
+                if (y := _yearly_of_run(r, phases, deadline, sla)) is not None]
+        if not reps:
+            entry["yearly"] = None
+            continue
+        p99s = [y["p99_no_fault_ms"] for y in reps if y["p99_no_fault_ms"] is not None]
+        entry["yearly"] = {
+            "availability_pct": avail_sla.spread([y["availability_pct"] for y in reps]),
+            "minutes_down": avail_sla.spread([y["minutes_down"] for y in reps]),
+            "p99_no_fault_ms": avail_sla.spread(p99s) if p99s else None,
+            "unmeasured": reps[0]["unmeasured"],
+            "repetitions": reps,
+        }  # fmt: skip
+
+
 def to_json(results: list[RunResult], phases: tuple[Phase, ...], settings: Settings, machine: dict[str, Any],
-            command: str, run_id: str, elapsed: float) -> dict[str, Any]:
+            command: str, run_id: str, elapsed: float, sla: dict[str, float] | None = None) -> dict[str, Any]:
     described = describe(phases)
     runs = [{"system": r.system, "repetition": r.repetition, "started": r.started, "durability": r.durability,
              "log_warnings": r.log_lines, "notes": r.notes, "ops": [op.to_json() for op in r.ops]}
             for r in results]  # fmt: skip
-    return {
+    data = {
         "machine": machine,
         "run": {"id": run_id, "command": command, "elapsed_seconds": round(elapsed, 1),
                 "schedule": described, "schedule_summary": summary(phases),
@@ -101,6 +140,8 @@ def to_json(results: list[RunResult], phases: tuple[Phase, ...], settings: Setti
         "systems": summarise(runs, described, settings.deadline),
         "runs": runs,
     }  # fmt: skip
+    add_yearly(data, sla or avail_sla.DEFAULT_SLA)
+    return data
 
 
 def _fmt_pct(value: float | None) -> str:
@@ -125,6 +166,59 @@ def _durability_cell(d: dict[str, Any]) -> str:
     if d.get("wrong"):
         text += f" ({d['wrong']} wrong)"
     return text
+
+
+def _ranged(spread: dict[str, float] | None, fmt: Callable[[float], str], unit: str = "") -> str:
+    """``median unit [min-max]``, or the one value when the repetitions agree (or there is one)."""
+    if spread is None:
+        return "n/a"
+    if spread["min"] == spread["max"]:
+        return fmt(spread["median"]) + unit
+    return f"{fmt(spread['median'])}{unit} [{fmt(spread['min'])}-{fmt(spread['max'])}]"
+
+
+def _year_pct(value: float) -> str:
+    """Four decimals (half a minute a year), more when that would round a shortfall up to 100."""
+    digits = 4
+    while digits < 8 and value < 100 and round(value, digits) >= 100:
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
+def _nines(pct: float) -> str:
+    return "∞" if pct >= 100 else f"{-math.log10(1 - pct / 100):.2f}"
+
+
+def _yearly_lines(data: dict[str, Any]) -> list[str]:
+    """The figure users quote: each system's availability over a year at the run's --sla (avail_sla)."""
+    sla = data["run"].get("sla_pct") or avail_sla.DEFAULT_SLA
+    systems = data["systems"]
+    repeats = max((len(s["yearly"]["repetitions"]) for s in systems.values() if s.get("yearly")), default=0)
+    lines = [
+        "", f"Over a year at {avail_sla.describe_sla(sla)}: each phase group's measured availability weighted by "
+        "how long that component is down in a year, the no-fault phases' for the rest; outages of different "
+        "components assumed not to overlap (the formula: docs/availability.md)"
+        + (f"; median [min-max] of {repeats} repetitions" if repeats > 1 else "") + ".", "",
+        "| system | availability over a year | nines | unavailable a year | p99 latency, no-fault phases |",
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    unmeasured: set[str] = set()
+    for name, s in systems.items():
+        year = s.get("yearly")
+        if not year:
+            lines.append(f"| {TITLES.get(name, name)} | n/a (no op in a no-fault phase) | | | |")
+            continue
+        unmeasured.update(year["unmeasured"])
+        pct = year["availability_pct"]
+        cells = [TITLES.get(name, name), _ranged(pct, _year_pct, " %"), _ranged(pct, _nines),
+                 _ranged(year["minutes_down"], lambda v: f"{v:,.1f}", " min"),
+                 _ranged(year["p99_no_fault_ms"], lambda v: f"{v:,.1f}", " ms")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if unmeasured:
+        names = [avail_sla.COMPONENTS[c] for c in avail_sla.COMPONENTS if c in unmeasured]
+        lines += ["", f"Not in this schedule: {', '.join(names)}. The model counts that time as fault-free, so "
+                      "the figures above leave those outages out."]
+    return lines
 
 
 def markdown(data: dict[str, Any], chart: str | None) -> str:
@@ -154,6 +248,7 @@ def markdown(data: dict[str, Any], chart: str | None) -> str:
                  f"{_fmt_pct(g['all']['read_availability_pct'])} / {_fmt_pct(g['all']['write_availability_pct'])}",
                  _durability_cell(d), left]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _yearly_lines(data)
     lines += ["", "Per phase (availability; p50 / p99 latency in ms of the ops that finished):", "",
               "| # | fault | s | " + " | ".join(systems) + " |", "|---:|---|---:|" + "---:|" * len(systems)]
     for index, phase in enumerate(run["schedule"]):

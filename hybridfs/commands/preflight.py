@@ -9,8 +9,10 @@ two attempts with short timeouts, and ``CHECK_TIMEOUT`` in all.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from pathlib import Path
 from typing import Any
 
 from hybridfs.config import MountConfig, bucket_and_prefix
@@ -78,3 +80,58 @@ def _client_error(exc: Any, bucket: str, prefix: str, endpoint: str) -> str:
     if code in ("AccessDenied", "403", "AllAccessDisabled"):
         return f"S3 denies listing {where} ({code}): the credentials need s3:ListBucket on it"
     return f"S3 at {endpoint} refused listing {where}: {code} ({err.get('Message', '')})"
+
+
+# -- the kernel's FUSE request timeout (Linux >= 6.14) -----------------------------------------------------------
+
+FUSE_SYSCTLS = Path("/proc/sys/fs/fuse")
+FUSE_TIMER = 15  # seconds between the kernel's checks for overdue requests (FUSE_TIMEOUT_TIMER_FREQ)
+
+
+def fuse_request_timeout(sysctls: Path = FUSE_SYSCTLS) -> tuple[str, int] | None:
+    """The timeout the kernel will give a new mount that sets none itself (hybridfs sets none), and the sysctl it
+    comes from; None when there is none (0, or a kernel without these sysctls). The ceiling applies alone too
+    (measured: max_request_timeout 20 with the default at 0 aborted a mount whose close waited 30 s). A request
+    left unanswered that long aborts the whole connection: every later access fails with ENOTCONN until a
+    remount."""
+    default = _read_uint(sysctls / "default_request_timeout")
+    ceiling = _read_uint(sysctls / "max_request_timeout")
+    if ceiling and (not default or default > ceiling):  # the ceiling applies to the default too
+        return "fs.fuse.max_request_timeout", ceiling
+    if default:
+        return "fs.fuse.default_request_timeout", default
+    return None
+
+
+def check_fuse_request_timeout(cfg: MountConfig, sysctls: Path = FUSE_SYSCTLS) -> str | None:
+    """The warning to log when the kernel would abort the mount before hybridfs answers a request that waits
+    for S3, or None. Two waits bound a request today: a close()/fsync() waits for its upload up to
+    ``--write-timeout``; any request that calls S3 while it stalls waits for that call, up to
+    ``--s3-max-attempts`` x (``--s3-connect-timeout`` + ``--s3-read-timeout``) (measured: 120 s with the
+    defaults, for lookups, listings, reads of uncached files, mkdir, unlink, rename) until the breaker marks S3
+    down. Read once at mount time, as the kernel does."""
+    found = fuse_request_timeout(sysctls)
+    s3_call = cfg.s3_max_attempts * (cfg.s3_connect_timeout + cfg.s3_read_timeout)
+    # The kernel raises a timeout under its 15 s timer to 15 s (and aborts up to 15 s late).
+    if found is None or max(found[1], FUSE_TIMER) > max(cfg.write_timeout, s3_call):
+        return None
+    name, seconds = found
+    return (f"{name} is {seconds}s, not above what a request may wait for S3 (--write-timeout "
+            f"{cfg.write_timeout:g}s; an S3 call that stalls: {cfg.s3_max_attempts} attempts x "
+            f"({cfg.s3_connect_timeout:g}s connect + {cfg.s3_read_timeout:g}s read) = {s3_call:g}s): the kernel "
+            f"would abort this mount (Transport endpoint is not connected); raise the sysctl (0: off) or lower "
+            f"those options")
+
+
+def _read_uint(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0  # no such sysctl (a kernel before 6.14): no timeout
+
+
+def warn_fuse_request_timeout(cfg: MountConfig) -> None:
+    """Called once as the mount starts: one WARNING line when the kernel's request timeout is too short."""
+    warning = check_fuse_request_timeout(cfg)
+    if warning is not None:
+        logging.getLogger("hybridfs.mount").warning("%s", warning)

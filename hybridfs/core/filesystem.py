@@ -16,10 +16,10 @@ import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -31,11 +31,11 @@ from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
 from hybridfs.core.paths import KeyMapper, child_path, name_of, parent_of
 from hybridfs.core.reader import CacheReader, CloudReader, HandleReader, ReadSettings
-from hybridfs.core.writer import Condition, SpoolWriter, Uploaded, WriteSettings
+from hybridfs.core.writer import Condition, Uploaded, WriteSettings
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner
 from hybridfs.tiers.cache import LocalCache
-from hybridfs.tiers.s3 import CloudStore
+from hybridfs.tiers.s3 import CloudStore, ObjectInfo, WriteConflict
 
 log = logging.getLogger("hybridfs.fs")
 
@@ -75,6 +75,45 @@ class NoKernel:
 
     async def forget_entry(self, parent_ino: int, name: bytes) -> None:
         return None
+
+
+T = TypeVar("T")
+
+
+class BoundedStore:
+    """The S3 requests of metadata operations (mkdir, rmdir, unlink, rename, chmod/chown/utime, truncate, symlink,
+    mknod), each bounded by --write-timeout like a close: a stalled S3 fails the operation with EIO instead of
+    holding it — and the directory, which the kernel keeps locked meanwhile — through botocore's timeouts and
+    retries (minutes). A copy is bounded by its progress, since its time grows with the object.
+
+    A request given up on may still reach S3 (a boto3 call cannot be taken back): a late PUT of a marker or a late
+    copy is the change the caller asked for, arriving late (the copy still conditional on its source version); an
+    unlink's DELETE goes through the write fence, so it cannot remove a version this mount makes after it."""
+
+    def __init__(self, store: CloudStore, timeout: float) -> None:
+        self.store = store
+        self.timeout = timeout
+
+    async def within(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        with trio.move_on_after(self.timeout):
+            return await op()
+        raise FsError(errno.EIO, f"{what} did not finish within {self.timeout:g}s (S3 slow or unreachable)",
+                      level=logging.WARNING)
+
+    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> str:
+        return await self.within(f"PUT {key}", lambda: self.store.put(key, data, metadata))
+
+    async def delete(self, key: str) -> None:
+        await self.within(f"DELETE {key}", lambda: self.store.delete(key))
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self.within(f"HEAD {key}", lambda: self.store.head(key))
+
+    async def has_children(self, prefix: str) -> bool:
+        return await self.within(f"LIST {prefix}", lambda: self.store.has_children(prefix))
+
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None) -> None:
+        await self.store.copy(src, dst, metadata, source_etag=source_etag, stall_timeout=self.timeout)
 
 
 @dataclass(frozen=True)
@@ -147,6 +186,7 @@ class Filesystem:
         self._told_missing: LRUCache[str, bool] = LRUCache(100_000)  # paths a lookup answered ENOENT for
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
+        self.meta = BoundedStore(store, settings.write.timeout)  # the S3 requests of metadata operations
 
     def _check_accepting(self) -> None:
         if self.refuse_opens:
@@ -261,26 +301,64 @@ class Filesystem:
             of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
             return
         st = await self.ns.stat(path)
-        if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
-            changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
-        new = st.with_(**changes)
         if st.is_dir:
-            await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(new))
+            new = self._with_changes(st, changes)
+            await self.meta.put(self.keys.dir_prefix(path), b"", metadata_for(new))
             self.ns.remember(path, new)
             self._publish(Change.put(self.keys.dir_prefix(path), new))
             return
         key = self.keys.key(path)
-        await self.store.copy(key, key, metadata_for(new))
-        info = await self.store.head(key)
-        if info is None:
-            raise not_found(path)
-        if st.etag is not None and info.etag != st.etag:
-            await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
-        new = new.with_(etag=info.etag)
+        try:
+            new = await self._copy_in_place(key, st, changes)
+        except WriteConflict:
+            # The object is no longer the version our attributes came from (another writer replaced it within
+            # --dir-cache-time). chmod, chown and utime name the file, not a version of it: they apply to what is
+            # there now, as they would on a local disk after the other write. Refusing would fail `chmod` for a
+            # change the user cannot see. So: HEAD it again and copy once more from that version; only a second
+            # change in between fails (EIO, logged), never a copy onto bytes our attributes do not describe.
+            st = await self._reread(path, key)
+            log.info("%s changed in S3 since its attributes were read; applying %s to the new version (ETag %s)",
+                     path, ", ".join(sorted(changes)), st.etag)
+            try:
+                new = await self._copy_in_place(key, st, changes)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{path!r} keeps changing in S3; its attributes were not changed "
+                              f"({exc.message})", level=logging.WARNING) from None
         self.ns.remember(path, new)
         self._publish(Change.put(key, new))
         if of is not None:
             of.stat = new
+
+    @staticmethod
+    def _with_changes(st: Stat, changes: dict[str, int]) -> Stat:
+        if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
+            changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
+        return st.with_(**changes)
+
+    async def _copy_in_place(self, key: str, st: Stat, changes: dict[str, int]) -> Stat:
+        """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:
+        WriteConflict when it is gone). The attributes returned are S3's answer after the copy — size and ETag
+        of what it holds now, never those of the stat the change was computed from."""
+        await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
+        return await self._stat_after_copy(key, st.etag)
+
+    async def _stat_after_copy(self, key: str, old_etag: str | None) -> Stat:
+        info = await self.meta.head(key)
+        if info is None:  # deleted right after the copy: as if the delete came after our change
+            raise not_found(self.keys.path(key) or key)
+        if old_etag is not None and info.etag != old_etag:
+            await self.cache.remove(key)  # a multipart copy changes the ETag: the cached version is now stale
+        return self.ns.parse(info)
+
+    async def _reread(self, path: str, key: str) -> Stat:
+        """What S3 holds at ``path`` now (a HEAD, past every cache); ENOENT when it is gone."""
+        info = await self.meta.head(key)
+        if info is None:
+            self.ns.forget(path)
+            raise not_found(path)
+        st = self.ns.parse(info)
+        self.ns.remember(path, st)
+        return st
 
     async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
         if of is not None:
@@ -291,25 +369,42 @@ class Filesystem:
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory")
         key = self.keys.key(path)
-        new = st.with_(size=size, mtime_ns=now_ns())
-        if size == 0:
-            etag = await self.store.put(key, b"", metadata_for(new))
-            await self.cache.remove(key)
-            self.ns.remember(path, new.with_(etag=etag, complete=True))
-            self._publish(Change.put(key, new.with_(etag=etag, complete=True)))
-            return
-        spool = SpoolWriter(self.store, self.cache, key, self.settings.write)
         try:
-            await spool.load(st.etag, st.size)
-            await spool.truncate(size)
+            done, new = await self._truncate_closed(key, st, size)
+        except WriteConflict:
+            # Replaced since its attributes were read: truncate names the file, so it applies to the version there
+            # now, with that version's attributes (mode, owner) — not ours from before (see _change_metadata).
+            st = await self._reread(path, key)
+            log.info("%s changed in S3 since its attributes were read; truncating the new version (ETag %s)",
+                     path, st.etag)
+            try:
+                done, new = await self._truncate_closed(key, st, size)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{path!r} keeps changing in S3; not truncated ({exc.message})",
+                              level=logging.WARNING) from None
+        self._after_upload(key, path, done)
+        self.ns.remember(path, new)
+        self._publish(Change.put(key, new))
+        node.kernel_etag = None
+
+    async def _truncate_closed(self, key: str, st: Stat, size: int) -> tuple[Uploaded, Stat]:
+        """Store version ``st.etag`` of ``key`` cut (or extended) to ``size``: a commit conditional on that version
+        (WriteConflict when S3 holds another) and fenced like a close's, so one that lands after its caller gave up
+        can never replace a newer version, and the next close of the file waits for it. The upload is bounded by
+        --write-timeout; reading the current content (for a size above 0) is not: it is a download."""
+        new = st.with_(size=size, mtime_ns=now_ns())
+        spool = self.writes.spool_writer(key)
+        try:
+            if size:
+                await spool.load(st.etag, st.size)
+                await spool.truncate(size)
+            else:
+                await spool.load(None, 0)  # nothing of the old content is needed
             done = await spool.finish(metadata_for(new), Condition(st.etag),
                                       trio.current_time() + self.settings.write.timeout)
         finally:
             await spool.close()
-        self._after_upload(key, path, done)
-        self.ns.remember(path, new.with_(etag=done.etag, complete=True))
-        self._publish(Change.put(key, new.with_(etag=done.etag, complete=True)))
-        node.kernel_etag = None
+        return done, new.with_(etag=done.etag, complete=True)
 
     # -- namespace changes -----------------------------------------------------------------------------------
 
@@ -317,7 +412,7 @@ class Filesystem:
         path = await self._child(parent_ino, name)
         await self._require_absent(path)
         st = self._new_stat(stat_mod.S_IFDIR, mode, uid, gid)
-        await self.store.put(self.keys.dir_prefix(path), b"", metadata_for(st))
+        await self.meta.put(self.keys.dir_prefix(path), b"", metadata_for(st))
         self.ns.remember(path, st)
         self.ns.listings[path] = {}
         self._publish(Change.put(self.keys.dir_prefix(path), st))
@@ -337,7 +432,7 @@ class Filesystem:
         path = await self._child(parent_ino, name)
         await self._require_absent(path)
         st = self._new_stat(stat_mod.S_IFLNK, 0o777, uid, gid).with_(size=len(target))
-        etag = await self.store.put(self.keys.key(path), target, metadata_for(st))
+        etag = await self.meta.put(self.keys.key(path), target, metadata_for(st))
         st = st.with_(etag=etag)
         self.ns.remember(path, st)
         self._publish(Change.put(self.keys.key(path), st, target=target.decode("utf-8", "replace")))
@@ -362,12 +457,47 @@ class Filesystem:
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory (use rmdir)")
         key = self.keys.key(path)
-        if path not in self.ns.pending:
-            await self.store.delete(key)
+        committing = await self._commits_settled(path, key)
+        node = self.inodes.existing(path)
+
+        def gone() -> None:
+            if self.inodes.existing(path) is not node:  # a DELETE that landed after its unlink gave up, and the
+                return  # name is another file's now: that one stays (its first commit waits for this DELETE)
+            self.ns.forget(path)
+            self.inodes.unlink(path)  # a close of it that waited for the DELETE now finds it unlinked
+
+        def deleted() -> None:
             self._publish(Change.delete(key))
+            gone()
+
+        # A file created here and never committed is not in S3: no DELETE. One with a commit on its way (another
+        # process closing it, or a close that gave up) may be there, or be about to land: delete it, and have any
+        # commit still on its way delete what it stores (WriteFence.removing), or the name comes back.
+        # The cached copy goes first: an eviction that checks S3 while the DELETE is on its way must find nothing
+        # to preserve (it would keep the bytes as "deleted elsewhere"); and again after, for a hydration that
+        # committed meanwhile.
         await self.cache.remove(key)
-        self.ns.forget(path)
-        self.inodes.unlink(path)
+        with self.writes.fence.removing(key):
+            if path not in self.ns.pending or committing:
+                await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
+                    self.spawner, key, lambda: self.store.delete(key), deleted))
+            else:
+                gone()
+            await self.cache.remove(key)
+
+    async def _commits_settled(self, path: str, key: str) -> bool:
+        """Before a delete of ``key``: wait (up to --write-timeout) for its commits on their way, so the delete
+        comes after them; those still on their way then are fenced by the caller. True when the key had any.
+        ENOENT when the path went away meanwhile (renamed or removed by a request that ran during the wait)."""
+        fence = self.writes.fence
+        if not fence.busy(key):
+            return False
+        log.debug("%s: a commit of it is on its way; the unlink waits for it", path)
+        if not await fence.drain(key, trio.current_time() + self.settings.write.timeout):
+            log.info("%s: its commit is still on its way after %gs; removing it now, and whatever the commit stores "
+                     "when it lands", path, self.settings.write.timeout)
+        await self.stat_of(path)  # re-check after the await
+        return True
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
         path = await self._child(parent_ino, name)
@@ -375,9 +505,9 @@ class Filesystem:
         if not st.is_dir:
             raise FsError(errno.ENOTDIR, f"{path!r} is not a directory")
         prefix = self.keys.dir_prefix(path)
-        if await self.store.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
+        if await self.meta.has_children(prefix) or any(p.startswith(path + "/") for p in self.ns.pending):
             raise FsError(errno.ENOTEMPTY, f"{path!r} is not empty")
-        await self.store.delete(prefix)
+        await self.meta.delete(prefix)
         self._publish(Change.delete(prefix))
         self.ns.forget_tree(path)
         self.inodes.unlink(path)
@@ -418,7 +548,7 @@ class Filesystem:
             raise FsError(errno.ENOTDIR, f"{new!r} is not a directory")
         if not src.is_dir and dst.is_dir:
             raise FsError(errno.EISDIR, f"{new!r} is a directory")
-        if dst.is_dir and await self.store.has_children(self.keys.dir_prefix(new)):
+        if dst.is_dir and await self.meta.has_children(self.keys.dir_prefix(new)):
             raise FsError(errno.ENOTEMPTY, f"{new!r} is not empty")
 
     async def _rename_file(self, old: str, new: str, src: Stat, dst: Stat | None) -> None:
@@ -430,17 +560,29 @@ class Filesystem:
             # multipart upload is bound to the old key).
             await self.writes.flush(of)
             src = of.stat
-        await self.store.copy(old_key, new_key, metadata_for(src))
-        await self.store.delete(old_key)
-        info = await self.store.head(new_key)
-        moved = src.with_(etag=info.etag if info else src.etag)
+        try:
+            await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+        except WriteConflict:  # replaced since we read its attributes: move what is there now (see setattr)
+            src = await self._reread(old, old_key)
+            log.info("%s changed in S3 since its attributes were read; moving the new version (ETag %s)", old,
+                     src.etag)
+            try:
+                await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+            except WriteConflict as exc:
+                raise FsError(errno.EIO, f"{old!r} keeps changing in S3; not renamed ({exc.message})",
+                              level=logging.WARNING) from None
+        # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
+        moved = await self._stat_after_copy(new_key, None)
+        # Fenced like an unlink's: a DELETE that S3 processes late must not remove a file made at the old name next.
+        await self.meta.within(f"DELETE {old_key}", lambda: self.writes.fence.delete(
+            self.spawner, old_key, lambda: self.store.delete(old_key), lambda: None))
         self.ns.remember(new, moved)
         self._publish(Change.put(new_key, moved))
         self._publish(Change.delete(old_key))
         if of is not None:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
-            await self.store.delete(self.keys.dir_prefix(new))
+            await self.meta.delete(self.keys.dir_prefix(new))
             self._publish(Change.delete(self.keys.dir_prefix(new)))
         await self.cache.rename(old_key, new_key)
         self.ns.forget(old)
@@ -455,17 +597,15 @@ class Filesystem:
         moved = await self.ns.stat(old)
         objects = await self.store.list_keys(old_prefix)
         for info in objects:
-            target = new_prefix + info.key[len(old_prefix):]
-            head = await self.store.head(info.key)
-            await self.store.copy(info.key, target, head.metadata or {} if head else {})
+            await self._copy_as_is(info.key, new_prefix + info.key[len(old_prefix):])
         if not any(o.key == old_prefix for o in objects):
-            await self.store.put(new_prefix, b"", metadata_for(moved))
+            await self.meta.put(new_prefix, b"", metadata_for(moved))
             self._publish(Change.put(new_prefix, moved))
         for info in objects:
             # A copy's ETag may differ from the original's (multipart): the feed says "changed, ask S3".
             self._publish(Change.unknown(new_prefix + info.key[len(old_prefix):]))
         for info in objects:
-            await self.store.delete(info.key)
+            await self.meta.delete(info.key)
             self._publish(Change.delete(info.key))
             await self.cache.remove(info.key)
         if dst is not None:
@@ -473,6 +613,22 @@ class Filesystem:
         self.ns.forget_tree(old)
         self.ns.listings.clear()
         self.ns.remember(new, moved)
+
+    async def _copy_as_is(self, src: str, dst: str) -> None:
+        """Copy ``src`` with its own metadata, conditional on the version the metadata was read from: a version
+        replaced between the HEAD and the copy must not get the previous version's attributes. Once more on a
+        conflict (the new version, with its own metadata); gone meanwhile: nothing to move."""
+        for _ in range(2):
+            head = await self.meta.head(src)
+            if head is None:
+                return
+            try:
+                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag)
+                return
+            except WriteConflict:
+                continue
+        raise FsError(errno.EIO, f"{src} keeps changing in S3; the directory was not moved whole",
+                      level=logging.WARNING)
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -520,7 +676,8 @@ class Filesystem:
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
             # here is never revalidated: its local state is the truth until it is uploaded.
             st = await self._revalidate(ino, path)
-            node = self.inodes.node(ino)  # re-check after the await
+            await self._drop_kernel_attrs_of_other_version(ino, st)
+            node = self.inodes.node(ino)  # re-check after the awaits
             of = self.open_files.get(ino)
             if of is None:
                 of = self.open_files[ino] = OpenFile(node, st)
@@ -542,6 +699,18 @@ class Filesystem:
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
+
+    async def _drop_kernel_attrs_of_other_version(self, ino: int, st: Stat) -> None:
+        """The open found a version other than the one whose attributes the kernel holds (replaced elsewhere
+        since the kernel's lookup): those may stand for --attr-timeout more, and their size is not this
+        version's, so fstat would say the old size and the kernel would end reads there (or read past the new
+        end as EOF). Drop them before the open returns: the next fstat or read asks us."""
+        node = self.inodes.node(ino)
+        if st.etag is None or node.attr_etag is None or node.attr_etag == st.etag:
+            return
+        node.attr_etag = None
+        node.kernel_etag = None
+        await self.kernel.invalidate(ino)
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handle(fh)
@@ -611,7 +780,11 @@ class Filesystem:
             await self.writes.flush(of)
 
     async def fsync(self, fh: int) -> None:
-        await self.flush(fh)
+        """fsync(2): stores every change of the file, whichever descriptor wrote it — ``sync FILE`` and many
+        tools fsync through a read-only descriptor. Only close() of a read-only descriptor publishes nothing."""
+        of = self._handle(fh).file
+        if of.dirty or of.lost is not None:
+            await self.writes.flush(of)
 
     def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
@@ -658,6 +831,7 @@ class Filesystem:
         if node.ino in self.open_files or node.unlinked or path not in self.ns.pending:
             return  # opened, renamed or removed meanwhile: it is somebody's file again
         log.info("%s was never stored (its uploads failed); it is gone with its last descriptor", path)
+        self.writes.fence.discard(self.keys.key(path))  # an upload that gave up and lands later must not bring it
         self.ns.forget(path)
         self.inodes.unlink(path)
         parent = self.inodes.existing(parent_of(path))
@@ -909,7 +1083,7 @@ class Filesystem:
         st = self._new_stat(kind, mode, uid, gid)
         if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK):
             st = st.with_(rdev=rdev)
-        st = st.with_(etag=await self.store.put(key, b"", metadata_for(st)))
+        st = st.with_(etag=await self.meta.put(key, b"", metadata_for(st)))
         self.ns.remember(path, st)
         self._publish(Change.put(key, st))
         return self.inodes.looked_up(path), st

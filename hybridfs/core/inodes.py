@@ -32,6 +32,7 @@ class Node:
     open_handles: int = 0
     unlinked: bool = False
     kernel_etag: str | None = None  # the version the kernel's page cache holds, for keep_cache
+    attr_etag: str | None = None  # the version of the attributes (size) last given to the kernel
 
 
 class InodeTable:

@@ -5,8 +5,11 @@ Write states (``OpenFile.state``)::
     CLEAN ───── write at 0 of an empty file, O_TRUNC ─────────────────────> STREAMING
     CLEAN ───── any other write, truncate ─────────────────────────────────> SPOOLED (dirty)
     STREAMING ─ flush ok ───────────────────────────────────────────────────> CLEAN (committed: a new ETag)
+    STREAMING ─ stored at its old key, the copy to its renamed directory fails ─> CLEAN + ``moving`` (the next
+                flush retries the copy; a write first loads that content into a spool)
     STREAMING ─ write not at the end, read-back, failed part or flush ─────> SPOOLED (dirty, every byte)
-    STREAMING ─ the same, when bytes already sent have no local copy left ──> LOST
+    STREAMING ─ the same, when bytes already sent have no local copy left ──> LOST (state disk full: ENOSPC;
+                the cache disk failed after holding some; see ``hybridfs.core.writer``)
     SPOOLED ─── flush ok ──> SPOOLED (clean, committed)     flush fails ──> FAILED (dirty, every byte kept)
     FAILED ──── flush ok ──> SPOOLED (clean)        last handle released ──> dropped, with a log line
     LOST ────── write, flush ──> EIO              O_TRUNC ──> STREAMING          released ──> dropped
@@ -64,6 +67,16 @@ class WriteState(enum.Enum):
     LOST = "lost"
 
 
+@dataclass(frozen=True)
+class Move:
+    """A stream that finished at its old key (its directory was renamed while it streamed) whose copy to the
+    new key failed: the next flush retries the copy; a write first takes the finished content into a spool."""
+
+    old_key: str
+    done: Uploaded
+    stat: Stat  # the attributes it was finished with
+
+
 @dataclass
 class OpenFile:
     """State shared by every handle open on one inode. Owned by the trio thread."""
@@ -77,6 +90,7 @@ class OpenFile:
     lost: FsError | None = None  # LOST: why nothing complete can be stored any more
     flush_failed: bool = False  # the last flush failed and none has succeeded since
     mtime_set: bool = False  # utime/futimens since the last write: the flush keeps that mtime
+    moving: Move | None = None  # stored at a key the file has left; not at its own key yet
 
     @property
     def state(self) -> WriteState:
@@ -94,12 +108,14 @@ class OpenFile:
         if self.lost is not None:
             return False
         if isinstance(self.writer, SpoolWriter):
-            return self.writer.dirty
-        return self.writer is not None or self.created
+            return self.writer.dirty or self.moving is not None
+        return self.writer is not None or self.created or self.moving is not None
 
     @property
     def size(self) -> int:
-        return self.writer.size if self.writer is not None else self.stat.size
+        if self.writer is not None:
+            return self.writer.size
+        return self.moving.done.size if self.moving is not None else self.stat.size
 
 
 # The errnos a failed close()/fsync() may report as they are; anything else (NoSuchUpload's ENOENT, a refused
@@ -236,13 +252,20 @@ class WritePath:
         try:
             if isinstance(writer, StreamWriter):
                 if not await writer.hand_over(spool):
+                    loss = writer.local_loss() or io_error("the local copy is gone")
                     await writer.abort()
                     of.writer = None
-                    of.lost = io_error(
-                        f"{of.node.path}: the {writer.size} bytes written since open cannot be stored: their "
-                        f"upload failed ({writer.failed.message if writer.failed else 'interrupted'}) and their "
-                        f"local copy is gone ({writer.tee.failed}); writes and flushes fail until it is closed")
+                    upload = f"their upload failed ({writer.failed.message}) and " if writer.failed else ""
+                    of.lost = FsError(
+                        loss.errno if loss.errno in WRITE_ERRNOS else errno.EIO,
+                        f"{of.node.path}: the {writer.size} bytes written since open cannot be stored: {upload}"
+                        f"{loss.message}; writes and flushes fail until it is closed", level=logging.ERROR)
                     raise of.lost
+                spool.dirty = True
+            elif of.moving is not None:  # the finished stream's content, at the key it was stored under
+                spool.key = of.moving.old_key
+                await spool.load(of.moving.done.etag, of.moving.done.size)
+                spool.key = self.key_of(of.node)
                 spool.dirty = True
             else:
                 await spool.load(of.stat.etag, of.stat.size)
@@ -266,8 +289,14 @@ class WritePath:
         if scope.cancelled_caught:
             of.flush_failed = True
             raise timeout_error(key, self.settings.timeout)
+        if node.unlinked:  # removed while we waited (an unlink's DELETE is fenced like a commit): nothing to store
+            await self._drop(of)
+            return
         if landed is not None:
             of.stat = of.stat.with_(etag=landed)
+        if of.moving is not None and of.writer is None:
+            await self._finish_move(of, key)
+            return
         keep_mtime = of.writer is None or of.mtime_set
         st = of.stat if keep_mtime else of.stat.with_(mtime_ns=now_ns())
         writer = of.writer or self.stream_writer(of, key)  # created and never written: an empty object
@@ -298,10 +327,37 @@ class WritePath:
             if isinstance(exc, WriteConflict):
                 await self._learn_current(of, key)
             raise as_write_error(exc) from None
-        if moved_from is not None:
-            done = await self._move(moved_from, key, st, done)
         if isinstance(writer, StreamWriter):
-            of.writer = None
+            of.writer = None  # used up: finishing it again would store only what is left in its buffer
+        if moved_from is not None:
+            of.moving = Move(moved_from, done, st)
+            await self._finish_move(of, key)
+            return
+        if of.moving is not None:  # a spool made from a moved stream's content is stored at the new key now
+            await self._forget_old_key(of.moving.old_key)
+            of.moving = None
+        self._stored_version(of, key, st, done)
+
+    async def _finish_move(self, of: OpenFile, key: str) -> None:
+        """Copy a stream stored at its old key to ``key``; on failure the next flush tries again."""
+        assert of.moving is not None
+        move = of.moving
+        try:
+            done = await self._move(move.old_key, key, move.stat, move.done)
+        except FsError as exc:
+            of.flush_failed = True
+            raise as_write_error(exc) from None
+        of.moving = None
+        self._stored_version(of, key, move.stat, done)
+
+    async def _forget_old_key(self, old_key: str) -> None:
+        try:
+            await self.store.delete(old_key)
+        except FsError as exc:
+            log.error("%s: the copy left there by a renamed directory could not be removed: %s", old_key, exc)
+        await self.cache.remove(old_key)
+
+    def _stored_version(self, of: OpenFile, key: str, st: Stat, done: Uploaded) -> None:
         of.created = False
         of.flush_failed = False
         of.mtime_set = False
@@ -332,6 +388,9 @@ class WritePath:
     async def _drop(self, of: OpenFile) -> None:
         writer, of.writer = of.writer, None
         of.created = False
+        if of.moving is not None:  # never moved to its key: what is left at the old one was never shown there
+            moving, of.moving = of.moving, None
+            await self._forget_old_key(moving.old_key)
         if isinstance(writer, StreamWriter):
             await writer.abort()
         elif isinstance(writer, SpoolWriter):

@@ -96,8 +96,10 @@ class CloudReader:
                 end = min(offset + length - index * cs, cs)
                 piece = chunk.data[start:end]
                 if len(piece) != end - start:  # the kernel takes a short read as EOF: never answer one
-                    raise FsError(errno.EIO, f"GET {self.key} chunk {index}: {len(chunk.data)} bytes held where "
-                                  f"{self._length(index)} were fetched (internal error)", level=logging.ERROR)
+                    raise FsError(errno.EIO, f"GET {self.key} (ETag {self.etag}) chunk {index}: {len(chunk.data)} "
+                                  f"bytes where the size it was opened with ({self.size}) needs "
+                                  f"{self._length(index)}: that size and that ETag disagree",
+                                  level=logging.ERROR)
                 pieces.append(piece)
         finally:
             for chunk in held:

@@ -10,9 +10,13 @@
 
 A stream never loses bytes when S3 fails: a failed part or a failed/timed-out finish hands every byte written so
 far over to a spool (``StreamWriter.hand_over``: the local copy of the parts already sent, plus what is still in
-memory), the multipart upload is aborted in the background, and the next flush uploads the whole file again. Only
-when the local copy is gone too (cache disk failing, or the file is larger than the cache) are the bytes lost;
-the open file then refuses every write and flush with EIO (``hybridfs.core.openfile`` documents the states).
+memory), the multipart upload is aborted in the background, and the next flush uploads the whole file again. The
+same hand-over serves a write not at the end, a read-back and a truncate. The local copy of a part is the cache's
+tee while the cache can hold it; from the first byte it cannot (past the cache's capacity, or the cache disk
+failing) parts go to a spill file in the state directory (``Spill``), and the hand-over joins the two. Bytes are
+lost only when neither can keep them: the state disk is full (ENOSPC) or the cache disk fails after holding some
+(its copy of them is gone); the open file then refuses every write and flush with that error
+(``hybridfs.core.openfile`` documents the states).
 
 Commits are fenced: the PUT or CompleteMultipartUpload that makes a version visible is conditional on S3 still
 holding the version the content was based on (``Condition``), and runs in a task of its own that outlives a
@@ -29,9 +33,10 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -42,6 +47,7 @@ from hybridfs.tiers.cache import LocalCache, TeeFile
 from hybridfs.tiers.s3 import MAX_PARTS, WRITE_TOKEN, CloudStore, Condition, Part, WriteConflict
 
 log = logging.getLogger("hybridfs.writer")
+T = TypeVar("T")
 
 __all__ = ["Condition", "NeedsSpool", "Spawner", "SpoolWriter", "StreamWriter", "Uploaded", "WriteFence",
            "WriteSettings"]
@@ -95,6 +101,7 @@ class _Send:
     etag: str | None = None
     error: BaseException | None = None
     abandoned: bool = False  # the flush that started it gave up (timeout): nobody waits for the answer
+    removed: bool = False  # the key was unlinked while this was on its way: what it stores is deleted on landing
 
 
 Send = Callable[[Condition], Awaitable[str]]
@@ -108,8 +115,12 @@ class WriteFence:
     (``settle``). A commit that S3 refuses because the object is no longer the version it was based on is
     recognised as ours when the object carries the token of this commit (a botocore retry whose first attempt
     did land: success) or of an earlier commit of ours that failed or gave up (it landed late: this commit
-    replaces it). Any other refusal is a conflict with another writer, reported to the caller. Owned by the trio
-    thread.
+    replaces it). Any other refusal is a conflict with another writer, reported to the caller.
+
+    Deletes of a key are ordered with its commits (issue 21): an unlink waits for the commits on their way
+    (``drain``), its DELETE is fenced like a commit (``delete``: the next close of the key waits for it), and a
+    commit still on its way when the key is removed deletes what it stores once it lands (``removing``,
+    ``discard``). Owned by the trio thread.
     """
 
     def __init__(self, store: CloudStore) -> None:
@@ -117,9 +128,10 @@ class WriteFence:
         self._open: dict[str, list[_Send]] = {}
         self._landed: dict[str, str] = {}
         self._unacknowledged: dict[str, set[str]] = {}  # key -> tokens of commits whose caller heard "failed"
+        self._removing: dict[str, int] = {}  # key -> unlinks of it under way (``removing``)
 
     async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
-        pending = _Send(key, token)
+        pending = _Send(key, token, removed=key in self._removing)
         self._open.setdefault(key, []).append(pending)
         spawner.start_soon(self._run, pending, condition, send, name=f"commit {key}")
         try:
@@ -140,19 +152,16 @@ class WriteFence:
         try:
             failpoint("commit")
             pending.etag = await self._attempt(pending, condition, send)
+            if pending.removed:  # checked with no await since the answer: an unlink cannot slip in between
+                await self._delete_landed(pending)
         except FsError as exc:
             pending.error = exc
         except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
             log.exception("commit of %s: internal error", pending.key)
             pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
-            pending.done.set()
-            sends = self._open.get(pending.key, [])
-            with contextlib.suppress(ValueError):
-                sends.remove(pending)
-            if not sends:
-                self._open.pop(pending.key, None)
-        if pending.abandoned:
+            self._done(pending)
+        if pending.abandoned and not pending.removed:
             if pending.etag is not None:
                 self._landed[pending.key] = pending.etag
                 log.info("an upload of %s whose caller was told it failed landed later (ETag %s); the next "
@@ -160,6 +169,14 @@ class WriteFence:
             else:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
                          pending.key, pending.error)
+
+    def _done(self, pending: _Send) -> None:
+        pending.done.set()
+        sends = self._open.get(pending.key, [])
+        with contextlib.suppress(ValueError):
+            sends.remove(pending)
+        if not sends:
+            self._open.pop(pending.key, None)
 
     async def _attempt(self, pending: _Send, condition: Condition, send: Send) -> str:
         try:
@@ -183,9 +200,99 @@ class WriteFence:
 
     async def settle(self, key: str) -> str | None:
         """Wait for the key's earlier commits; the ETag of one that landed after its caller gave up, if any."""
+        if self._open.get(key):
+            log.debug("%s: the flush waits for what is on its way to S3 for this key (a commit or a delete)", key)
         while sends := self._open.get(key):
             await sends[0].done.wait()
         return self._landed.pop(key, None)
+
+    # -- deletes of a key with commits on their way (issue 21: an unlink must not be undone by a late commit) --
+
+    def busy(self, key: str) -> bool:
+        """A commit of ``key`` is on its way, or one whose caller heard "failed" may have stored something."""
+        return bool(self._open.get(key)) or key in self._landed or key in self._unacknowledged
+
+    async def drain(self, key: str, deadline: float) -> bool:
+        """Wait until ``deadline`` (trio time) for the key's commits on their way; True when none is left."""
+        with trio.move_on_at(deadline):
+            while sends := self._open.get(key):
+                await sends[0].done.wait()
+            return True
+        return False
+
+    async def delete(self, spawner: Spawner, key: str, send: Callable[[], Awaitable[None]],
+                     deleted: Callable[[], None]) -> None:
+        """A DELETE of ``key`` in line with its commits. It runs in a task of its own, so a caller that stops
+        waiting (--write-timeout) does not leave it running unseen: until S3 has answered it, the next close of the
+        key waits for it (``settle``) before committing, so a DELETE that S3 processes late cannot remove a version
+        made here after it. ``deleted`` (synchronous) runs once S3 has deleted it, before any waiter resumes: a
+        close waiting in ``settle`` then finds its file unlinked."""
+        pending = _Send(key, "")
+        self._open.setdefault(key, []).append(pending)
+        spawner.start_soon(self._run_delete, pending, send, deleted, name=f"delete {key}")
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+
+    async def _run_delete(self, pending: _Send, send: Callable[[], Awaitable[None]],
+                          deleted: Callable[[], None]) -> None:
+        try:
+            await send()
+            deleted()
+        except FsError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: the caller hears EIO, the log has the traceback
+            log.exception("delete of %s: internal error", pending.key)
+            pending.error = io_error(f"delete of {pending.key}: internal error {exc!r}")
+        finally:
+            self._done(pending)
+
+    @contextlib.contextmanager
+    def removing(self, key: str) -> Iterator[None]:
+        """While an unlink of ``key`` deletes it: every commit of the key still on its way, or starting before the
+        block ends, deletes what it stores once it lands (so the name cannot come back after the delete). When the
+        delete fails, the marks are taken back: the file is still there, and so may its next version be."""
+        self._removing[key] = self._removing.get(key, 0) + 1
+        for pending in self._open.get(key, []):
+            pending.removed = True
+        try:
+            yield
+        except BaseException:
+            if self._removing.get(key, 0) <= 1:
+                for pending in self._open.get(key, []):
+                    pending.removed = False
+            raise
+        else:
+            self._landed.pop(key, None)  # deleted now: nothing for a next flush to base itself on
+            self._unacknowledged.pop(key, None)
+        finally:
+            self._removing[key] -= 1
+            if not self._removing[key]:
+                del self._removing[key]
+
+    def discard(self, key: str) -> None:
+        """The file at ``key`` was forgotten as never stored (its uploads failed, its caller heard so): a commit of
+        it that lands later is deleted, not left to appear as a file nobody was told was stored."""
+        for pending in self._open.get(key, []):
+            pending.removed = True
+
+    async def _delete_landed(self, pending: _Send) -> None:
+        """``pending`` stored a version of a key unlinked meanwhile: delete it, if it is still the one there.
+
+        Only a version carrying this commit's token is deleted: a newer one (a new file made at the name since)
+        is not ours to remove. A version landing between this HEAD and the DELETE would be removed with it: a
+        conditional DELETE (If-Match) would close that window, but not every S3 implementation has one."""
+        try:
+            info = await self.store.head(pending.key)
+            if info is None or (info.metadata or {}).get(WRITE_TOKEN) != pending.token:
+                return
+            await self.store.delete(pending.key)
+        except FsError as exc:  # the commit itself did land: its caller is not told otherwise
+            log.warning("%s was removed while its upload was on its way; the upload landed later (ETag %s) and "
+                        "could not be deleted: %s", pending.key, pending.etag, exc.message)
+            return
+        log.info("%s was removed while its upload was on its way; the upload landed later (ETag %s) and was "
+                 "deleted", pending.key, pending.etag)
 
 
 _TIME_KEYS = frozenset({"mtime", "ctime", "atime"})
@@ -202,6 +309,131 @@ def with_token(metadata: dict[str, str], token: str) -> dict[str, str]:
 
 def new_token() -> str:
     return uuid.uuid4().hex
+
+
+# -- the spill file: a stream's bytes that the cache cannot hold -----------------------------------------------
+
+
+class Spill:
+    """The bytes of a stream that its tee to the cache cannot hold (past the cache's capacity, or once the cache
+    disk failed), kept at their own offsets in a sparse file in the state directory, so that a hand-over to a
+    spool finds every byte written since open. Nothing is written here while the tee copes. Bounded by the state
+    disk: a write that does not fit is recorded in ``failed`` (ENOSPC) and reported by the hand-over that needs
+    the bytes; the upload itself goes on. Owned by the trio thread; the file is written from worker threads,
+    which only return results."""
+
+    def __init__(self, key: str, settings: WriteSettings, limiter: trio.CapacityLimiter) -> None:
+        self.key = key
+        self.path = settings.spool_dir / f"{uuid.uuid4().hex}.spill"
+        self.settings = settings
+        self.limiter = limiter
+        self.fd: int | None = None
+        self.used = False  # a part was given to it (kept or not)
+        self.failed: FsError | None = None
+        self._writers = 0
+        self._closed = False
+        self._opening = trio.Lock()
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    async def write(self, offset: int, data: bytes) -> bool:
+        """Keep ``data`` at ``offset``; False when it could not be kept (``failed`` says why)."""
+        self.used = True
+        if self.failed is not None or self._closed:
+            return False
+        self._writers += 1
+        try:
+            fd = await self._open()
+            await self._run(lambda: _pwrite_all(fd, data, offset))
+            return True
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if self.failed is None and not self._closed:
+                self.failed = FsError(code, f"the spill file of {self.key} in {self.settings.spool_dir}: "
+                                      f"{os.strerror(code)} (the state disk holds the bytes the cache cannot)",
+                                      level=logging.WARNING)
+                log.warning("%s; a random write, read-back or failed upload of it will fail", self.failed.message)
+            return False
+        finally:
+            self._writers -= 1
+            if self._closed and self._writers == 0:
+                await self._close()
+
+    async def _open(self) -> int:
+        async with self._opening:
+            if self._closed:
+                raise OSError(errno.ECANCELED, "spill discarded")
+            if self.fd is None:
+                path, directory = self.path, self.settings.spool_dir
+
+                def create() -> int:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+                self.fd = await self._run(create)
+            return self.fd
+
+    async def take(self, tee_view: int | None, teed: list[tuple[int, int]]) -> Path:
+        """The spill file, completed with the ``teed`` ranges (offset, length) read from ``tee_view`` (a
+        descriptor of the tee's file), for a spool to adopt."""
+        if self.failed is not None:
+            raise self.failed
+        fd = await self._open()
+        self._closed = True  # from here the file is the spool's
+
+        def join() -> None:
+            for offset, length in teed:
+                assert tee_view is not None
+                _copy_range(tee_view, fd, offset, length)
+
+        try:
+            await self._run(join)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            raise FsError(code, f"joining the cached and spilled bytes of {self.key}: {os.strerror(code)}",
+                          level=logging.ERROR) from exc
+        finally:
+            await self._close(unlink=False)
+        return self.path
+
+    async def discard(self) -> None:
+        self._closed = True
+        if self._writers == 0:
+            await self._close()
+
+    async def _close(self, *, unlink: bool = True) -> None:
+        fd, self.fd = self.fd, None
+        path = self.path
+
+        def drop() -> None:
+            if fd is not None:
+                os.close(fd)
+            if unlink:
+                path.unlink(missing_ok=True)
+
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await self._run(drop)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view, offset = view[written:], offset + written
+
+
+def _copy_range(source: int, fd: int, offset: int, length: int, chunk: int = 1024**2) -> None:
+    """Copy ``length`` bytes at ``offset`` from descriptor ``source`` into ``fd`` at the same offset."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(source, min(chunk, end - offset), offset)
+        if not data:
+            raise OSError(errno.EIO, f"the cache's copy ends at {offset}, before {end}")
+        _pwrite_all(fd, data, offset)
+        offset += len(data)
 
 
 # -- the streamed multipart upload ----------------------------------------------------------------------------
@@ -231,6 +463,14 @@ class StreamWriter:
         self.slots = trio.Semaphore(settings.max_inflight)
         self.failed: FsError | None = None  # the upload cannot be completed: hand over to a spool
         self.tee = TeeFile(cache)
+        self.spill = Spill(key, settings, cache.limiter)  # what the tee cannot hold, from its first such byte
+        self.teed_any = False  # a part's only local copy is the tee's
+        self.teed: list[tuple[int, int]] = []  # (offset, length) of the parts the tee holds
+        # Our own descriptor of the tee's file, opened before its first byte: when the cache disk fails later
+        # the tee removes its file, and the bytes it held stay readable here for a hand-over.
+        self._tee_view: int | None = None
+        self._viewing = trio.Lock()
+        self._view_closed = False
         self._teed: list[trio.Event] = []  # one per part sent: set once its local copy is written (or failed)
         self.charged = 0  # budget bytes held by the buffered (not yet sent) bytes
         self.overdrafts = 0
@@ -315,7 +555,7 @@ class StreamWriter:
         upload_id = self.upload_id
         try:
             async with trio.open_nursery() as both:
-                both.start_soon(self._tee_part, offset, data, teed)
+                both.start_soon(self._keep_part, offset, data, teed)
                 if upload_id is None:  # handed over meanwhile
                     return
                 try:  # caught here, so that a failing upload never cancels the local copy beside it
@@ -341,11 +581,48 @@ class StreamWriter:
             if charged and self.settings.budget is not None:
                 self.settings.budget.release(charged)
 
-    async def _tee_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
+    async def _keep_part(self, offset: int, data: bytes, teed: trio.Event) -> None:
+        """The part's local copy: in the cache's tee while it can hold it, else in the spill file, so that a
+        hand-over finds every byte (the tee alone drops everything past the cache's capacity)."""
         try:
-            await self.tee.write(offset, data)
+            if self.tee.failed is None and offset + len(data) <= self.cache.capacity:
+                await self._watch_tee()
+                await self.tee.write(offset, data)
+                if self.tee.failed is None:
+                    self.teed_any = True
+                    self.teed.append((offset, len(data)))
+                    return
+            await self.spill.write(offset, data)
         finally:
             teed.set()
+
+    async def _watch_tee(self) -> None:
+        """Open our descriptor of the tee's file (created here, before the tee's first write opens it)."""
+        async with self._viewing:
+            if self._tee_view is not None or self._view_closed or self.tee.failed is not None:
+                return
+            if self.tee.path is None:
+                self.tee.path = self.cache.new_temp_path()
+            path = self.tee.path
+            try:
+                view = await trio.to_thread.run_sync(
+                    lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), limiter=self.cache.limiter)
+            except OSError:
+                return  # the tee fails on the same disk: its parts go to the spill file
+            if self._view_closed:  # dropped meanwhile
+                await self._close_fd(view)
+            else:
+                self._tee_view = view
+
+    async def _close_view(self) -> None:
+        self._view_closed = True
+        view, self._tee_view = self._tee_view, None
+        if view is not None:
+            await self._close_fd(view)
+
+    async def _close_fd(self, fd: int) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(os.close, fd, limiter=self.cache.limiter)
 
     async def _drain(self) -> None:
         for _ in range(self.settings.max_inflight):
@@ -397,6 +674,10 @@ class StreamWriter:
             self._fail(timeout_error(self.key, self.settings.timeout))
             raise self.failed or timeout_error(self.key, self.settings.timeout)
         self._release_charge()  # a single PUT's buffer: S3 holds it now
+        await self._close_view()
+        if self.spill.used:  # the cache could not hold the whole file: it is not cached
+            await self.tee.discard("larger than the cache")
+            await self.spill.discard()
         cached = await self.tee.commit(self.key, etag, self.size)
         return Uploaded(etag, self.size, cached, self.tee.failed)
 
@@ -457,20 +738,41 @@ class StreamWriter:
         """
         for teed in self._teed:  # local copies are disk-bound: wait for them, not for S3
             await teed.wait()
-        if self.upload_id is None and self.buffer_offset == 0:
+        if self.buffer_offset == 0:  # nothing left memory yet (at most a multipart upload was created)
             await spool.load(None, 0, initial=b"".join(self.chunks))
         else:
-            if self.tee.failed is not None or self.tee.path is None:
+            if self.local_loss() is not None:
                 return False
-            path = await self.tee.detach()
+            path = await self._local_copy()
             await spool.adopt(path, self.buffer_offset)
             if self.chunks:
                 await spool.write(self.buffer_offset, b"".join(self.chunks))
-            self._drop_upload()
+        self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
+        await self._close_view()
         await self.tee.discard()
+        await self.spill.discard()
         return True
+
+    def local_loss(self) -> FsError | None:
+        """Why bytes that already left memory have no local copy any more (None: every byte is kept)."""
+        if self.spill.failed is not None:
+            return self.spill.failed
+        if self.teed_any and self.tee.failed is not None and self._tee_view is None:
+            return io_error(f"the cache's copy of {self.key} is gone ({self.tee.failed})")
+        if not self.teed_any and not self.spill.used:
+            return io_error(f"no local copy of {self.key} was written")
+        return None
+
+    async def _local_copy(self) -> Path:
+        """The file of every byte sent so far: the tee's copy, the spill file, or both joined in the spill."""
+        try:
+            if not self.spill.used and self.tee.failed is None:
+                return await self.tee.detach()
+            return await self.spill.take(self._tee_view, self.teed)
+        except OSError as exc:
+            raise io_error(f"cannot take the local copy of {self.key}: {exc}") from exc
 
     def _drop_upload(self) -> None:
         if self.upload_id is None:
@@ -485,22 +787,46 @@ class StreamWriter:
             await self._drain()
         self.store.schedule_abort(self.key, upload_id)
 
+    async def _journal_again(self, upload_id: str) -> None:
+        journal = self.store.journal
+        if journal is None:
+            return
+        log.info("%s: a part was still on its way when its upload was aborted; the next start aborts it again",
+                 self.key)
+        try:
+            await trio.to_thread.run_sync(journal.record, self.key, upload_id)
+        except Exception as exc:  # sqlite3.Error, OSError: only the record is missing
+            log.warning("could not record multipart upload %s of %s in the upload journal again: %s", upload_id,
+                        self.key, exc)
+
     async def abort(self) -> None:
         """Drop the upload and the local copy (the file was truncated, unlinked or closed unfinished)."""
         self._drop_upload()
         self.chunks, self.buffered = [], 0
         self._release_charge()
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
+            await self.spill.discard()
 
     async def abandon(self) -> None:
-        """At shutdown: abort now, so nothing is left in S3 (the journal covers what cannot be reached)."""
+        """At shutdown: abort the upload once its parts in flight are answered (bounded by the write timeout), so
+        nothing is left in S3: a part that lands after its upload's abort can keep storage (S3 documents it).
+        A part still in flight after that keeps the upload in the journal, so the next start aborts it again."""
         self._release_charge()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
-            await self.store.abort_multipart(self.key, upload_id)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.settings.timeout):
+                    await self._drain()
+                in_flight = self._parts_in_flight()
+                await self.store.abort_multipart(self.key, upload_id)
+                if in_flight:
+                    await self._journal_again(upload_id)
         with trio.CancelScope(shield=True):
+            await self._close_view()
             await self.tee.discard()
+            await self.spill.discard()
 
 
 # -- the spool ------------------------------------------------------------------------------------------------

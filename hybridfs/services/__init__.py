@@ -104,7 +104,7 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
                     PurgerSettings(default_mode=stat_mod.S_IFREG | cfg.file_mode, default_uid=cfg.uid,
                                    default_gid=cfg.gid, preserved_size=cfg.preserved_size,
                                    preserved_age=cfg.preserved_age))
-    planner.purge = purger.handle
+    planner.purge, planner.hydrate = purger.handle, hydrator.handle
     census = Census(mount.store, mount.keys.prefix)
     if bus is None:
         await nursery.start(planner.run)

@@ -3,7 +3,12 @@
 Every ``interval`` seconds (and at once when a hydration is waiting for room) it looks at the cache:
 
 * **watermarks** — usage above ``high_watermark x capacity``: evict down to ``low_watermark x capacity``;
-* **disk** — less than ``min_free`` of the cache disk free: evict until that much (plus 1% of the disk) is free;
+* **disk** — less than ``min_free`` of the cache disk free: evict until that much (plus 1% of the disk) is free,
+  but only when evicting can restore it: a disk filled by others beyond what the cache holds is not the cache's
+  to fix, and emptying the cache for it would only lose the cached files (logged once per episode). Nor does
+  the cache give others more than ``min_free`` (plus 1%) of the disk (what they took since the disk first went
+  short, until the cache has its files back): beyond that, a file that grows slowly would take the whole cache a
+  few MiB at a time;
 * **room** — hydrations waiting for space: evict until their bytes fit under the capacity;
 * **max age** — files not read for ``max_age`` seconds go, whatever the usage (reason ``max-age``).
 
@@ -20,6 +25,15 @@ eviction it was given has waited that long without being settled (a consumer tha
 then the waiting evictions and every new one are purged here too, still published for audit (they wait in the
 outbox). When the bus answers again and nothing waits too long, the planner goes back to the bus. A purge
 that arrives twice (here, then from Kafka) finds nothing to do the second time.
+
+**Pressure evictions are undone.** Files evicted while the disk was short because others use more of it than
+when it last had ``min_free`` free (not because the cache grew: then ``min_free`` is the cache's bound) are
+remembered (key, ETag, size, last
+access; in memory only, the most recently used ``remember`` of them: a restart forgets them). Once the disk has
+``min_free`` (plus the slack) free again and usage is under the low watermark, they are hydrated again, most
+recently used first, only as many as fit under both (reason ``pressure-return``; published on the bus, or handed
+to the hydrator directly without events). Hydrations asked and not yet cached count as used until they arrive or
+``dedupe_window`` passes, so a round does not ask for the same room twice.
 
 State: all of it belongs to the trio thread.
 """
@@ -54,12 +68,23 @@ class PlannerSettings:
     growth_check: float = 0.02  # seconds between checks for new cache entries (between rounds)
     local_after: float = 30.0  # seconds evictions may wait for the bus before they are purged here
     local_concurrency: int = 4  # purges at once when applied locally
+    remember: int = 10_000  # pressure evictions remembered for hydrating them again (the most recently used)
 
 
 @dataclass(frozen=True)
 class DiskSpace:
     free: int
     total: int
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """A file evicted while the cache disk was short of space, to hydrate again once the space returns."""
+
+    key: str
+    etag: str
+    size: int
+    last_access: float
 
 
 @dataclass
@@ -73,6 +98,8 @@ class Plan:
     target: int | None  # usage the watermark evictions aim for (None: no size pressure)
     why: str
     short: bool = False  # not enough evictable files to reach the target (pinned or open)
+    pressure: bool = False  # the disk's shortage asked for more than the watermarks would (remembered)
+    others: int = 0  # bytes the disk is short that evicting the whole cache could not restore (not evicted)
 
 
 class Planner:
@@ -94,6 +121,18 @@ class Planner:
         self.bus_reachable = bus_reachable
         # The purger's handler, for decisions taken locally (set by whoever builds the purger).
         self.purge: Callable[[Event], Awaitable[None]] | None = None
+        # The hydrator's handler, for pressure evictions undone without a bus (set by whoever builds it).
+        self.hydrate: Callable[[Event], Awaitable[None]] | None = None
+        self.pressure_evicted: dict[str, Evicted] = {}  # evicted under disk pressure, not hydrated again yet
+        self.returning: dict[str, tuple[str, int, float]] = {}  # hydrations asked: key -> (etag, size, when)
+        self.returned = 0  # pressure evictions asked to hydrate again
+        self._others_logged = False  # "others fill the disk" said for this episode
+        # What others use of the cache disk (total - free - cache usage) when it last had min_free free, and
+        # whether they use more now: a shortage they caused is pressure; one the cache caused is its bound.
+        self._others_before: int | None = None
+        self._others_grew = False
+        self._others_now = 0
+        self._given_from: int | None = None  # others' use when the disk first went short (None: nothing given)
         self.unsent: dict[str, Event] = {}  # requested through the bus and not purged locally (yet)
         self.local_purges = 0
         self.local_since: float | None = None  # trio time the planner went local (None: the bus carries them)
@@ -197,6 +236,7 @@ class Planner:
             return None
         self.disk = await self._disk_space()
         self._usage_at_disk = self.cache.usage()
+        self._watch_others()
         if self._go_local():
             for event in list(self.unsent.values()):  # waited for the bus long enough
                 self._purge_locally(event)
@@ -207,8 +247,13 @@ class Planner:
             log.info("cache usage %s of %s is within its limits again (%d evictions asked)", _size(plan.usage),
                      _size(self.cache.capacity), self._episode)
             self._episode = 0
+        self._log_others(plan)
         if plan.watermark or plan.max_age:
             self._publish(plan)
+        if plan.pressure:
+            self._remember(plan.watermark)
+        elif plan.target is None and not plan.others:
+            self._give_back()
         return plan
 
     def _forget_settled(self) -> None:
@@ -249,14 +294,24 @@ class Planner:
             to_free = max(to_free, projected + self.reserved + wanted - math.floor(s.low_watermark * cap))
             reasons.append(f"{_size(wanted)} of hydrations wait for room")
         disk = self.disk
+        busy = self._busy
+        pressure = False
+        others = 0
         if disk is not None and disk.total > 0 and disk.free < s.min_free * disk.total:
             # Requested evictions have not freed their bytes yet: count them as freed here too.
             short = int((s.min_free + DISK_SLACK) * disk.total) - disk.free - pending
-            to_free = max(to_free, short)
-            reasons.append(f"the cache disk has {disk.free / disk.total:.1%} free, under {s.min_free:.0%}")
+            if short > projected or (self._others_grew
+                                     and self._given() + short > (s.min_free + DISK_SLACK) * disk.total):
+                # Others fill the disk: emptying the cache would not restore min_free, or the cache has already
+                # given others' growth what min_free promises them (a file growing slowly would otherwise take
+                # the whole cache a few MiB at a time).
+                others = short
+            else:
+                pressure = short > to_free and self._others_grew
+                to_free = max(to_free, short)
+                reasons.append(f"the cache disk has {disk.free / disk.total:.1%} free, under {s.min_free:.0%}")
         target = projected - to_free if reasons else None
 
-        busy = self._busy
         watermark: list[CacheEntry] = []
         short = False
         if to_free > 0:
@@ -277,10 +332,107 @@ class Planner:
                 if entry.key not in chosen:
                     max_age.append(entry)
         return Plan(watermark=watermark, max_age=max_age, usage=usage, projected=projected, target=target,
-                    why="; ".join(reasons), short=short)
+                    why="; ".join(reasons), short=short, pressure=pressure, others=others)
 
     def _busy(self, key: str) -> bool:
         return key in self.requested or self.is_open(key)
+
+    # -- pressure evictions, undone -------------------------------------------------------------------------
+
+    def _watch_others(self) -> None:
+        disk = self.disk
+        if disk is None or disk.total <= 0:
+            return
+        others = disk.total - disk.free - self._usage_at_disk
+        short = disk.free < self.settings.min_free * disk.total
+        if not short:
+            self._others_before = others
+        self._others_now = others
+        if short and self._given_from is None:
+            self._given_from = others
+        elif not short and not self.pressure_evicted and not self.returning:
+            self._given_from = None  # nothing owed any more: the next shortage starts afresh
+        elif self._given_from is not None:
+            self._given_from = min(self._given_from, others)  # others shrank: what they took shrank too
+        # Files round up to blocks on disk: a little growth of "others" is the cache's own; 1% of the disk is not.
+        self._others_grew = self._others_before is None or others > self._others_before + DISK_SLACK * disk.total
+
+    def _given(self) -> int:
+        """What others have taken of the disk since it first went short of min_free (and the cache began to
+        give way), while the cache has not got its files back. Measured on the disk, not summed from
+        evictions: the cache's own files being written count as others for a moment, and a sum of evictions
+        would keep them."""
+        return 0 if self._given_from is None else max(0, self._others_now - self._given_from)
+
+    def _log_others(self, plan: Plan) -> None:
+        """Once per episode: the disk is short, and not because of the cache."""
+        if not plan.others:
+            self._others_logged = False
+            return
+        if self._others_logged or self.disk is None:
+            return
+        self._others_logged = True
+        log.info("the cache disk has %s free, under --min-free %.0f%%, short by %s: more than the cache could "
+                 "free (%s cached) or than it gives others (--min-free, %s given), so others fill it; not evicting "
+                 "for it", _size(self.disk.free), 100 * self.settings.min_free, _size(plan.others),
+                 _size(plan.usage), _size(self._given()))
+
+    def _remember(self, entries: list[CacheEntry]) -> None:
+        """Evicted under disk pressure: hydrate them again once the space returns (the most recent only)."""
+        for entry in entries:
+            self.pressure_evicted[entry.key] = Evicted(entry.key, entry.etag, entry.size, entry.last_access)
+            self.returning.pop(entry.key, None)
+        excess = len(self.pressure_evicted) - self.settings.remember
+        if excess > 0:
+            for old in sorted(self.pressure_evicted.values(), key=lambda e: e.last_access)[:excess]:
+                del self.pressure_evicted[old.key]
+
+    def _give_back(self) -> None:
+        """The disk has room again: hydrate files evicted under pressure, most recently used first, as many as
+        fit above min_free (plus the slack) and under the low watermark."""
+        disk, s = self.disk, self.settings
+        if not self.pressure_evicted or disk is None or disk.total <= 0 or (self.publish is None
+                                                                            and self.hydrate is None):
+            return
+        now = trio.current_time()
+        for key, (etag, _bytes, when) in list(self.returning.items()):
+            if self.cache.lookup(key, etag) is not None or now - when > s.dedupe_window:
+                del self.returning[key]
+        coming = self.reserved + sum(size for _etag, size, _when in self.returning.values())
+        usage = self.cache.usage()
+        disk_room = disk.free - (usage - self._usage_at_disk) - int((s.min_free + DISK_SLACK) * disk.total)
+        room = min(disk_room, math.floor(s.low_watermark * self.cache.capacity) - usage) - coming
+        asked: list[Evicted] = []
+        for evicted in sorted(self.pressure_evicted.values(), key=lambda e: e.last_access, reverse=True):
+            if self.cache.lookup(evicted.key) is not None:  # read (or written) again since: cached already
+                del self.pressure_evicted[evicted.key]
+            elif evicted.size <= room:
+                room -= evicted.size
+                asked.append(evicted)
+                del self.pressure_evicted[evicted.key]
+        if not asked:
+            return
+        for evicted in asked:
+            self._ask_hydration(Event.hydrate(evicted.key, evicted.etag, evicted.size, "pressure-return",
+                                              self.origin))
+            self.returning[evicted.key] = (evicted.etag, evicted.size, now)
+        self.returned += len(asked)
+        log.info("the cache disk has room again: hydrating %d files evicted under pressure (%s), most recently "
+                 "used first (%d still wait for room)", len(asked), _size(sum(e.size for e in asked)),
+                 len(self.pressure_evicted))
+
+    def _ask_hydration(self, event: Event) -> None:
+        if self.publish is not None:
+            self.publish(event)
+        elif self.hydrate is not None and self._nursery is not None:
+            self._nursery.start_soon(self._run_hydrate, event, self.hydrate)
+
+    async def _run_hydrate(self, event: Event, hydrate: Callable[[Event], Awaitable[None]]) -> None:
+        async with self._local_limiter:
+            try:
+                await hydrate(event)
+            except Exception:
+                log.exception("hydrating %s again after pressure failed", event.key)
 
     # -- local purges ---------------------------------------------------------------------------------------
 
@@ -368,6 +520,8 @@ class Planner:
             "local": self.local_since is not None,
             "local_after": s.local_after,
             "local_purges": self.local_purges,
+            "pressure_evicted": len(self.pressure_evicted),  # waiting to be hydrated again
+            "pressure_returned": self.returned,
         }
 
 

@@ -24,8 +24,9 @@ import errno
 import functools
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -203,6 +204,40 @@ def make_client(settings: S3Settings) -> Any:
 
 def meta_threads(settings: S3Settings) -> int:
     return settings.meta_threads or settings.threads
+
+
+class _Progress:
+    """When a transfer last moved bytes. s3transfer's threads store a float (atomic); the trio side only reads."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def moved(self, nbytes: int) -> None:
+        self.last = time.monotonic()
+
+    async def bounded(self, call: Callable[[], Awaitable[None]], stall_timeout: float, what: str) -> None:
+        """Run ``call``; EIO when it has made no progress for ``stall_timeout`` seconds."""
+        stalled = False
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal stalled
+                while (idle := time.monotonic() - self.last) < stall_timeout:  # noqa: ASYNC110 (set by threads)
+                    await trio.sleep(stall_timeout - idle)
+                stalled = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await call()
+            except Exception as exc:  # raised as itself below, not wrapped in an exception group
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if stalled:
+            raise FsError(errno.EIO, f"{what}: no progress for {stall_timeout:g}s (S3 slow or unreachable)",
+                          level=logging.WARNING)
 
 
 class CloudStore:
@@ -388,12 +423,31 @@ class CloudStore:
 
         self.bytes_read += await self._call(f"GET {key}", fetch)
 
-    async def copy(self, src: str, dst: str, metadata: dict[str, str]) -> None:
-        """Server-side copy with new metadata; s3transfer switches to multipart copy above 5 GiB."""
-        await self._call(f"COPY {src} -> {dst}", self.client.copy, {"Bucket": self.bucket, "Key": src},
-                         self.bucket, dst,
-                         ExtraArgs={"Metadata": metadata, "MetadataDirective": "REPLACE"},
-                         Config=self.transfer_config)
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None,
+                   stall_timeout: float | None = None) -> None:
+        """Server-side copy with new metadata; s3transfer switches to a multipart copy (UploadPartCopy) above the
+        part size, whose ETag then differs from the source's.
+
+        With ``source_etag``, only from that version of ``src`` (CopySourceIfMatch): the metadata given was
+        computed from it, and copying it onto another version (a foreign overwrite not seen yet) would pair that
+        version's bytes with our stale attributes. s3transfer passes the condition to its HEAD (IfMatch) and to
+        every UploadPartCopy. WriteConflict when ``src`` is no longer that version, ENOENT when it is gone.
+
+        With ``stall_timeout``, EIO once no part has been copied for that long (S3 stalled): a copy's total time
+        grows with the object, so only its progress can be bounded. The copy itself may go on in its threads.
+        """
+        extra: dict[str, str | dict[str, str]] = {"Metadata": metadata, "MetadataDirective": "REPLACE"}
+        if source_etag is not None:
+            extra["CopySourceIfMatch"] = f'"{source_etag}"'
+        what = f"COPY {src} -> {dst}"
+        progress = _Progress()
+        call = functools.partial(self._call, what, self.client.copy, {"Bucket": self.bucket, "Key": src},
+                                 self.bucket, dst, ExtraArgs=extra, Callback=progress.moved,
+                                 Config=self.transfer_config)
+        if stall_timeout is None:
+            await call()
+        else:
+            await progress.bounded(call, stall_timeout, what)
 
     async def delete(self, key: str) -> None:
         await self._call(f"DELETE {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
@@ -548,7 +602,8 @@ class CloudStore:
                 try:
                     for page in self.client.get_paginator("list_multipart_uploads").paginate(**kwargs):
                         for upload in page.get("Uploads", []):
-                            if upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff:
+                            if (upload["Key"].startswith(prefix) and upload["Initiated"] < cutoff
+                                    and not self._has_part_since(upload["Key"], upload["UploadId"], cutoff)):
                                 found.append((upload["Key"], upload["UploadId"]))
                 except botocore.exceptions.ClientError:
                     if not scope:
@@ -559,6 +614,18 @@ class CloudStore:
             return found
 
         return await self._call("ListMultipartUploads", collect)
+
+    def _has_part_since(self, key: str, upload_id: str, cutoff: Any) -> bool:
+        """Blocking: a part uploaded after ``cutoff`` — a live mount's long stream, not a crashed one's upload
+        (judged by its start alone, another mount's start would abort it under its writer)."""
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id):
+                if any(part["LastModified"] >= cutoff for part in page.get("Parts", [])):
+                    return True
+        except botocore.exceptions.ClientError:
+            return False  # gone meanwhile (NoSuchUpload), or unreadable: judged by its start alone
+        return False
 
     async def list_multipart_uploads(self, prefix: str) -> list[str]:
         resp = await self._call("ListMultipartUploads", self.client.list_multipart_uploads,
