@@ -27,3 +27,19 @@ def test_fstat_after_opening_a_version_replaced_elsewhere_says_its_size(mount_fa
         data = fh.read()
     assert (size, len(data)) == (len(new), len(new)), "fstat and read of the open must agree on the new version"
     assert data == new
+
+
+def test_fstat_after_opening_a_file_written_here_then_emptied_elsewhere_says_zero(mount_factory: Any, s3: Any,
+                                                                                  stack: Any) -> None:
+    """The kernel's size of a file this mount wrote came from the writes, not from an answer of ours: an open
+    that finds another version must drop it too (the torture test: "fstat said 16384 bytes, read returned 0")."""
+    mount: Mount = mount_factory(extra_args=["--no-events", "--attr-timeout", "3", "--dir-cache-time", "0.5"])
+    path = mount.path / "f.bin"
+    path.write_bytes(os.urandom(16384))
+    assert os.stat(path).st_size == 16384
+    s3.put_object(Bucket=stack.bucket, Key=mount.key("f.bin"), Body=b"")  # another writer truncates it
+    time.sleep(0.6)  # past the mount's own 0.5 s, well within the kernel's 3 s (the point of the test)
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read()
+    assert (size, data) == (0, b"")

@@ -706,7 +706,8 @@ class Filesystem:
         version's, so fstat would say the old size and the kernel would end reads there (or read past the new
         end as EOF). Drop them before the open returns: the next fstat or read asks us."""
         node = self.inodes.node(ino)
-        if st.etag is None or node.attr_etag is None or node.attr_etag == st.etag:
+        # Unknown (None) counts as another version: the kernel may hold the size of a file it wrote itself.
+        if st.etag is None or node.attr_etag == st.etag:
             return
         node.attr_etag = None
         node.kernel_etag = None
@@ -788,6 +789,8 @@ class Filesystem:
 
     def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
+        # The kernel's size of the inode is what the writes made it: that of the version just stored.
+        of.node.attr_etag = of.stat.etag
         if not of.node.unlinked:
             self.ns.settle(of.node.path, of.stat)
             self._publish(Change.put(key, of.stat))
