@@ -30,6 +30,7 @@ SECONDS = float(os.environ.get("HYBRIDFS_TORTURE_SECONDS", "90"))
 
 
 @pytest.mark.slow
+@pytest.mark.torture
 def test_torture_two_mounts_a_writer_and_faults(
     s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any, prefix: str, stack: Stack,
     capsys: pytest.CaptureFixture[str],
