@@ -4,7 +4,8 @@
 
     Filesystem._publish(change) --FeedPublisher--> bus.publish_record --outbox--> <prefix>.changes (compacted)
     <prefix>.changes --EventConsumer(group hybridfs-changes-<cache id>)--> FeedService.handle
-        -> own origin: skipped;  else Filesystem.apply_change (namespace, kernel, cache tier)
+        -> own origin: skipped (its position noted);  else Filesystem.apply_change (namespace, kernel, cache tier):
+           news, "ask S3", or a duplicate (hybridfs.core.changes.KeyOrder)
 
 Publishing goes through the durable outbox, after S3 acknowledged the change: a Kafka outage delays the feed,
 never a write. Each mount consumes the whole topic in its own group, from the beginning the first time (a
@@ -28,6 +29,7 @@ import dataclasses
 import logging
 import statistics
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,9 +76,13 @@ class FeedPublisher:
         self.topic = topic
         self.origin = origin
         self.published = 0
+        # New at each start: a count that starts again at 0 must not look older than the last run's records.
+        self.run = uuid.uuid4().hex[:16]
 
     def publish_change(self, change: Change) -> None:
-        key, value, headers = encode_change(change, self.origin)
+        """Called in the order S3 acknowledged the changes: the count orders this mount's records of a key
+        whatever order the outbox delivers them in (a failed delivery is produced again later)."""
+        key, value, headers = encode_change(change, self.origin, (self.run, self.published))
         self.bus.publish_record(self.topic, key, value, headers)
         self.published += 1
 
@@ -86,7 +92,10 @@ def decode_record(msg: Message, allowed_prefix: str) -> Change:
     other prefixes may share the topic, and their records are not garbage (apply_change ignores them)."""
     kind, millis = msg.timestamp()
     when = millis / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and millis > 0 else time.time()
-    return decode_change(msg.key(), msg.value(), msg.headers(), allowed_prefix="", timestamp=when)
+    partition, offset = msg.partition(), msg.offset()
+    position = (partition, offset) if partition is not None and offset is not None and offset >= 0 else None
+    return decode_change(msg.key(), msg.value(), msg.headers(), allowed_prefix="", timestamp=when,
+                         position=position)
 
 
 class FeedService:
@@ -149,6 +158,7 @@ class FeedService:
             self._index_due[change.key] = attrs_json(change)
         if change.origin == self.origin:
             self.own_skipped += 1  # applied here when it was made
+            self.fs.order.own_record(change, self.origin)  # its position orders replays of older records
             return
         token = id(change)
         self._applying[token] = time.monotonic()
@@ -268,6 +278,7 @@ class FeedService:
             "applying": len(self._applying),  # begun, not done (waiting for the kernel, or for S3)
             "index_loaded": self.index_loaded,
             "own_skipped": self.own_skipped,
+            "order": dict(self.fs.order.counts),  # news / ask-s3 / stale (docs/semantics.md, "Order of versions")
             "published": self.publisher.published if self.publisher is not None else 0,
             "delay_p50_ms": round(statistics.median(delays) * 1000, 1) if delays else None,
             "consumer": dataclasses.asdict(self.consumer.stats()),
