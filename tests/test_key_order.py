@@ -131,7 +131,7 @@ def test_a_newer_record_from_a_host_whose_clock_is_behind_is_not_dropped(
     was made 30 s before this mount's change (main compared the two clocks and dropped it)."""
     async def body(fs: Filesystem) -> None:
         key = f"{prefix}/k"
-        fh, node, _ = await fs.create(ROOT, b"k", 0o644, os.O_WRONLY, os.getuid(), os.getgid())
+        fh, _node, _ = await fs.create(ROOT, b"k", 0o644, os.O_WRONLY, os.getuid(), os.getgid())
         await fs.write(fh, 0, b"written here")
         await fs.flush(fh)
         await fs.release(fh)

@@ -1,0 +1,136 @@
+"""A key never moves backwards, through real mounts (issue 22; docs/semantics.md, "Order of versions").
+
+Mount A runs with its clock 30 s behind (libfaketime, Debian's package), B with the true clock, C (the one
+checked) with 60 s timers and the bucket's S3 event records; a boto3 writer too. They write one key in turn; C
+must end on each newest version, and a thread reading C the whole time must never see a version older than one
+it saw before. Then an old record of B is produced again into the feed (a duplicate, as a retrying producer or a
+replay writes it): C must stay on the newest version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from helpers import Mount, Stack, wait_until
+
+from hybridfs.stack.config import S3_EVENTS_TOPIC
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+LONG_TIMERS = ["--attr-timeout", "60", "--dir-cache-time", "60", "--negative-cache-time", "60"]
+STUCK = 15.0  # far below C's 60 s timers: a version seen in time came through the feed or the S3 event records
+
+pytestmark = pytest.mark.skipif(not FAKETIME.exists(), reason="needs Debian's faketime (apt-get install faketime)")
+
+
+def status(mount: Mount) -> dict[str, Any]:
+    return json.loads(os.getxattr(mount.path, "user.hybridfs.status"))
+
+
+def trusted(mount: Mount) -> bool:
+    return status(mount).get("feed", {}).get("mode") == "trusted"
+
+
+def read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:  # not there yet, or replaced between open and read (ESTALE)
+        return None
+
+
+class Reader(threading.Thread):
+    """Reads C's file in a loop; every version seen, in order (versions are b"v<N>", N increasing)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.seen, self.stop = path, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            data = read(self.path)
+            if data is not None and data.startswith(b"v"):
+                n = int(data[1:].split(b" ")[0])
+                if not self.seen or self.seen[-1] != n:
+                    self.seen.append(n)
+            time.sleep(0.005)
+
+    def went_back(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in zip(self.seen, self.seen[1:], strict=False) if b < a]
+
+
+def last_record_of(stack: Stack, topic: str, key: str, origin_tail: str) -> tuple[bytes, bytes | None, Any]:
+    """The latest record of ``key`` in ``topic`` published by the mount whose origin ends in ``origin_tail``."""
+    consumer = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"test-{secrets.token_hex(4)}",
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        parts = [TopicPartition(topic, p, 0) for p in metadata.topics[topic].partitions]
+        consumer.assign(parts)
+        ends = {p.partition: consumer.get_watermark_offsets(p, timeout=10)[1] for p in parts}
+        found = None
+        done: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(done) < len(parts) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            origin = dict(msg.headers() or []).get("hybridfs.origin", b"").decode()
+            if msg.key() == key.encode() and origin.endswith(origin_tail):
+                found = (msg.key(), msg.value(), msg.headers())
+            if msg.offset() + 1 >= ends[msg.partition()]:
+                done.add(msg.partition())
+        assert found is not None, f"no record of {key} from {origin_tail}"
+        return found
+    finally:
+        consumer.close()
+
+
+def test_a_key_never_moves_back_with_a_skewed_clock_and_old_records(mount_factory: Any, stack: Stack,
+                                                                     s3: Any) -> None:
+    b = mount_factory()
+    c = mount_factory(extra_args=["--s3-events-topic", S3_EVENTS_TOPIC, *LONG_TIMERS])
+    a = mount_factory(env={"LD_PRELOAD": str(FAKETIME), "FAKETIME": "-30s",
+                           "FAKETIME_DONT_FAKE_MONOTONIC": "1"})  # skew the wall clock only
+    for m in (a, b, c):
+        wait_until(lambda m=m: trusted(m), timeout=60, message=f"{m.path}: feed caught up")
+    assert abs(float(status(a)["time"]) - (time.time() - 30)) < 5, "mount A's clock is not 30 s behind"
+    f = "f.txt"
+    reader = Reader(c.path / f)
+    writers = {"C": c, "A": a, "B": b}
+
+    def write(n: int, who: str) -> None:
+        if who == "boto3":
+            s3.put_object(Bucket=stack.bucket, Key=c.key(f), Body=f"v{n} by boto3".encode())
+        else:
+            (writers[who].path / f).write_bytes(f"v{n} by {who}".encode())
+        wait_until(lambda: (read(c.path / f) or b"").startswith(f"v{n} ".encode()), timeout=STUCK,
+                   message=f"C sees v{n}, written by {who}")
+
+    write(0, "C")  # C's own change: a record of A made "30 s before it" by A's clock must not be dropped
+    reader.start()
+    try:
+        for n, who in enumerate(["A", "B", "boto3", "A", "A", "B", "C", "A", "boto3", "B"], start=1):
+            write(n, who)
+        # B's record of v10 again, now that A writes v11 and v12: a duplicate must not put C back on v10.
+        old = last_record_of(stack, f"{c.topic_prefix}.changes", c.key(f), str(b.path))
+        write(11, "A")
+        write(12, "A")
+        applied = status(c)["feed"]["applied"]
+        producer = Producer({"bootstrap.servers": stack.bootstrap})
+        producer.produce(f"{c.topic_prefix}.changes", key=old[0], value=old[1], headers=old[2])
+        assert producer.flush(10) == 0
+        wait_until(lambda: status(c)["feed"]["applied"] > applied or status(c)["feed"].get("order", {})
+                   .get("stale", 0) > 0, timeout=STUCK, message="C took in the old record")
+        assert (read(c.path / f) or b"").startswith(b"v12 "), f"C went back: {read(c.path / f)!r}"
+    finally:
+        reader.stop.set()
+        reader.join(5)
+    assert not reader.went_back(), f"C's reads went back: {reader.went_back()} in {reader.seen}"
+    assert reader.seen and reader.seen[-1] == 12, reader.seen
