@@ -196,3 +196,30 @@ def test_key_order_duplicates_retries_and_tombstones() -> None:
     order2.judge(_rec("B", 1, 1, None, removed=True), NOTHING)
     assert order2.judge(_rec("B", 2, 2, _st("e")), NOTHING) is Verdict.ASK_S3
     assert order2.judge(_rec("B", 3, 3, _st("f")), ABSENT) is Verdict.ASK_S3
+
+
+def test_a_record_of_another_host_with_the_same_origin_is_not_skipped_as_ours() -> None:
+    """Origins are ``host:mountpoint``: two hosts of one name mounting at one path share it. The run in
+    ``hybridfs.seq`` tells this mount's records from theirs (and from its own earlier run's)."""
+    from hybridfs.services.feed import FeedPublisher, FeedService
+
+    class Bus:
+        def publish_record(self, *args: object) -> None:
+            return None
+
+    applied: list[Change] = []
+
+    class Fs:
+        order = KeyOrder()
+
+        async def apply_change(self, change: Change) -> None:
+            applied.append(change)
+
+    publisher = FeedPublisher(Bus(), "t.changes", "host:/mnt")  # type: ignore[arg-type]
+    feed = FeedService(Fs(), bootstrap="127.0.0.1:1", topic_prefix="t", group="g",  # type: ignore[arg-type]
+                       origin="host:/mnt", dead_letter_topic="t.dead-letter", publisher=publisher)
+    ours = Change("p/k", _st("e1"), origin="host:/mnt", seq=(publisher.run, 0))
+    theirs = Change("p/k", _st("e2"), origin="host:/mnt", seq=("0123456789abcdef", 0))
+    trio.run(feed.handle, ours)
+    trio.run(feed.handle, theirs)
+    assert applied == [theirs] and feed.own_skipped == 1

@@ -156,7 +156,7 @@ class FeedService:
     async def handle(self, change: Change) -> None:
         if self.index is not None:
             self._index_due[change.key] = attrs_json(change)
-        if change.origin == self.origin:
+        if self._own(change):
             self.own_skipped += 1  # applied here when it was made
             self.fs.order.own_record(change, self.origin)  # its position orders replays of older records
             return
@@ -171,6 +171,14 @@ class FeedService:
         delay = max(0.0, time.time() - change.time) if change.time > 0 else 0.0
         self._delays.append(delay)
         log.debug("applied the change of %s from %s, made %.0f ms ago", change.key, change.origin, delay * 1000)
+
+    def _own(self, change: Change) -> bool:
+        """Made by this run of this mount. The origin (host name and mount point) alone is not enough: two hosts
+        of one name mounting at one path would skip each other's records, and a restarted mount would skip the
+        changes its earlier run made, which it no longer knows."""
+        if change.origin != self.origin:
+            return False
+        return change.seq is None or self.publisher is None or change.seq[0] == self.publisher.run
 
     # -- the metadata index --------------------------------------------------------------------------------------
 
