@@ -780,7 +780,7 @@ class Filesystem:
         except Exception:  # a bug in the sink must not fail a change S3 already holds
             log.exception("publishing the change of %s failed", change.key)
 
-    async def apply_change(self, change: Change) -> None:
+    async def apply_change(self, change: Change) -> Verdict | None:
         """Apply a change another mount or writer made to ``change.key`` (the feed consumer, the S3 event
         consumer). Idempotent; keys outside the mount's prefix are ignored. ``self.order`` says first whether
         the change is news (docs/semantics.md, "Order of versions"; no clock is read):
@@ -798,21 +798,21 @@ class Filesystem:
         Always but for duplicates: the kernel's entry and inode of the path are invalidated (from a thread, never
         inline). A path written here (open with local changes, or created and not uploaded yet) is left alone:
         local state wins until its upload. Never raises for a well-formed change; FsError only for S3/cache
-        failures.
+        failures. Returns the verdict (None: outside the prefix, or written here).
         """
         path = self.keys.path(change.key)
         if not path:
-            return
+            return None
         if self._written_here(path):
             log.debug("change of %s from %s not applied: the file is being written here", path, change.origin)
-            return
+            return None
         first = self.order.first(change.key)
         verdict = self.order.judge(change, self._known(path), version_of(self.ns.last_known.get(path))
                                    if path in self.ns.last_known else NOTHING)
         if verdict is Verdict.STALE:
             log.debug("change of %s from %s at %s not applied: a record at or after it was", path,
                       change.origin, change.position)
-            return
+            return verdict
         self.changes_applied += 1
         if verdict is Verdict.ASK_S3:
             remember = first and change.stat is not None and not change.removed and self._known(path) == NOTHING \
@@ -827,6 +827,7 @@ class Filesystem:
         else:
             assert change.stat is not None  # news has attributes or is a removal (KeyOrder)
             await self._apply_put(path, change, change.stat)
+        return verdict
 
     def _known(self, path: str) -> Known:
         """What the namespace holds as current for ``path``: an S3 answer or an applied change, ABSENT when S3

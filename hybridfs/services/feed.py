@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from hybridfs.core.changes import Change
+from hybridfs.core.changes import Change, Verdict
 from hybridfs.events.bus import EventBus
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import InvalidEvent
@@ -154,23 +154,28 @@ class FeedService:
             self._set_health(f"not consuming: {failure or self.consumer.stats().stopped or 'stopped'}")
 
     async def handle(self, change: Change) -> None:
-        if self.index is not None:
-            self._index_due[change.key] = attrs_json(change)
         if self._own(change):
             self.own_skipped += 1  # applied here when it was made
             self.fs.order.own_record(change, self.origin)  # its position orders replays of older records
+            self._index(change)
             return
         token = id(change)
         self._applying[token] = time.monotonic()
         try:
             failpoint("feed-apply")
-            await self.fs.apply_change(change)
+            verdict = await self.fs.apply_change(change)
         finally:
             del self._applying[token]
+        if verdict is not Verdict.STALE:  # a duplicate or a replay must not put an older row back in the index
+            self._index(change)
         self.applied += 1
         delay = max(0.0, time.time() - change.time) if change.time > 0 else 0.0
         self._delays.append(delay)
         log.debug("applied the change of %s from %s, made %.0f ms ago", change.key, change.origin, delay * 1000)
+
+    def _index(self, change: Change) -> None:
+        if self.index is not None:
+            self._index_due[change.key] = attrs_json(change)
 
     def _own(self, change: Change) -> bool:
         """Made by this run of this mount. The origin (host name and mount point) alone is not enough: two hosts
