@@ -807,27 +807,33 @@ class Filesystem:
             log.debug("change of %s from %s not applied: the file is being written here", path, change.origin)
             return None
         first = self.order.first(change.key)
-        verdict = self.order.judge(change, self._known(path), version_of(self.ns.last_known.get(path))
-                                   if path in self.ns.last_known else NOTHING)
+        remembered = self.ns.last_known.get(path)
+        verdict = self.order.judge(change, self._known(path), NOTHING if remembered is None else
+                                   version_of(remembered))
         if verdict is Verdict.STALE:
             log.debug("change of %s from %s at %s not applied: a record at or after it was", path,
                       change.origin, change.position)
             return verdict
         self.changes_applied += 1
         if verdict is Verdict.ASK_S3:
-            remember = first and change.stat is not None and not change.removed and self._known(path) == NOTHING \
-                and path not in self.ns.last_known
-            await self._invalidate_path(path, change.key, entry=not change.is_dir)
-            if remember:
-                assert change.stat is not None
-                self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
-            log.debug("change of %s from %s: order not known, asking S3 at the next access", path, change.origin)
+            await self._ask_s3_about(path, change, first=first)
         elif change.removed:
             await self._apply_removed(path, change)
         else:
             assert change.stat is not None  # news has attributes or is a removal (KeyOrder)
             await self._apply_put(path, change, change.stat)
         return verdict
+
+    async def _ask_s3_about(self, path: str, change: Change, *, first: bool) -> None:
+        """The change's order is not known: forget what the mount knows of the path; the next access asks S3.
+        The record's attributes are kept as the last known ones only for a key the mount knew nothing of (a fresh
+        mount reading the feed): a listing shows them complete only when its ETag agrees."""
+        keep = first and change.stat is not None and not change.removed and self._known(path) == NOTHING \
+            and path not in self.ns.last_known
+        await self._invalidate_path(path, change.key, entry=not change.is_dir)
+        if keep and change.stat is not None and path not in self.ns.last_known:  # re-checked: a HEAD may have told
+            self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
+        log.debug("change of %s from %s: order not known, asking S3 at the next access", path, change.origin)
 
     def _known(self, path: str) -> Known:
         """What the namespace holds as current for ``path``: an S3 answer or an applied change, ABSENT when S3
