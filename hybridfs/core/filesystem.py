@@ -25,7 +25,17 @@ import trio
 from cachetools import LRUCache, TTLCache
 
 from hybridfs.core.attrs import PATH_MAX, SPECIAL_TYPES, Defaults, Stat, metadata_for, now_ns
-from hybridfs.core.changes import Change, ChangeSink, NoChanges
+from hybridfs.core.changes import (
+    ABSENT,
+    NOTHING,
+    Change,
+    ChangeSink,
+    KeyOrder,
+    Known,
+    NoChanges,
+    Verdict,
+    version_of,
+)
 from hybridfs.core.inodes import InodeTable, Node
 from hybridfs.core.namespace import Namespace
 from hybridfs.core.openfile import OpenFile, WritePath
@@ -45,10 +55,6 @@ XATTR_KEY = "user.hybridfs.key"
 XATTR_ETAG = "user.hybridfs.etag"
 XATTR_STATUS = "user.hybridfs.status"  # on the root: the mount's status as JSON (hybridfs status)
 FILE_XATTRS = (XATTR_STATE, XATTR_KEY, XATTR_ETAG)
-
-# A change delivered by the feed within this many seconds of being made is the truth now: it is remembered as if
-# a HEAD had told it. An older one (a replay of the topic, a long outage) only invalidates: a HEAD tells again.
-LIVE_CHANGE_SECONDS = 10.0
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -172,11 +178,9 @@ class Filesystem:
         # forgets a key's in O(1) (by (key, ETag) it walked all 100,000 on the trio thread).
         self._hydrate_asked: TTLCache[str, tuple[str, ...]] = TTLCache(100_000, settings.hydrate_dedupe_seconds)
         self.status_extra: Callable[[], dict[str, object]] = dict
-        # When this mount last changed each key (wall clock, like Change.time): a foreign record made before
-        # that is older than what we know (a replay of the compacted feed arriving after our own delete) and
-        # must not bring the old state back. Only needed while such records are applied as live (see _apply_put).
-        self._changed_here: TTLCache[str, float] = TTLCache(100_000, 2 * LIVE_CHANGE_SECONDS)
-        self._started_at = time.time()
+        # The order of versions of each key: which feed records are news and which only say "ask S3"
+        # (hybridfs.core.changes.KeyOrder; docs/semantics.md, "Order of versions"). No clock is read for it.
+        self.order = KeyOrder()
         self.reads_from_cache = 0
         self.reads_from_cloud = 0
         self.read_bytes = {"cache": 0, "s3": 0, "local": 0}  # bytes read() returned, by where they came from
@@ -947,52 +951,74 @@ class Filesystem:
 
     def _publish(self, change: Change) -> None:
         """S3 acknowledged ``change``: tell the other mounts (never blocks, never fails the operation)."""
-        self._changed_here[change.key] = change.time
+        self.order.own(change)  # a record of another mount is not ordered after it without asking S3
         try:
             self.changes.publish_change(change)
         except Exception:  # a bug in the sink must not fail a change S3 already holds
             log.exception("publishing the change of %s failed", change.key)
 
-    async def apply_change(self, change: Change) -> None:
+    async def apply_change(self, change: Change) -> Verdict | None:
         """Apply a change another mount or writer made to ``change.key`` (the feed consumer, the S3 event
-        consumer). Idempotent; keys outside the mount's prefix are ignored. What it does:
+        consumer). Idempotent; keys outside the mount's prefix are ignored. ``self.order`` says first whether
+        the change is news (docs/semantics.md, "Order of versions"; no clock is read):
 
-        - ``removed``: the path is gone here too (a node still open keeps its file, with nlink 0).
-        - ``stat`` given: the path has these attributes now (remembered as from a HEAD when the change is
-          younger than LIVE_CHANGE_SECONDS, else only invalidated); an open node on another version is
-          detached (its handles keep the old version), the cached copy of an older ETag is dropped — or, when
-          the key is pinned, a hydration of the new version is asked for.
-        - neither: "changed, attributes unknown" (:meth:`invalidate_key`).
+        - news, ``removed``: the path is gone here too (a node still open keeps its file, with nlink 0).
+        - news, ``stat`` given: the path has these attributes now (remembered as from a HEAD); an open node on
+          another version is detached (its handles keep the old version), the cached copy of an older ETag is
+          dropped — or, when the key is pinned, a hydration of the new version is asked for.
+        - its order is not known (another mount's record after ours or after another origin's, a record without
+          a position, "attributes unknown"): what the mount knows of the path is forgotten and the next access
+          asks S3. Only for a key the mount knows nothing of are the record's attributes kept, as the last
+          known ones (a listing shows them only when its ETag agrees).
+        - a duplicate or a replay (at or before a record already taken in): nothing.
 
-        Always: the kernel's entry and inode of the path are invalidated (from a thread, never inline). A path
-        written here (open with local changes, or created and not uploaded yet) is left alone: local state
-        wins until its upload. Never raises for a well-formed change; FsError only for S3/cache failures.
+        Always but for duplicates: the kernel's entry and inode of the path are invalidated (from a thread, never
+        inline). A path written here (open with local changes, or created and not uploaded yet) is left alone:
+        local state wins until its upload. Never raises for a well-formed change; FsError only for S3/cache
+        failures. Returns the verdict (None: outside the prefix, or written here).
         """
         path = self.keys.path(change.key)
         if not path:
-            return
+            return None
         if self._written_here(path):
             log.debug("change of %s from %s not applied: the file is being written here", path, change.origin)
-            return
-        if change.time <= self._changed_here.get(change.key, 0.0):
-            log.debug("change of %s from %s not applied: this mount changed it since", path, change.origin)
-            return
-        if change.time < self._started_at:
-            # A replay (a fresh mount reads the compacted feed from its start) of what happened before this mount
-            # existed. It may arrive after this mount made or removed the path anew (seen: sqlite's -wal and -shm
-            # coming back as ghosts), so it never asserts a state: what we know of the path is invalidated and
-            # asked of S3 again, with the record's attributes kept only as the last known ones.
-            await self._invalidate_path(path, change.key, entry=not change.is_dir)
-            if change.stat is not None and not change.removed:
-                self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
-            return
+            return None
+        first = self.order.first(change.key)
+        remembered = self.ns.last_known.get(path)
+        verdict = self.order.judge(change, self._known(path), NOTHING if remembered is None else
+                                   version_of(remembered))
+        if verdict is Verdict.STALE:
+            log.debug("change of %s from %s at %s not applied: a record at or after it was", path,
+                      change.origin, change.position)
+            return verdict
         self.changes_applied += 1
-        if change.removed:
+        if verdict is Verdict.ASK_S3:
+            await self._ask_s3_about(path, change, first=first)
+        elif change.removed:
             await self._apply_removed(path, change)
-        elif change.stat is None:
-            await self._invalidate_path(path, change.key, entry=not change.is_dir)
         else:
+            assert change.stat is not None  # news has attributes or is a removal (KeyOrder)
             await self._apply_put(path, change, change.stat)
+        return verdict
+
+    async def _ask_s3_about(self, path: str, change: Change, *, first: bool) -> None:
+        """The change's order is not known: forget what the mount knows of the path; the next access asks S3.
+        The record's attributes are kept as the last known ones only for a key the mount knew nothing of (a fresh
+        mount reading the feed): a listing shows them complete only when its ETag agrees."""
+        keep = first and change.stat is not None and not change.removed and self._known(path) == NOTHING \
+            and path not in self.ns.last_known
+        await self._invalidate_path(path, change.key, entry=not change.is_dir)
+        if keep and change.stat is not None and path not in self.ns.last_known:  # re-checked: a HEAD may have told
+            self.ns.last_known[path] = change.stat.with_(complete=True, kind_known=True)
+        log.debug("change of %s from %s: order not known, asking S3 at the next access", path, change.origin)
+
+    def _known(self, path: str) -> Known:
+        """What the namespace holds as current for ``path``: an S3 answer or an applied change, ABSENT when S3
+        said nothing is there, else NOTHING."""
+        cached = self.ns.stats.get(path)
+        if cached is not None:
+            return version_of(cached.stat)
+        return ABSENT if path in self.ns.missing else NOTHING
 
     async def invalidate_key(self, key: str, *, removed: bool = False) -> None:
         """Someone changed (or, with ``removed``, deleted) ``key`` and we do not know its new attributes: the
@@ -1008,11 +1034,7 @@ class Filesystem:
 
     async def _apply_put(self, path: str, change: Change, st: Stat) -> None:
         st = st.with_(complete=True, kind_known=True, etag=None if st.is_dir else st.etag)
-        if time.time() - change.time <= LIVE_CHANGE_SECONDS:
-            self.ns.remember(path, st)
-        else:
-            self.ns.invalidate(path)
-            self.ns.last_known[path] = st
+        self.ns.remember(path, st)
         node = self.inodes.existing(path)
         if node is not None:
             self._detach_if_replaced(node, st)
@@ -1023,11 +1045,8 @@ class Filesystem:
         if change.is_dir:  # rmdir, or a directory moved: what is below says so itself
             self.ns.invalidate(path)
             self.ns.last_known.pop(path, None)
-        elif time.time() - change.time <= LIVE_CHANGE_SECONDS:
-            self.ns.forget(path)
         else:
-            self.ns.invalidate(path)
-            self.ns.last_known.pop(path, None)
+            self.ns.forget(path)
         node = self.inodes.existing(path)
         if node is not None:
             self._detach(node)  # open handles keep their file, with nlink 0; the path is gone

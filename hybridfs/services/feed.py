@@ -4,7 +4,8 @@
 
     Filesystem._publish(change) --FeedPublisher--> bus.publish_record --outbox--> <prefix>.changes (compacted)
     <prefix>.changes --EventConsumer(group hybridfs-changes-<cache id>)--> FeedService.handle
-        -> own origin: skipped;  else Filesystem.apply_change (namespace, kernel, cache tier)
+        -> own origin: skipped (its position noted);  else Filesystem.apply_change (namespace, kernel, cache tier):
+           news, "ask S3", or a duplicate (hybridfs.core.changes.KeyOrder)
 
 Publishing goes through the durable outbox, after S3 acknowledged the change: a Kafka outage delays the feed,
 never a write. Each mount consumes the whole topic in its own group, from the beginning the first time (a
@@ -28,6 +29,7 @@ import dataclasses
 import logging
 import statistics
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from hybridfs.core.changes import Change
+from hybridfs.core.changes import Change, Verdict
 from hybridfs.events.bus import EventBus
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import InvalidEvent
@@ -74,9 +76,13 @@ class FeedPublisher:
         self.topic = topic
         self.origin = origin
         self.published = 0
+        # New at each start: a count that starts again at 0 must not look older than the last run's records.
+        self.run = uuid.uuid4().hex[:16]
 
     def publish_change(self, change: Change) -> None:
-        key, value, headers = encode_change(change, self.origin)
+        """Called in the order S3 acknowledged the changes: the count orders this mount's records of a key
+        whatever order the outbox delivers them in (a failed delivery is produced again later)."""
+        key, value, headers = encode_change(change, self.origin, (self.run, self.published))
         self.bus.publish_record(self.topic, key, value, headers)
         self.published += 1
 
@@ -86,7 +92,10 @@ def decode_record(msg: Message, allowed_prefix: str) -> Change:
     other prefixes may share the topic, and their records are not garbage (apply_change ignores them)."""
     kind, millis = msg.timestamp()
     when = millis / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and millis > 0 else time.time()
-    return decode_change(msg.key(), msg.value(), msg.headers(), allowed_prefix="", timestamp=when)
+    partition, offset = msg.partition(), msg.offset()
+    position = (partition, offset) if partition is not None and offset is not None and offset >= 0 else None
+    return decode_change(msg.key(), msg.value(), msg.headers(), allowed_prefix="", timestamp=when,
+                         position=position)
 
 
 class FeedService:
@@ -145,22 +154,36 @@ class FeedService:
             self._set_health(f"not consuming: {failure or self.consumer.stats().stopped or 'stopped'}")
 
     async def handle(self, change: Change) -> None:
-        if self.index is not None:
-            self._index_due[change.key] = attrs_json(change)
-        if change.origin == self.origin:
+        if self._own(change):
             self.own_skipped += 1  # applied here when it was made
+            self.fs.order.own_record(change, self.origin)  # its position orders replays of older records
+            self._index(change)
             return
         token = id(change)
         self._applying[token] = time.monotonic()
         try:
             failpoint("feed-apply")
-            await self.fs.apply_change(change)
+            verdict = await self.fs.apply_change(change)
         finally:
             del self._applying[token]
+        if verdict is not Verdict.STALE:  # a duplicate or a replay must not put an older row back in the index
+            self._index(change)
         self.applied += 1
         delay = max(0.0, time.time() - change.time) if change.time > 0 else 0.0
         self._delays.append(delay)
         log.debug("applied the change of %s from %s, made %.0f ms ago", change.key, change.origin, delay * 1000)
+
+    def _index(self, change: Change) -> None:
+        if self.index is not None:
+            self._index_due[change.key] = attrs_json(change)
+
+    def _own(self, change: Change) -> bool:
+        """Made by this run of this mount. The origin (host name and mount point) alone is not enough: two hosts
+        of one name mounting at one path would skip each other's records, and a restarted mount would skip the
+        changes its earlier run made, which it no longer knows."""
+        if change.origin != self.origin:
+            return False
+        return change.seq is None or self.publisher is None or change.seq[0] == self.publisher.run
 
     # -- the metadata index --------------------------------------------------------------------------------------
 
@@ -268,6 +291,7 @@ class FeedService:
             "applying": len(self._applying),  # begun, not done (waiting for the kernel, or for S3)
             "index_loaded": self.index_loaded,
             "own_skipped": self.own_skipped,
+            "order": dict(self.fs.order.counts),  # news / ask-s3 / stale (docs/semantics.md, "Order of versions")
             "published": self.publisher.published if self.publisher is not None else 0,
             "delay_p50_ms": round(statistics.median(delays) * 1000, 1) if delays else None,
             "consumer": dataclasses.asdict(self.consumer.stats()),

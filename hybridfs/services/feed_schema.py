@@ -3,7 +3,8 @@
 One Kafka message per change a mount made (after S3 acknowledged it). Key = the full S3 object key in UTF-8
 (a directory by its marker key, ending in ``/``), so compaction keeps the latest record of every key and the
 topic is a replayable picture of the namespace's metadata. Header ``hybridfs.origin`` = the mount that made
-the change (also on tombstones, which have no value). Value::
+the change, header ``hybridfs.seq`` = ``<run>:<count>`` its order among that mount's changes (both also on
+tombstones, which have no value). Value::
 
     {"version": 1, "key": "demo/a.txt", "origin": "host1:/mnt/demo", "time": 1732500000.25,
      "id": "4f1c...", "attrs": {"type": "file", "mode": 33188, "uid": 1000, "gid": 1000, "size": 5,
@@ -11,8 +12,10 @@ the change (also on tombstones, which have no value). Value::
      "target": "b.txt"}}
 
 ``attrs`` null: the key changed and its attributes are unknown (a directory rename's copies): fetch lazily.
-A null value (tombstone): the key was deleted. ``ctime_ns``, ``atime_ns``, ``rdev``, ``etag`` and ``target``
-are optional; unknown members are ignored (a newer producer may add some without a version bump).
+A null value (tombstone): the key was deleted. ``time`` is the producing host's clock, for delay figures only:
+records are ordered by their position, origin and ``hybridfs.seq``, never by a clock (``KeyOrder``).
+``ctime_ns``, ``atime_ns``, ``rdev``, ``etag`` and ``target`` are optional; unknown members are ignored (a newer
+producer may add some without a version bump).
 
 Everything read from Kafka is untrusted: :func:`decode_change` accepts only records whose key is a clean key
 under the mount's prefix and whose attributes are in range, and raises :class:`InvalidEvent` saying why.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import stat as stat_mod
 import uuid
 from typing import Any
@@ -41,10 +45,14 @@ from hybridfs.events.schema import (
     validate_key,
 )
 
-__all__ = ["CHANGES_VERSION", "ORIGIN_HEADER", "changes_topic", "decode_change", "encode_change"]
+__all__ = ["CHANGES_VERSION", "ORIGIN_HEADER", "SEQ_HEADER", "changes_topic", "decode_change", "encode_change"]
 
 CHANGES_VERSION = 1
 ORIGIN_HEADER = "hybridfs.origin"
+# "<run>:<count>": the publishing mount's run (random, new at each start) and the count of changes it published
+# in that run, in the order S3 acknowledged them. Orders one mount's records of a key (KeyOrder); on tombstones too.
+SEQ_HEADER = "hybridfs.seq"
+_SEQ = re.compile(r"([0-9a-f]{1,32}):([0-9]{1,18})")
 MAX_TARGET_BYTES = 4095  # a symlink target is shorter than PATH_MAX
 # Compaction keeps the latest record of each key; tombstones stay a day so a mount that was away that long
 # still hears of the delete.
@@ -91,9 +99,13 @@ def _attrs(change: Change) -> dict[str, Any] | None:
     return out
 
 
-def encode_change(change: Change, origin: str) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
-    """(Kafka key, value or None for a tombstone, headers) of ``change`` made by ``origin``."""
+def encode_change(change: Change, origin: str, seq: tuple[str, int] | None = None
+                  ) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+    """(Kafka key, value or None for a tombstone, headers) of ``change`` made by ``origin``, the ``seq``-th
+    change (``(run, count)``) that mount published."""
     headers = [(ORIGIN_HEADER, origin.encode("utf-8"))]
+    if seq is not None:
+        headers.append((SEQ_HEADER, f"{seq[0]}:{seq[1]}".encode()))
     key = change.key.encode("utf-8")
     if change.removed:
         return key, None, headers
@@ -119,6 +131,13 @@ def _header(headers: Any, name: str) -> str:
             except UnicodeDecodeError:
                 return ""
     return ""
+
+
+def _seq(headers: Any) -> tuple[str, int] | None:
+    """The record's sequence header; None when missing or unusable (the record is then of unknown order, which
+    costs a HEAD, never a wrong answer: not a reason to set the record aside)."""
+    match = _SEQ.fullmatch(_header(headers, SEQ_HEADER))
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def _object_key(raw: bytes | None, *, allowed_prefix: str) -> str:
@@ -182,12 +201,14 @@ def _stat(attrs: object, key: str) -> tuple[Stat, str | None]:
 
 
 def decode_change(key: bytes | None, value: bytes | None, headers: Any, *, allowed_prefix: str,
-                  timestamp: float = 0.0) -> Change:
+                  timestamp: float = 0.0, position: tuple[int, int] | None = None) -> Change:
     """Parse and validate one record of the changes topic; raises :class:`InvalidEvent` saying what is bad.
-    A tombstone has no time of its own: ``timestamp`` (the record's, from Kafka) is its time."""
+    ``position``: the record's (partition, offset), which orders the records of one key (KeyOrder). A tombstone
+    has no time of its own: ``timestamp`` (the record's, from Kafka) is its time, for the delay figures only."""
     object_key = _object_key(key, allowed_prefix=allowed_prefix)
     if value is None:
-        return Change(object_key, None, removed=True, origin=_header(headers, ORIGIN_HEADER), time=timestamp)
+        return Change(object_key, None, removed=True, origin=_header(headers, ORIGIN_HEADER), time=timestamp,
+                      position=position, seq=_seq(headers))
     if len(value) > MAX_EVENT_BYTES:
         raise InvalidEvent(f"value is {len(value)} bytes, over the limit of {MAX_EVENT_BYTES}")
     try:
@@ -211,9 +232,10 @@ def decode_change(key: bytes | None, value: bytes | None, headers: Any, *, allow
     if type(when) not in (int, float) or not math.isfinite(when) or when < 0:
         raise InvalidEvent("time must be a non-negative finite number")
     if obj["attrs"] is None:
-        return Change(object_key, None, origin=origin, time=float(when))
+        return Change(object_key, None, origin=origin, time=float(when), position=position, seq=_seq(headers))
     st, target = _stat(obj["attrs"], object_key)
-    return Change(object_key, st, target=target, origin=origin, time=float(when))
+    return Change(object_key, st, target=target, origin=origin, time=float(when), position=position,
+                  seq=_seq(headers))
 
 
 # --- the metadata index's rows (hybridfs.services.feed_index) -------------------------------------------------
