@@ -815,6 +815,7 @@ class Filesystem:
         of = handle.file
         of.handles -= 1
         never_stored = False
+        changed = of.handles == 0 and (of.dirty or of.lost is not None)
         try:
             if of.handles == 0:
                 await self.writes.release(of)  # uploads what no flush tried (mmap, dup'ed fds), then drops
@@ -825,6 +826,16 @@ class Filesystem:
             self.inodes.release(of.node)
         if never_stored:
             await self._forget_never_stored(of.node)
+        elif changed and (of.flush_failed or of.lost is not None) and not of.node.unlinked:
+            await self._forget_unstored_changes(of.node)
+
+    async def _forget_unstored_changes(self, node: Node) -> None:
+        """The last descriptor of a file whose changes could not be stored is gone: S3 keeps the previous version,
+        so the kernel must not keep the size and pages those changes gave it (a read of the file after a failed
+        close of an ftruncate returned the truncated length of the old content)."""
+        node.attr_etag = None
+        node.kernel_etag = None
+        await self.kernel.invalidate(node.ino)
 
     def _never_stored(self, node: Node, of: OpenFile) -> bool:
         return of.stat.etag is None and not node.unlinked and node.path in self.ns.pending
