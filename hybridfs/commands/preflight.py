@@ -59,6 +59,10 @@ def check_s3(cfg: MountConfig) -> None:
     if exc is None:
         return
     if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if isinstance(status, int) and status >= 500:  # 503 SlowDown, 500: S3 is there but failing, an outage
+            raise Unreachable(f"S3 endpoint {endpoint} unavailable: {_client_error(exc, bucket, prefix, endpoint)}"
+                              ) from None
         raise Fatal(_client_error(exc, bucket, prefix, endpoint)) from None
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         raise Fatal("no AWS credentials found (environment, shared config/profile or instance role)") from None

@@ -22,6 +22,7 @@ from hybridfs.core.attrs import PATH_MAX, Defaults, Stat, implicit_dir, stat_fro
 from hybridfs.core.paths import KeyMapper, name_of, parent_of
 from hybridfs.errors import FsError, not_found
 from hybridfs.tasks import Spawner, failpoint
+from hybridfs.tiers.breaker import Breaker
 from hybridfs.tiers.cache import LocalCache
 from hybridfs.tiers.s3 import CloudStore, ObjectInfo
 
@@ -53,6 +54,9 @@ class Namespace:
     def __init__(self, store: CloudStore, keys: KeyMapper, defaults: Defaults, *,
                  dir_cache_time: float = 5.0, negative_cache_time: float = 1.0) -> None:
         self.store = store
+        # Says when S3 keeps reads waiting: a stat or `ls` with an answer at hand stops waiting then (None: a
+        # store without one, in core tests).
+        self.breaker: Breaker | None = store.breaker if isinstance(store, CloudStore) else None
         self.keys = keys
         self.defaults = defaults
         self.stats: TTLCache[str, CachedStat] = TTLCache(CACHE_ENTRIES, dir_cache_time)
@@ -138,10 +142,12 @@ class Namespace:
                 self.spawner.start_soon(self._revalidate_in_background, path, fetch, name=f"revalidate {path!r}")
             else:  # no background (unit tests): the question ends with this stat's wait
                 inline = True
-        with trio.move_on_after(REVALIDATE_WITHIN):
-            if inline:
+        if inline:
+            with trio.move_on_after(REVALIDATE_WITHIN):
                 await self._revalidate_in_background(path, fetch)
-            await fetch.done.wait()
+        else:
+            await self._wait(fetch.done, REVALIDATE_WITHIN)
+        slow = self._s3_slow()
         if fetch.stat is not None:
             return fetch.stat
         if fetch.error is not None:
@@ -149,13 +155,34 @@ class Namespace:
             if fallback is None:
                 raise fetch.error
             return fallback
-        # S3 stalled, slow, or only busy (a large `ls -l` queues its HEADs): not an outage to warn about; the
-        # breaker and the failing calls say when S3 is really down.
         self._fell_back[path] = known
         self.slow_revalidations += 1
-        log.debug("%s: S3 did not answer a revalidation within %gs; serving the last known attributes", path,
-                  REVALIDATE_WITHIN)
+        if slow:
+            self._serving("slow", f"{path!r}: S3 keeps reads waiting for their answers")
+        else:  # S3 only busy (a large `ls -l` queues its HEADs): not an outage to warn about
+            log.debug("%s: S3 did not answer a revalidation within %gs; serving the last known attributes", path,
+                      REVALIDATE_WITHIN)
         return known
+
+    def _s3_slow(self) -> bool:
+        return self.breaker is not None and self.breaker.slow
+
+    async def _wait(self, done: trio.Event, within: float) -> None:
+        """Wait for ``done`` for ``within`` seconds at most, and not at all once the breaker finds S3 slow (reads
+        waiting for their answers: a stall, a crawl, botocore backing off from 503s): the caller has an answer
+        at hand, and S3's goes on in the background."""
+        breaker = self.breaker
+        with trio.move_on_after(within):
+            if breaker is None:
+                await done.wait()
+                return
+            async with trio.open_nursery() as nursery:
+                async def first(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(first, done)
+                nursery.start_soon(first, breaker.slowed)
 
     async def _revalidate_in_background(self, path: str, fetch: _HeadFetch) -> None:
         try:
@@ -182,7 +209,7 @@ class Namespace:
             raise not_found(path)
         with self._watch(path) as watch:
             st = await self._fetch(path)
-        if self._s3_down:
+        if self._s3_down and not self._s3_slow():  # a slow answer is no end of the outage
             self._s3_down = False
             log.info("S3 answers again")
         if watch.changed:  # true for this caller, which asked before the change; not for later ones
@@ -200,10 +227,18 @@ class Namespace:
         known = self.last_known.get(path) or self._cached_stat(path)
         if exc.errno != errno.EIO or known is None:
             return None
-        if not self._s3_down:
-            self._s3_down = True
-            log.warning("S3 unreachable (%s); serving last known attributes and cached data", exc.message)
+        self._serving("unreachable", exc.message)
         return known
+
+    def _serving(self, how: str, why: str) -> None:
+        """Once per outage, one line that says what is served from where."""
+        if self._s3_down:
+            return
+        self._s3_down = True
+        cache = f" in {self.cache.root}" if self.cache is not None else ""
+        log.warning("S3 %s (%s); serving last known attributes and cached data until it answers: attributes and "
+                    "listings as this mount last saw them (after a restart, the cache index's), file contents from "
+                    "the cache%s; what the mount does not hold waits for S3 or fails with EIO", how, why, cache)
 
     def _cached_stat(self, path: str) -> Stat | None:
         """After a restart nothing is in ``last_known``: the cache index kept the attributes of cached files,
@@ -286,24 +321,29 @@ class Namespace:
         if fetch is None:
             fetch = self._listing[path] = _ListingFetch()
             self.spawner.start_soon(self._fetch_in_background, path, fetch, name=f"list {path!r}")
-        with trio.move_on_after(LIST_WITHIN):
-            await fetch.done.wait()
+        await self._wait(fetch.done, LIST_WITHIN)
+        slow = self._s3_slow()
         if fetch.listing is not None:
             return fetch.listing
         if fetch.error is not None and fetch.error.errno != errno.EIO:
             raise fetch.error  # S3 answered (ENOENT, EACCES): not an outage
-        why = fetch.error.message if fetch.error is not None else f"S3 did not list it within {LIST_WITHIN:g}s"
+        why = (fetch.error.message if fetch.error is not None else "S3 keeps reads waiting for their answers"
+               if slow else f"S3 did not list it within {LIST_WITHIN:g}s")
         self.known_listing_answers += 1
+        if fetch.error is not None or slow:
+            self._serving("unreachable" if fetch.error is not None else "slow", f"listing {path!r}: {why}")
         if not self._listings_degraded:
             self._listings_degraded = True
-            log.warning("listing %r: %s; listings are answered with what this mount knows (its last listing of "
-                        "each directory, its cached files) until S3 lists again", path, why)
+            # WARNING unless the outage's line has said it already
+            log.log(logging.INFO if self._s3_down else logging.WARNING,
+                    "listing %r: %s; listings are answered with what this mount knows (its last listing of "
+                    "each directory, its cached files) until S3 lists again", path, why)
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
         with self._watch(path) as watch:
             listing = await self._fetch_listing(path)
-        if self._listings_degraded:
+        if self._listings_degraded and not self._s3_slow():  # a slow answer is no end of the outage
             self._listings_degraded = False
             log.info("S3 lists again; listings come from S3")
         if watch.changed:

@@ -1,27 +1,48 @@
 """A circuit breaker in front of S3: once S3 is down, say so at once instead of paying a retry cycle per call.
 
-After ``threshold`` consecutive calls failed for outage reasons (connection refused or reset, timeouts, 5xx once
-botocore's retries are used up), the breaker *opens*: every call fails at once with EIO, which the namespace
-turns into last-known attributes for cached files (contract 5) and writes turn into their bounded EIO. A
-background task (``run``) probes S3 every ``probe_interval`` seconds with one request without retries; the
-first answer closes the breaker. An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
+S3 fails in two ways. Some faults fail fast (connection refused or reset, 503 SlowDown, a name that does not
+resolve): botocore's retries end in an error within a second or so, and the breaker counts those errors. Others
+fail slowly (a stall: the connection is taken and no answer comes; an S3 that answers after tens of seconds):
+each request would wait its read timeout, ``--s3-max-attempts`` times (4 x 30 s), before anything is counted. For
+those the breaker watches the calls in flight instead: a read (HEAD, LIST, a GET until its answer begins) that
+has had no answer for ``slow_after`` seconds makes S3 *slow*, and one with no answer for ``stall_after`` seconds
+makes the breaker ask S3 itself, with a probe bounded by ``probe_timeout``. No answer to the probe either: S3 is
+down, the breaker opens, and the reads still waiting are released with EIO (their threads are abandoned, their
+requests go on until botocore gives up). A busy S3 that answers the probe is not down, only slow.
 
-States: CLOSED -(threshold failures, the last one a connection failure or time-out)-> OPEN;
-CLOSED -(threshold failures, the last one a 5xx answer)-> SUSPECT: S3 answered, so the failures may be
-request-scoped (one UploadPart refused twice). SUSPECT probes at once, calls still go to S3: an answer makes it
-CLOSED again (failures forgotten), no answer makes it OPEN. OPEN -(a probe answered)-> CLOSED. A mount that
-starts while the start-up check found S3 unreachable starts OPEN (``start_down``).
+While S3 is slow the namespace serves what it knows (last known attributes and listings, cached bytes) without
+waiting for S3, and its questions go on in the background; while the breaker is open every call fails at once
+with EIO, which the namespace turns into the same last-known answers for what the mount holds (contract 5) and
+writes turn into their bounded EIO. Writes are never released early: they keep their own bound,
+``--write-timeout``, and the clean-up that goes with it (a multipart upload aborted, nothing partial left).
 
-Threads: all state belongs to the trio thread (``CloudStore._call`` reports outcomes after its worker thread
-returned); nothing here blocks.
+States (``slow`` is a flag beside them: it says how long a caller with a fallback should wait, not whether to ask):
+
+    CLOSED --threshold failures in a row, the last a connection failure or time-out--> OPEN
+    CLOSED --threshold failures in a row, the last a 5xx answer--> SUSPECT
+    CLOSED --a watched read without an answer for stall_after (at most one probe per probe_interval)--> SUSPECT
+    SUSPECT (probes at once; calls still go to S3) --the probe answered--> CLOSED (failures forgotten)
+    SUSPECT --no answer within probe_timeout--> OPEN (waiting reads released with EIO)
+    OPEN (every call: EIO at once; a probe every probe_interval) --a probe answered--> CLOSED
+    start_down (the start-up check found S3 unreachable) --> OPEN
+
+    slow: set when a watched read has waited slow_after for its answer, or took that long; cleared when a
+    watched read is answered in less while none is overdue, and when the breaker closes after being open.
+
+An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
+
+Threads: all state belongs to the trio thread. ``CloudStore._call`` reports outcomes after its worker thread
+returned; the one thing a worker thread writes is its ``Flight``'s two timestamps (single float stores, read by
+the watchdog: when the request was sent, when its answer began). Nothing here blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import botocore.exceptions
 import trio
@@ -50,12 +71,57 @@ def is_outage(exc: BaseException) -> bool | None:
     return None
 
 
+class Flight:
+    """One watched read in flight. Its worker thread stamps ``sent`` as it starts the request and ``answered``
+    when S3's answer begins (a GET: its headers are in; any other call: it returned), with ``time.monotonic``
+    (the breaker's clock outside unit tests); the watchdog only reads them."""
+
+    __slots__ = ("answered", "released", "scope", "sent", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.sent: float | None = None
+        self.answered: float | None = None
+        self.scope: trio.CancelScope | None = None  # trio side: cancelled to release the caller (S3 down)
+        self.released = False
+
+    def send(self) -> None:
+        self.sent = time.monotonic()
+
+    def answer(self) -> None:
+        if self.answered is None:
+            self.answered = time.monotonic()
+
+    def waiting(self, now: float) -> float:
+        """How long it has waited for S3's answer so far (0 before it was sent and once answered)."""
+        if self.sent is None or self.answered is not None:
+            return 0.0
+        return max(0.0, now - self.sent)
+
+
 class Breaker:
-    def __init__(self, *, threshold: int = 2, probe_interval: float = 2.0,
+    def __init__(self, *, threshold: int = 2, probe_interval: float = 2.0, slow_after: float = 0.5,
+                 stall_after: float = 2.0, probe_timeout: float = 3.0, watch_interval: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
         self.probe_interval = probe_interval
+        # A read without an answer for slow_after makes S3 slow (callers with a fallback stop waiting: the first
+        # stat of an outage costs slow_after, well inside the 2 s a program or the availability bench gives it;
+        # a healthy S3 answers a HEAD in milliseconds). For stall_after, a probe bounded by probe_timeout decides
+        # whether S3 is down: probe_timeout is above what a busy S3 takes for one HEAD (the bench's slow S3
+        # answers in 2 s: slow, not down), far below the read timeout (30 s).
+        self.slow_after = slow_after
+        self.stall_after = stall_after
+        self.probe_timeout = probe_timeout
+        self.watch_interval = watch_interval
         self.clock = clock
+        self.flights: set[Flight] = set()
+        self.slow = False
+        self.slowed = trio.Event()  # set while slow: callers waiting with a fallback at hand stop waiting
+        self.stalled: str | None = None  # SUSPECT because of this read's wait, not of failures
+        self._stall_probed_at: float | None = None
+        self._watching = trio.Event()  # set when a flight starts: the watchdog has something to watch
+        self.released = 0  # reads released with EIO when the breaker opened
         self.failures = 0  # consecutive outage failures
         self.is_open = False
         self.suspect = False  # threshold reached by 5xx answers: a probe decides (see the module's states)
@@ -75,8 +141,78 @@ class Breaker:
     def success(self) -> None:
         self.failures = 0
         self.suspect = False
+        self.stalled = None
         if self.is_open:
             self._close()
+
+    @contextlib.contextmanager
+    def watching(self, flight: Flight) -> Iterator[Flight]:
+        """Around a watched read (trio side): its wait counts towards slow and stalled, and it is released with
+        EIO when the breaker opens before S3's answer began."""
+        with trio.CancelScope() as scope:
+            flight.scope = scope
+            self.flights.add(flight)
+            self._watching.set()
+            try:
+                yield flight
+            except BaseException:
+                self._ended(flight, answered=False)
+                raise
+            else:
+                self._ended(flight, answered=True)
+            finally:
+                self.flights.discard(flight)
+        if scope.cancelled_caught:
+            waited = self.clock() - flight.sent if flight.sent is not None else 0.0
+            raise FsError(errno.EIO, f"{flight.what}: S3 marked down while this call waited {waited:.1f}s for its "
+                                     f"answer ({self.last_error})", level=logging.INFO)
+
+    def _ended(self, flight: Flight, *, answered: bool) -> None:
+        if flight.released or flight.sent is None:
+            return
+        took = (flight.answered if answered and flight.answered is not None else self.clock()) - flight.sent
+        if took >= self.slow_after:
+            self._mark_slow(flight.what, took)
+        elif answered and self.slow and not any(f.waiting(self.clock()) >= self.slow_after
+                                                for f in self.flights if f is not flight):
+            self._not_slow()
+            log.info("S3 answers within %gs again (%s: %.2fs)", self.slow_after, flight.what, took)
+
+    def _not_slow(self) -> None:
+        if self.slow:
+            self.slow = False
+            self.slowed = trio.Event()
+
+    def _mark_slow(self, what: str, waited: float) -> None:
+        if self.slow:
+            return
+        self.slow = True
+        self.slowed.set()
+        log.info("S3 slow: %s waited %.1fs for its answer; readers of what the mount knows stop waiting for S3 "
+                 "until it answers within %gs again", what, waited, self.slow_after)
+
+    async def _watchdog(self) -> None:
+        """Looks at the reads in flight every ``watch_interval`` while there are any (threads stamp them, so
+        there is no event to wait for): slow after ``slow_after``, a probe after ``stall_after``."""
+        while True:
+            await self._watching.wait()
+            self._watching = trio.Event()
+            while self.flights:
+                self._look()
+                await trio.sleep(self.watch_interval)
+
+    def _look(self) -> None:
+        now = self.clock()
+        oldest = max(self.flights, key=lambda f: f.waiting(now))
+        waited = oldest.waiting(now)
+        if waited >= self.slow_after:
+            self._mark_slow(oldest.what, waited)
+        if (waited >= self.stall_after and not self.is_open and not self.suspect
+                and (self._stall_probed_at is None or now - self._stall_probed_at >= self.probe_interval)):
+            self._stall_probed_at = now
+            self.suspect = True
+            self.stalled = f"{oldest.what}: no answer for {waited:.1f}s"
+            self._wake.set()
 
     def observe(self, exc: BaseException) -> None:
         """After a failed call (botocore's retries used up)."""
@@ -111,24 +247,45 @@ class Breaker:
                  self.last_error, self.probe_interval)
 
     def _open(self) -> None:
+        stalled, self.stalled = self.stalled, None
         self.suspect = False
         self.is_open = True
         self.opened_at = self.clock()
         self.trips += 1
         self._wake.set()
-        log.warning("S3 marked down after %d failed calls in a row (%s); calls fail at once until a probe "
-                    "answers (every %.0fs)", self.failures, self.last_error, self.probe_interval)
+        if stalled is not None:
+            self.last_error = f"{stalled}, and none to a probe within {self.probe_timeout:g}s"
+            log.warning("S3 marked down: %s; calls fail at once until a probe answers (every %.0fs)",
+                        self.last_error, self.probe_interval)
+        else:
+            log.warning("S3 marked down after %d failed calls in a row (%s); calls fail at once until a probe "
+                        "answers (every %.0fs)", self.failures, self.last_error, self.probe_interval)
+        self._release()
+
+    def _release(self) -> None:
+        """The reads still waiting for an answer fail now with EIO instead of after botocore's retry cycle."""
+        for flight in list(self.flights):
+            if flight.answered is None and flight.scope is not None and not flight.released:
+                flight.released = True
+                self.released += 1
+                flight.scope.cancel()
 
     def _close(self) -> None:
         down = self.clock() - self.opened_at if self.opened_at is not None else 0.0
         self.is_open = False
         self.opened_at = None
         self.failures = 0
+        self._not_slow()
         log.info("S3 answers again (it was marked down for %.1fs)", down)
 
     async def run(self, probe: Callable[[], Awaitable[bool]]) -> None:
-        """Background task: a SUSPECT breaker probes at once; an OPEN one every ``probe_interval`` seconds
-        until the first answer closes it."""
+        """Background task: the watchdog of reads in flight; a SUSPECT breaker probes at once; an OPEN one every
+        ``probe_interval`` seconds until the first answer closes it."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watchdog)
+            await self._prober(probe)
+
+    async def _prober(self, probe: Callable[[], Awaitable[bool]]) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -137,7 +294,10 @@ class Breaker:
                 if not self.suspect:  # a call succeeded meanwhile
                     continue
                 self.suspect = False
-                if answered:
+                if answered and self.stalled is not None:
+                    log.debug("S3 answered a probe while %s: S3 is slow, not down", self.stalled)
+                    self.stalled = None
+                elif answered:
                     log.debug("S3 answered a probe after %d failed calls in a row: those requests failed, S3 is "
                               "up (%s)", self.failures, self.last_error)
                     self.failures = 0
@@ -148,17 +308,22 @@ class Breaker:
                 if await self._probe(probe) and self.is_open:
                     self._close()
 
-    @staticmethod
-    async def _probe(probe: Callable[[], Awaitable[bool]]) -> bool:
-        try:
-            return await probe()
-        except Exception as exc:  # a probe must never end the mount
-            log.debug("S3 probe failed: %s", exc)
-            return False
+    async def _probe(self, probe: Callable[[], Awaitable[bool]]) -> bool:
+        with trio.move_on_after(self.probe_timeout):
+            try:
+                return await probe()
+            except Exception as exc:  # a probe must never end the mount
+                log.debug("S3 probe failed: %s", exc)
+                return False
+        log.debug("S3 probe: no answer within %gs", self.probe_timeout)
+        return False
 
     def status(self) -> dict[str, object]:
         return {
             "state": "open" if self.is_open else "suspect" if self.suspect else "closed",
+            "slow": self.slow,
+            "reads_in_flight": len(self.flights),
+            "released_calls": self.released,
             "down_seconds": round(self.clock() - self.opened_at, 1) if self.opened_at is not None else None,
             "consecutive_failures": self.failures,
             "trips": self.trips,

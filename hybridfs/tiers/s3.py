@@ -39,7 +39,7 @@ from boto3.s3.transfer import TransferConfig
 
 from hybridfs.errors import FsError, errno_name
 from hybridfs.retry import Policy, Retrying, is_temporary
-from hybridfs.tiers.breaker import Breaker, is_outage
+from hybridfs.tiers.breaker import Breaker, Flight, is_outage
 from hybridfs.tiers.uploads import UploadJournal
 
 log = logging.getLogger("hybridfs.s3")
@@ -56,6 +56,9 @@ ABORT_RETRY = Policy(first=1.0, cap=60.0, info_at=1, warn_at=4)
 # Operations (the first word of a call's ``what``) that run behind the metadata limiter: short requests that a stat,
 # a lookup or an `ls` waits on. Everything else (GET, PUT, parts, COPY, DELETE, ...) runs behind the bulk one.
 METADATA_OPERATIONS = frozenset({"HEAD", "LIST"})
+# Reads whose wait for an answer the breaker watches (a stall is seen in seconds, not after the read timeout) and
+# releases with EIO when it opens. Writes are not: they have --write-timeout and their own clean-up.
+WATCHED_OPERATIONS = METADATA_OPERATIONS | {"GET"}
 
 
 class WriteConflict(FsError):
@@ -240,6 +243,16 @@ class _Progress:
                           level=logging.WARNING)
 
 
+def _stamped(flight: Flight, fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn`` for a worker thread that stamps ``flight`` as it sends the request and once it has the answer."""
+    def run() -> T:
+        flight.send()
+        result = fn()
+        flight.answer()
+        return result
+    return run
+
+
 class CloudStore:
     """Async facade over one bucket. Keys are full object keys; the core maps paths to keys."""
 
@@ -272,11 +285,24 @@ class CloudStore:
 
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking boto3 call in a thread behind its limiter (metadata or bulk) and map its errors."""
-        bound = functools.partial(fn, *args, **kwargs)
+        return await self._call_as(what, functools.partial(fn, *args, **kwargs))
+
+    async def _call_as(self, what: str, bound: Callable[[], T], flight: Flight | None = None) -> T:
+        """``_call`` of ``bound``. A read (WATCHED_OPERATIONS) runs as a ``Flight`` the breaker watches: its thread
+        stamps when it sent the request and when the answer began (a GET passes its own flight, stamped once its
+        headers are in)."""
         self.breaker.check(what)  # S3 known to be down: EIO at once, not after a retry cycle
         operation = what.split(" ", 1)[0]
         self.calls[operation] += 1
         limiter = self.meta_limiter if operation in METADATA_OPERATIONS else self.limiter
+        if flight is None and operation in WATCHED_OPERATIONS:
+            flight = Flight(what)
+        if flight is None:
+            return await self._run(what, operation, bound, limiter)
+        with self.breaker.watching(flight):  # EIO once the breaker opens while this waits for its answer
+            return await self._run(what, operation, _stamped(flight, bound), limiter)
+
+    async def _run(self, what: str, operation: str, bound: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
         try:
             result = await trio.to_thread.run_sync(bound, limiter=limiter, abandon_on_cancel=True)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
@@ -292,7 +318,7 @@ class CloudStore:
         if self._probe_client is None:
             self._probe_client = make_client(dataclasses.replace(
                 self.settings, max_attempts=1, connect_timeout=min(self.settings.connect_timeout, 2.0),
-                read_timeout=min(self.settings.read_timeout, 5.0)))
+                read_timeout=min(self.settings.read_timeout, self.breaker.probe_timeout)))
         client = self._probe_client
         try:
             await trio.to_thread.run_sync(lambda: client.head_bucket(Bucket=self.bucket), abandon_on_cancel=True)
@@ -373,13 +399,17 @@ class CloudStore:
             return b""
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
 
+        what = f"GET {key} [{start}:+{length}]"
+        flight = Flight(what)
+
         def fetch() -> bytes:
             resp = self.client.get_object(Bucket=self.bucket, Key=key,
                                           Range=f"bytes={start}-{start + length - 1}", **extra)
+            flight.answer()  # the body streams from here: its length is no sign of a stall
             return resp["Body"].read()  # type: ignore[no-any-return]
 
         try:
-            data = await self._call(f"GET {key} [{start}:+{length}]", fetch)
+            data = await self._call_as(what, fetch, flight)
         except FsError as exc:
             if "InvalidRange" not in exc.message:
                 raise
@@ -428,14 +458,17 @@ class CloudStore:
 
         One streamed GET with If-Match: s3transfer's parallel download cannot pin the version.
         """
+        flight = Flight(f"GET {key}")
+
         def fetch() -> int:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
+            flight.answer()  # a whole object streams from here: its length is no sign of a stall
             with open(path, "wb") as out:
                 for block in resp["Body"].iter_chunks(1024 * 1024):
                     out.write(block)
                 return out.tell()
 
-        self.bytes_read += await self._call(f"GET {key}", fetch)
+        self.bytes_read += await self._call_as(f"GET {key}", fetch, flight)
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None,
                    stall_timeout: float | None = None) -> None:
