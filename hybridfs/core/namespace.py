@@ -167,6 +167,10 @@ class Namespace:
     def _s3_slow(self) -> bool:
         return self.breaker is not None and self.breaker.slow
 
+    def _in_time(self, asked: float) -> bool:
+        """S3 answered a question asked at ``asked`` (monotonic) as a healthy S3 does: the outage is over."""
+        return self.breaker is None or time.monotonic() - asked < self.breaker.slow_after
+
     async def _wait(self, done: trio.Event, within: float) -> None:
         """Wait for ``done`` for ``within`` seconds at most, and not at all once the breaker finds S3 slow (reads
         waiting for their answers: a stall, a crawl, botocore backing off from 503s): the caller has an answer
@@ -207,9 +211,10 @@ class Namespace:
                 return cached.stat
         if max_age is None and self._absent_from_listing(path):
             raise not_found(path)
+        asked = time.monotonic()
         with self._watch(path) as watch:
             st = await self._fetch(path)
-        if self._s3_down and not self._s3_slow():  # a slow answer is no end of the outage
+        if self._s3_down and self._in_time(asked):  # a slow answer is no end of the outage
             self._s3_down = False
             log.info("S3 answers again")
         if watch.changed:  # true for this caller, which asked before the change; not for later ones
@@ -341,9 +346,10 @@ class Namespace:
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
+        asked = time.monotonic()
         with self._watch(path) as watch:
             listing = await self._fetch_listing(path)
-        if self._listings_degraded and not self._s3_slow():  # a slow answer is no end of the outage
+        if self._listings_degraded and self._in_time(asked):  # a slow answer is no end of the outage
             self._listings_degraded = False
             log.info("S3 lists again; listings come from S3")
         if watch.changed:

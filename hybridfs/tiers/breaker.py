@@ -1,14 +1,15 @@
 """A circuit breaker in front of S3: once S3 is down, say so at once instead of paying a retry cycle per call.
 
-S3 fails in two ways. Some faults fail fast (connection refused or reset, 503 SlowDown, a name that does not
-resolve): botocore's retries end in an error within a second or so, and the breaker counts those errors. Others
-fail slowly (a stall: the connection is taken and no answer comes; an S3 that answers after tens of seconds):
-each request would wait its read timeout, ``--s3-max-attempts`` times (4 x 30 s), before anything is counted. For
-those the breaker watches the calls in flight instead: a read (HEAD, LIST, a GET until its answer begins) that
-has had no answer for ``slow_after`` seconds makes S3 *slow*, and one with no answer for ``stall_after`` seconds
-makes the breaker ask S3 itself, with a probe bounded by ``probe_timeout``. No answer to the probe either: S3 is
-down, the breaker opens, and the reads still waiting are released with EIO (their threads are abandoned, their
-requests go on until botocore gives up). A busy S3 that answers the probe is not down, only slow.
+S3 fails in two ways. Some faults fail fast (connection refused or reset, a name that does not resolve): botocore's
+retries end in an error within a second or so, and the breaker counts those errors. Others fail slowly (a stall:
+the connection is taken and no answer comes; an S3 that answers after tens of seconds; 503 SlowDown, which
+botocore retries with a growing backoff): each request would wait its read timeout or its backoff,
+``--s3-max-attempts`` times (4 x 30 s for a stall), before anything is counted. For those the breaker watches the
+reads in flight instead (HEAD, LIST, a GET until its answer begins). ``slow_reads`` HEADs or LISTs without an answer
+for ``slow_after`` seconds make S3 *slow*; any watched read without one for ``stall_after`` seconds makes the breaker
+ask S3 itself, with a probe bounded by ``probe_timeout``. No answer to the probe either: S3 is down, the breaker
+opens, and the reads still waiting are released with EIO (their threads are abandoned; their requests go on until
+botocore gives up). A busy S3 that answers the probe is not down, only slow.
 
 While S3 is slow the namespace serves what it knows (last known attributes and listings, cached bytes) without
 waiting for S3, and its questions go on in the background; while the breaker is open every call fails at once
@@ -21,13 +22,14 @@ States (``slow`` is a flag beside them: it says how long a caller with a fallbac
     CLOSED --threshold failures in a row, the last a connection failure or time-out--> OPEN
     CLOSED --threshold failures in a row, the last a 5xx answer--> SUSPECT
     CLOSED --a watched read without an answer for stall_after (at most one probe per probe_interval)--> SUSPECT
-    SUSPECT (probes at once; calls still go to S3) --the probe answered--> CLOSED (failures forgotten)
+    SUSPECT (probes at once; calls still go to S3) --the probe answered--> CLOSED (failures forgotten; a stall
+                                                                            probed again after probe_interval)
     SUSPECT --no answer within probe_timeout--> OPEN (waiting reads released with EIO)
     OPEN (every call: EIO at once; a probe every probe_interval) --a probe answered--> CLOSED
     start_down (the start-up check found S3 unreachable) --> OPEN
 
-    slow: set when a watched read has waited slow_after for its answer, or took that long; cleared when a
-    watched read is answered in less while none is overdue, and when the breaker closes after being open.
+    slow: while slow_reads HEADs/LISTs in flight have each waited slow_after for their answers (released reads
+    are no longer in flight: an OPEN breaker is not slow, it fails at once).
 
 An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
 
@@ -76,10 +78,13 @@ class Flight:
     when S3's answer begins (a GET: its headers are in; any other call: it returned), with ``time.monotonic``
     (the breaker's clock outside unit tests); the watchdog only reads them."""
 
-    __slots__ = ("answered", "released", "scope", "sent", "what")
+    __slots__ = ("answered", "meta", "released", "scope", "sent", "what")
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, meta: bool = True) -> None:
         self.what = what
+        # A metadata read (HEAD, LIST): what stats and listings wait on, so its wait alone makes S3 slow. A GET's
+        # wait only makes the breaker probe (a download held up is no sign that metadata is).
+        self.meta = meta
         self.sent: float | None = None
         self.answered: float | None = None
         self.scope: trio.CancelScope | None = None  # trio side: cancelled to release the caller (S3 down)
@@ -101,7 +106,8 @@ class Flight:
 
 class Breaker:
     def __init__(self, *, threshold: int = 2, probe_interval: float = 2.0, slow_after: float = 0.5,
-                 stall_after: float = 2.0, probe_timeout: float = 3.0, watch_interval: float = 0.1,
+                 slow_reads: int = 2, stall_after: float = 2.0, probe_timeout: float = 3.0,
+                 watch_interval: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
         self.probe_interval = probe_interval
@@ -111,6 +117,7 @@ class Breaker:
         # whether S3 is down: probe_timeout is above what a busy S3 takes for one HEAD (the bench's slow S3
         # answers in 2 s: slow, not down), far below the read timeout (30 s).
         self.slow_after = slow_after
+        self.slow_reads = slow_reads
         self.stall_after = stall_after
         self.probe_timeout = probe_timeout
         self.watch_interval = watch_interval
@@ -155,41 +162,33 @@ class Breaker:
             self._watching.set()
             try:
                 yield flight
-            except BaseException:
-                self._ended(flight, answered=False)
-                raise
-            else:
-                self._ended(flight, answered=True)
             finally:
                 self.flights.discard(flight)
+                self._judge_slow()
         if scope.cancelled_caught:
             waited = self.clock() - flight.sent if flight.sent is not None else 0.0
             raise FsError(errno.EIO, f"{flight.what}: S3 marked down while this call waited {waited:.1f}s for its "
                                      f"answer ({self.last_error})", level=logging.INFO)
 
-    def _ended(self, flight: Flight, *, answered: bool) -> None:
-        if flight.released or flight.sent is None:
-            return
-        took = (flight.answered if answered and flight.answered is not None else self.clock()) - flight.sent
-        if took >= self.slow_after:
-            self._mark_slow(flight.what, took)
-        elif answered and self.slow and not any(f.waiting(self.clock()) >= self.slow_after
-                                                for f in self.flights if f is not flight):
+    def _judge_slow(self) -> None:
+        """Slow while ``slow_reads`` metadata reads have each waited ``slow_after`` for their answers: one held
+        request is no sign of S3 (a large listing, one busy disk behind it); a stat asks two at once (HEAD of the
+        file, LIST below it), so the first stat of a stall makes S3 slow."""
+        now = self.clock()
+        overdue = [f for f in self.flights if f.meta and f.waiting(now) >= self.slow_after]
+        if len(overdue) >= self.slow_reads and not self.slow:
+            self.slow = True
+            self.slowed.set()
+            log.info("S3 slow: %d reads without an answer for %gs (%s, ...); readers of what the mount knows stop "
+                     "waiting for S3 meanwhile", len(overdue), self.slow_after, overdue[0].what)
+        elif len(overdue) < self.slow_reads and self.slow:
             self._not_slow()
-            log.info("S3 answers within %gs again (%s: %.2fs)", self.slow_after, flight.what, took)
+            log.debug("S3 not slow any more: %d reads without an answer for %gs", len(overdue), self.slow_after)
 
     def _not_slow(self) -> None:
         if self.slow:
             self.slow = False
             self.slowed = trio.Event()
-
-    def _mark_slow(self, what: str, waited: float) -> None:
-        if self.slow:
-            return
-        self.slow = True
-        self.slowed.set()
-        log.info("S3 slow: %s waited %.1fs for its answer; readers of what the mount knows stop waiting for S3 "
-                 "until it answers within %gs again", what, waited, self.slow_after)
 
     async def _watchdog(self) -> None:
         """Looks at the reads in flight every ``watch_interval`` while there are any (threads stamp them, so
@@ -202,11 +201,10 @@ class Breaker:
                 await trio.sleep(self.watch_interval)
 
     def _look(self) -> None:
+        self._judge_slow()
         now = self.clock()
         oldest = max(self.flights, key=lambda f: f.waiting(now))
         waited = oldest.waiting(now)
-        if waited >= self.slow_after:
-            self._mark_slow(oldest.what, waited)
         if (waited >= self.stall_after and not self.is_open and not self.suspect
                 and (self._stall_probed_at is None or now - self._stall_probed_at >= self.probe_interval)):
             self._stall_probed_at = now

@@ -400,7 +400,7 @@ class CloudStore:
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
 
         what = f"GET {key} [{start}:+{length}]"
-        flight = Flight(what)
+        flight = Flight(what, meta=False)
 
         def fetch() -> bytes:
             resp = self.client.get_object(Bucket=self.bucket, Key=key,
@@ -458,7 +458,7 @@ class CloudStore:
 
         One streamed GET with If-Match: s3transfer's parallel download cannot pin the version.
         """
-        flight = Flight(f"GET {key}")
+        flight = Flight(f"GET {key}", meta=False)
 
         def fetch() -> int:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{etag}"')
