@@ -236,14 +236,17 @@ class Namespace:
         return known
 
     def _serving(self, how: str, why: str) -> None:
-        """Once per outage, one line that says what is served from where."""
+        """Once per outage, one line that says what is served from where (or the listing's line, if first)."""
         if self._s3_down:
             return
         self._s3_down = True
+        log.warning("S3 %s (%s); serving last known attributes and cached data until it answers: %s", how, why,
+                    self._served_from())
+
+    def _served_from(self) -> str:
         cache = f" in {self.cache.root}" if self.cache is not None else ""
-        log.warning("S3 %s (%s); serving last known attributes and cached data until it answers: attributes and "
-                    "listings as this mount last saw them (after a restart, the cache index's), file contents from "
-                    "the cache%s; what the mount does not hold waits for S3 or fails with EIO", how, why, cache)
+        return (f"attributes and listings as this mount last saw them (after a restart, the cache index's), file "
+                f"contents from the cache{cache}; what the mount does not hold waits for S3 or fails with EIO")
 
     def _cached_stat(self, path: str) -> Stat | None:
         """After a restart nothing is in ``last_known``: the cache index kept the attributes of cached files,
@@ -335,14 +338,15 @@ class Namespace:
         why = (fetch.error.message if fetch.error is not None else "S3 keeps reads waiting for their answers"
                if slow else f"S3 did not list it within {LIST_WITHIN:g}s")
         self.known_listing_answers += 1
-        if fetch.error is not None or slow:
-            self._serving("unreachable" if fetch.error is not None else "slow", f"listing {path!r}: {why}")
         if not self._listings_degraded:
             self._listings_degraded = True
-            # WARNING unless the outage's line has said it already
-            log.log(logging.INFO if self._s3_down else logging.WARNING,
+            # The outage's one line, unless a stat's fallback has said it already (then only INFO).
+            first = not self._s3_down
+            self._s3_down = self._s3_down or fetch.error is not None or slow
+            log.log(logging.WARNING if first else logging.INFO,
                     "listing %r: %s; listings are answered with what this mount knows (its last listing of "
-                    "each directory, its cached files) until S3 lists again", path, why)
+                    "each directory, its cached files) until S3 lists again%s", path, why,
+                    f"; serving {self._served_from()}" if first else "")
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
