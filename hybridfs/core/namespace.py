@@ -346,7 +346,8 @@ class Namespace:
             log.log(logging.WARNING if first else logging.INFO,
                     "listing %r: %s; listings are answered with what this mount knows (its last listing of "
                     "each directory, its cached files) until S3 lists again%s", path, why,
-                    f"; serving {self._served_from()}" if first else "")
+                    f"; serving last known attributes and cached data meanwhile: {self._served_from()}"
+                    if first else "")
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
