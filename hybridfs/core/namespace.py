@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -89,6 +90,7 @@ class Namespace:
         self.lasting: Callable[[], bool] = _never
         self.standing: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self.slow_revalidations = 0  # stats answered from the last known attributes because S3 was slow
+        self.slow_negative_answers = 0  # lookups answered ENOENT from a directory's last listing (S3 slow)
         # Revalidations under way, shared by the stats of a path meanwhile; they go on after a stat stops waiting.
         self._revalidating: dict[str, _HeadFetch] = {}
         # Paths whose last stat stopped waiting for S3 and served these last known attributes, until S3's answer
@@ -118,6 +120,8 @@ class Namespace:
         if max_age is None and path in self.missing:
             raise not_found(path)
         known = self.last_known.get(path) or self._cached_stat(path)
+        if known is None and max_age is None and self._absent_from_known_listing(path):
+            return await self._ask_s3_unless_slow(path)
         if known is None:  # nothing to fall back on: wait for S3's answer
             return await self._ask_s3(path, max_age)
         if path in self._fell_back:
@@ -187,6 +191,31 @@ class Namespace:
 
                 nursery.start_soon(first, done)
                 nursery.start_soon(first, breaker.slowed)
+
+    async def _ask_s3_unless_slow(self, path: str) -> Stat:
+        """A path the mount knows nothing of, absent from its directory's last listing (a create's lookup, most
+        often): S3's answer, or, once S3 is found slow (a stall, a crawl, 503s backed off), ENOENT as that listing
+        says. The kernel holds the directory's lock through a create's lookup, so a lookup that waits for a
+        stalled S3 there holds up every lookup in the directory, those of cached files too. The question goes on
+        in the background and its answer is kept. While the breaker is open it fails at once (EIO), as before."""
+        if self.breaker is None or self.spawner is None:
+            return await self._ask_s3(path, None)
+        fetch = self._revalidating.get(path)
+        if fetch is None:
+            fetch = self._revalidating[path] = _HeadFetch(time.monotonic(), None)
+            self.spawner.start_soon(self._revalidate_in_background, path, fetch, name=f"lookup {path!r}")
+        await self._wait(fetch.done, math.inf)
+        if fetch.stat is not None:
+            return fetch.stat
+        if fetch.error is not None:
+            raise fetch.error
+        self.slow_negative_answers += 1
+        log.debug("%s: S3 slow; not in its directory's last listing, so not there as far as the mount knows", path)
+        raise not_found(path)
+
+    def _absent_from_known_listing(self, path: str) -> bool:
+        listing = self.known_listings.get(parent_of(path))
+        return listing is not None and name_of(path) not in listing
 
     async def _revalidate_in_background(self, path: str, fetch: _HeadFetch) -> None:
         try:

@@ -28,8 +28,9 @@ States (``slow`` is a flag beside them: it says how long a caller with a fallbac
     OPEN (every call: EIO at once; a probe every probe_interval) --a probe answered--> CLOSED
     start_down (the start-up check found S3 unreachable) --> OPEN
 
-    slow: while slow_reads HEADs/LISTs in flight have each waited slow_after for their answers (released reads
-    are no longer in flight: an OPEN breaker is not slow, it fails at once).
+    slow: while slow_reads HEADs/LISTs have each waited slow_after for their answers, in flight now or ended so
+    late within late_window; a HEAD/LIST answered in time ends it. Reads released when the breaker opens count
+    no more: an OPEN breaker is not slow, it fails at once.
 
 An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
 
@@ -40,6 +41,7 @@ the watchdog: when the request was sent, when its answer began). Nothing here bl
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -106,7 +108,7 @@ class Flight:
 
 class Breaker:
     def __init__(self, *, threshold: int = 2, probe_interval: float = 2.0, slow_after: float = 0.5,
-                 slow_reads: int = 2, stall_after: float = 2.0, probe_timeout: float = 3.0,
+                 slow_reads: int = 2, late_window: float = 5.0, stall_after: float = 2.0, probe_timeout: float = 3.0,
                  watch_interval: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
@@ -118,6 +120,8 @@ class Breaker:
         # answers in 2 s: slow, not down), far below the read timeout (30 s).
         self.slow_after = slow_after
         self.slow_reads = slow_reads
+        self.late_window = late_window
+        self._late: collections.deque[float] = collections.deque()  # when metadata reads ended slow_after late
         self.stall_after = stall_after
         self.probe_timeout = probe_timeout
         self.watch_interval = watch_interval
@@ -160,8 +164,14 @@ class Breaker:
             flight.scope = scope
             self.flights.add(flight)
             self._watching.set()
+            self._judge_slow()  # old evidence expires before this read's caller decides how long to wait
             try:
                 yield flight
+            except BaseException:
+                self._ended(flight, answered=False)
+                raise
+            else:
+                self._ended(flight, answered=True)
             finally:
                 self.flights.discard(flight)
                 self._judge_slow()
@@ -170,20 +180,36 @@ class Breaker:
             raise FsError(errno.EIO, f"{flight.what}: S3 marked down while this call waited {waited:.1f}s for its "
                                      f"answer ({self.last_error})", level=logging.INFO)
 
+    def _ended(self, flight: Flight, *, answered: bool) -> None:
+        """A metadata read that took slow_after or longer (answered late, or failed after botocore's backoff) is
+        evidence for ``late_window`` seconds; one answered in time ends all evidence so far."""
+        if not flight.meta or flight.released or flight.sent is None:
+            return
+        end = flight.answered if answered and flight.answered is not None else self.clock()
+        if end - flight.sent >= self.slow_after:
+            self._late.append(self.clock())
+        elif answered:
+            self._late.clear()
+
     def _judge_slow(self) -> None:
-        """Slow while ``slow_reads`` metadata reads have each waited ``slow_after`` for their answers: one held
-        request is no sign of S3 (a large listing, one busy disk behind it); a stat asks two at once (HEAD of the
-        file, LIST below it), so the first stat of a stall makes S3 slow."""
+        """Slow while ``slow_reads`` metadata reads have each waited ``slow_after`` for their answers, counting those
+        in flight and those that ended so late within ``late_window``: one held request is no sign of S3 (a large
+        listing, one busy disk behind it); a stat asks two at once (HEAD of the file, LIST below it), so the first
+        stat of a stall makes S3 slow, and 503s whose retries end at random times count as they end."""
         now = self.clock()
+        while self._late and now - self._late[0] > self.late_window:
+            self._late.popleft()
         overdue = [f for f in self.flights if f.meta and f.waiting(now) >= self.slow_after]
-        if len(overdue) >= self.slow_reads and not self.slow:
+        evidence = len(overdue) + len(self._late)
+        if evidence >= self.slow_reads and not self.slow:
             self.slow = True
             self.slowed.set()
-            log.info("S3 slow: %d reads without an answer for %gs (%s, ...); readers of what the mount knows stop "
-                     "waiting for S3 meanwhile", len(overdue), self.slow_after, overdue[0].what)
-        elif len(overdue) < self.slow_reads and self.slow:
+            log.info("S3 slow: %d reads without an answer for %gs (%d in flight%s); readers of what the mount knows "
+                     "stop waiting for S3 meanwhile", evidence, self.slow_after, len(overdue),
+                     f": {overdue[0].what}, ..." if overdue else "")
+        elif evidence < self.slow_reads and self.slow:
             self._not_slow()
-            log.debug("S3 not slow any more: %d reads without an answer for %gs", len(overdue), self.slow_after)
+            log.debug("S3 not slow any more: %d reads without an answer for %gs", evidence, self.slow_after)
 
     def _not_slow(self) -> None:
         if self.slow:
@@ -273,6 +299,7 @@ class Breaker:
         self.is_open = False
         self.opened_at = None
         self.failures = 0
+        self._late.clear()
         self._not_slow()
         log.info("S3 answers again (it was marked down for %.1fs)", down)
 
