@@ -28,9 +28,9 @@ States (``slow`` is a flag beside them: it says how long a caller with a fallbac
     OPEN (every call: EIO at once; a probe every probe_interval) --a probe answered--> CLOSED
     start_down (the start-up check found S3 unreachable) --> OPEN
 
-    slow: while slow_reads HEADs/LISTs have each waited slow_after for their answers, in flight now or ended so
-    late within late_window; a HEAD/LIST answered in time ends it. Reads released when the breaker opens count
-    no more: an OPEN breaker is not slow, it fails at once.
+    slow: while slow_reads HEADs/LISTs have each waited slow_after for their answers, in flight now or, within
+    late_window, ended so late or failed for an outage reason; a HEAD/LIST answered in time ends it. Reads
+    released when the breaker opens count no more: an OPEN breaker is not slow, it fails at once.
 
 An S3 answer of any kind (404, 403, 412: S3 is there) counts as a success.
 
@@ -167,8 +167,9 @@ class Breaker:
             self._judge_slow()  # old evidence expires before this read's caller decides how long to wait
             try:
                 yield flight
-            except BaseException:
-                self._ended(flight, answered=False)
+            except BaseException as exc:
+                outage = is_outage(exc.__cause__) if isinstance(exc, FsError) and exc.__cause__ else None
+                self._ended(flight, answered=outage is False, failed=outage is True)
                 raise
             else:
                 self._ended(flight, answered=True)
@@ -180,22 +181,23 @@ class Breaker:
             raise FsError(errno.EIO, f"{flight.what}: S3 marked down while this call waited {waited:.1f}s for its "
                                      f"answer ({self.last_error})", level=logging.INFO)
 
-    def _ended(self, flight: Flight, *, answered: bool) -> None:
-        """A metadata read that took slow_after or longer (answered late, or failed after botocore's backoff) is
-        evidence for ``late_window`` seconds; one answered in time ends all evidence so far."""
+    def _ended(self, flight: Flight, *, answered: bool, failed: bool = False) -> None:
+        """A metadata read that failed for an outage reason, or took slow_after or longer, is evidence for
+        ``late_window`` seconds; one S3 answered in time (404 included) ends all evidence so far."""
         if not flight.meta or flight.released or flight.sent is None:
             return
         end = flight.answered if answered and flight.answered is not None else self.clock()
-        if end - flight.sent >= self.slow_after:
+        if failed or end - flight.sent >= self.slow_after:
             self._late.append(self.clock())
         elif answered:
             self._late.clear()
 
     def _judge_slow(self) -> None:
         """Slow while ``slow_reads`` metadata reads have each waited ``slow_after`` for their answers, counting those
-        in flight and those that ended so late within ``late_window``: one held request is no sign of S3 (a large
-        listing, one busy disk behind it); a stat asks two at once (HEAD of the file, LIST below it), so the first
-        stat of a stall makes S3 slow, and 503s whose retries end at random times count as they end."""
+        in flight and, within ``late_window``, those that ended so late or failed for an outage reason: one held
+        request is no sign of S3 (a large listing, one busy disk behind it); a stat asks two at once (HEAD of the
+        file, LIST below it), so the first stat of a stall makes S3 slow, and 503s whose retries end at random
+        times count as they end."""
         now = self.clock()
         while self._late and now - self._late[0] > self.late_window:
             self._late.popleft()
