@@ -175,6 +175,10 @@ def _s3(out: Families, mount: Mount) -> None:
     out.counter("hybridfs_s3_breaker_trips", "Times the circuit breaker opened", breaker.trips)
     out.counter("hybridfs_s3_breaker_refused_calls", "Calls failed at once because the breaker was open",
                 breaker.refused)
+    out.gauge("hybridfs_s3_slow", "1 while S3 keeps reads waiting (stats and listings answer what the mount knows "
+                                  "without waiting)", breaker.slow)
+    out.counter("hybridfs_s3_breaker_released_calls", "Reads released with EIO because the breaker opened while "
+                                                      "they waited for S3", breaker.released)
     out.gauge("hybridfs_s3_multipart_aborts_pending", "Multipart uploads waiting to be aborted",
               len(store.pending_aborts))
     for lane, limiter in (("bulk", store.limiter), ("metadata", store.meta_limiter)):
