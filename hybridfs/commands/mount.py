@@ -113,16 +113,17 @@ def run(args: argparse.Namespace) -> int:
 def preflight(cfg: MountConfig) -> str | None:
     """Bucket, credentials and endpoint checked before mounting; CliError (one line) when they are wrong.
     Returns why S3 did not answer when ``--offline-start`` lets the mount start anyway."""
-    from hybridfs.commands.preflight import Fatal, Unreachable, check_s3
+    from hybridfs.commands.preflight import CHECK_TIMEOUT, RESTART_CHECK_TIMEOUT, Fatal, Unreachable, check_s3
 
+    restart = (Path(cfg.cache_dir) / "index.sqlite").exists()
     try:
-        check_s3(cfg)
+        check_s3(cfg, RESTART_CHECK_TIMEOUT if restart else CHECK_TIMEOUT)
     except Fatal as exc:
         raise CliError(str(exc)) from None
     except Unreachable as exc:
         # A cache that has served this mount before makes an unreachable S3 an outage, not a typo: start, so
         # a restart during an outage still serves the cached files (contract 5). A first start refuses.
-        if not cfg.offline_start and not (Path(cfg.cache_dir) / "index.sqlite").exists():
+        if not cfg.offline_start and not restart:
             raise CliError(f"{exc} (--offline-start mounts anyway, serving the cache)") from None
         return str(exc)
     return None

@@ -4,7 +4,8 @@ of errors on first access: the bucket exists, the credentials are accepted, the 
 One ListObjectsV2 of the mount's prefix (``MaxKeys=1``) rather than a HEAD of the bucket: the mount needs to list
 anyway, a prefix-scoped policy may allow that and not a HEAD of the bucket, and, unlike a HEAD, its error body
 names the cause (``NoSuchBucket``, ``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, ``AccessDenied``). Bounded:
-two attempts with short timeouts, and ``CHECK_TIMEOUT`` in all.
+two attempts with short timeouts, and ``CHECK_TIMEOUT`` in all (``RESTART_CHECK_TIMEOUT`` when the cache has served
+before: that start mounts anyway, with the breaker open). A 5xx answer (503 SlowDown) is an outage, not a refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any
 from hybridfs.config import MountConfig, bucket_and_prefix
 
 CHECK_TIMEOUT = 15.0
+# A restart (the cache has served this mount before) mounts anyway when S3 does not answer, with the breaker open:
+# waiting the whole CHECK_TIMEOUT for a stalled S3 would only keep the cached files away that much longer. The
+# breaker's probe (every 2 s) closes it at S3's first answer.
+RESTART_CHECK_TIMEOUT = 5.0
 
 
 class Fatal(Exception):
@@ -28,7 +33,7 @@ class Unreachable(Exception):
     """The endpoint did not answer (S3 down, or a wrong endpoint): fatal unless ``--offline-start``."""
 
 
-def check_s3(cfg: MountConfig) -> None:
+def check_s3(cfg: MountConfig, timeout: float = CHECK_TIMEOUT) -> None:
     """Raise Fatal or Unreachable (one-line messages); return when S3 answered the listing."""
     import botocore.exceptions
 
@@ -53,9 +58,9 @@ def check_s3(cfg: MountConfig) -> None:
     # A daemon thread, so a stalled endpoint cannot keep the process from exiting after the one-line error.
     threading.Thread(target=probe, name="s3-preflight", daemon=True).start()
     try:
-        exc = answer.get(timeout=CHECK_TIMEOUT)
+        exc = answer.get(timeout=timeout)
     except queue.Empty:
-        raise Unreachable(f"S3 endpoint {endpoint} did not answer within {CHECK_TIMEOUT:g}s") from None
+        raise Unreachable(f"S3 endpoint {endpoint} did not answer within {timeout:g}s") from None
     if exc is None:
         return
     if isinstance(exc, botocore.exceptions.ClientError):
