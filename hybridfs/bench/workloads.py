@@ -460,16 +460,18 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _statx_buf = ctypes.create_string_buffer(256)  # struct statx is 256 bytes
 
 
-def statx_sync(path: Path) -> None:
+def statx_sync(path: Path) -> int:
     """stat(2) that the kernel must pass to the filesystem: AT_STATX_FORCE_SYNC bypasses FUSE's attribute cache
-    (a plain stat within --attr-timeout would measure the kernel's cache, not the filesystem)."""
+    (a plain stat within --attr-timeout would measure the kernel's cache, not the filesystem). Returns the size
+    (``stx_size``, at offset 40 of struct statx)."""
     if _libc.statx(_AT_FDCWD, os.fsencode(path), _AT_STATX_FORCE_SYNC | _AT_SYMLINK_NOFOLLOW, _STATX_BASIC_STATS,
                    _statx_buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
+    return int.from_bytes(_statx_buf.raw[40:48], "little")
 
 
-def per_second(call: Callable[[], None], seconds: float) -> float:
+def per_second(call: Callable[[], object], seconds: float) -> float:
     """How many times ``call`` returns per second, called back to back for about ``seconds``."""
     count = 0
     start = time.perf_counter()
