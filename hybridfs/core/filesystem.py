@@ -995,9 +995,10 @@ class Filesystem:
         self.spawner.start_soon(self._forget_in_kernel, path, self.inodes.existing(path),
                                 name=f"forget {path!r} in the kernel")
 
-    async def _landed_late(self, key: str, etag: str) -> None:
-        """A commit of ``key`` whose caller heard "failed" landed (version ``etag``): publish it as "changed,
-        ask S3", and ask S3 here too unless the file is still written here (its next flush replaces it)."""
+    async def _landed_late(self, key: str, etag: str | None) -> None:
+        """A commit of ``key`` whose caller heard "failed" landed (version ``etag``; None: it failed without a
+        clear answer, and may have landed): publish it as "changed, ask S3", and ask S3 here too unless the file
+        is still written here (its next flush replaces it)."""
         self._publish(Change.unknown(key))
         path = self.keys.path(key)
         if path and not self._written_here(path):

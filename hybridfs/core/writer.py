@@ -132,7 +132,8 @@ class WriteFence:
         # Set by the filesystem: told of a version S3 holds that nobody was told was stored (a commit that landed
         # after its caller heard "failed", or one whose delete after an unlink failed). The other mounts must hear
         # of it: the fence publishes nothing itself.
-        self.landed_late: Callable[[str, str], Awaitable[None]] | None = None
+        # ETag None: a commit that failed without a clear answer (EIO), which S3 may hold or not.
+        self.landed_late: Callable[[str, str | None], Awaitable[None]] | None = None
 
     async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
         pending = _Send(key, token, removed=key in self._removing)
@@ -165,6 +166,10 @@ class WriteFence:
             pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
             self._done(pending)
+        error = pending.error
+        if isinstance(error, FsError) and error.errno == errno.EIO and not isinstance(error, WriteConflict) \
+                and not pending.removed:
+            await self._tell_late(pending.key, None)  # its answer may be what was lost: S3 may hold it
         if pending.abandoned and not pending.removed:
             if pending.etag is not None:
                 self._landed[pending.key] = pending.etag
@@ -175,7 +180,7 @@ class WriteFence:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
                          pending.key, pending.error)
 
-    async def _tell_late(self, key: str, etag: str) -> None:
+    async def _tell_late(self, key: str, etag: str | None) -> None:
         if self.landed_late is not None:
             await self.landed_late(key, etag)
 
