@@ -80,7 +80,7 @@ def test_changes_whose_records_never_arrive_are_seen_within_max_stale(
     assert (d / "over").read_bytes() == new  # the kernel's pages and the cached copy of v1 are gone too
     assert sorted(os.listdir(d)) == ["new", "over"]
     found = status(mount)["antientropy"]
-    assert found["invalidated"] >= 3 and found["passes"] >= 1, found
+    assert found["invalidated"] >= 2 and found["passes"] >= 1, found  # "new": its listing went with "gone"
 
 
 def closed_port() -> int:

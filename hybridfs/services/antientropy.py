@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from hybridfs.core.coherence import invalidate_key, reconcile
+from hybridfs.core.coherence import disagrees, invalidate_key
 from hybridfs.core.paths import name_of, parent_of
 from hybridfs.errors import FsError
 
@@ -127,33 +127,61 @@ class AntiEntropy:
             return 0
         files = {info.key[len(prefix):]: info for info in listing.files}
         subdirs = set(listing.subdirs)
-        found = 0
+        # Judged all at once, with no await since S3's answer (nothing can change meanwhile); applied one by one,
+        # each only if nothing told the mount anew of the path since (a commit of ours, a record, a HEAD: what
+        # the mount holds is then newer than this listing, and the next pass judges it).
+        differing: list[tuple[str, str | None, int | None, tuple[object, ...]]] = []
         for name in names | files.keys():
             if name in subdirs:
                 continue
             info = files.get(name)
-            if await reconcile(fs, prefix + name, info.etag if info is not None else None,
-                               info.size if info is not None else None):
+            path = f"{directory}/{name}" if directory else name
+            etag = info.etag if info is not None else None
+            if disagrees(fs, path, etag):
+                differing.append((name, etag, info.size if info is not None else None, self._view(path)))
+        gone = self._gone_dirs(directory, names - subdirs - files.keys())
+        found = self._check_listing(directory, subdirs)
+        for name, etag, size, seen in differing:
+            path = f"{directory}/{name}" if directory else name
+            if self._view(path) != seen:
+                continue
+            if await invalidate_key(fs, prefix + name, removed=etag is None, etag=etag, size=size):
                 found += 1
-        found += await self._check_dirs(directory, names, subdirs, files.keys())
+        for path, seen in gone:
+            # Asked of S3 again; its kernel entry stays (dropping a directory's entry unhashes the working
+            # directory of every process inside it): a lookup finds it gone.
+            if self._view(path) == seen:
+                await fs.invalidate_key(fs.keys.dir_prefix(path), removed=True)
+                found += 1
         return found
 
-    async def _check_dirs(self, directory: str, names: set[str], subdirs: set[str], files: Any) -> int:
-        """Subdirectories: one the mount knows that S3 no longer has (nothing below it, no marker), and a listing
-        of ``directory`` that lacks one S3 has."""
-        ns, fs = self.fs.ns, self.fs
-        found = 0
-        for name in names - subdirs - set(files):
+    def _check_listing(self, directory: str, subdirs: set[str]) -> int:
+        """A listing of ``directory`` that lacks a subdirectory S3 has is dropped: the next readdir lists again."""
+        listing = self.fs.ns.listings.get(directory)
+        if listing is not None and any(name not in listing for name in subdirs):
+            self.fs.ns.listings.pop(directory, None)
+            return 1
+        return 0
+
+    def _gone_dirs(self, directory: str, absent: set[str]) -> list[tuple[str, tuple[object, ...]]]:
+        """The directories among ``absent`` (names S3 no longer lists) that the mount holds as existing."""
+        ns = self.fs.ns
+        gone = []
+        for name in absent:
             path = f"{directory}/{name}" if directory else name
             cached = ns.stats.get(path)
             st = cached.stat if cached is not None else ns.standing.get(path)
-            if st is not None and st.is_dir and await invalidate_key(fs, fs.keys.dir_prefix(path), removed=True):
-                found += 1
-        listing = ns.listings.get(directory)
-        if listing is not None and any(name not in listing for name in subdirs):
-            ns.listings.pop(directory, None)  # the next readdir lists again
-            found += 1
-        return found
+            if st is not None and st.is_dir:
+                gone.append((path, self._view(path)))
+        return gone
+
+    def _view(self, path: str) -> tuple[object, ...]:
+        """What the mount holds of ``path`` (compared before and after an await: changed means told anew). Not
+        the parent's listing: the invalidation of a sibling drops it, and that tells nothing of this path."""
+        ns = self.fs.ns
+        node = self.fs.inodes.existing(path)
+        return (ns.stats.get(path), ns.standing.get(path), path in ns.missing,
+                (node.ino, node.attr_etag, node.kernel_etag) if node is not None else None)
 
     def status(self) -> dict[str, Any]:
         return {"max_stale": self.max_stale, "passes": self.passes, "directories_last_pass": self.last_dirs,
