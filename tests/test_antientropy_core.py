@@ -39,7 +39,7 @@ def test_a_listing_overtaken_by_a_change_is_not_used(stack: Any, s3: Any, prefix
             await release.wait()
             return listing
 
-        fs.store.list_dir = held_list  # type: ignore[method-assign]
+        fs.store.list_dir = held_list  # type: ignore[method-assign,assignment]
         pass_ = AntiEntropy(fs, max_stale=10)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pass_.one_pass)
@@ -52,7 +52,7 @@ def test_a_listing_overtaken_by_a_change_is_not_used(stack: Any, s3: Any, prefix
         assert pass_.overtaken >= 1 and pass_.invalidated == 0, pass_.status()
 
         # The next pass lists again, after the change: nothing differs.
-        fs.store.list_dir = real_list  # type: ignore[method-assign]
+        fs.store.list_dir = real_list  # type: ignore[method-assign,assignment]
         assert await pass_.one_pass() == 0
 
         # A version the mount missed (boto3, no record): found and invalidated.
