@@ -64,7 +64,8 @@ def test_a_listing_overtaken_by_a_change_is_not_used(stack: Any, s3: Any, prefix
 
 
 def test_no_pass_runs_while_the_metadata_is_not_trusted(stack: Any, prefix: str, tmp_path: Path) -> None:
-    """Outside trusted mode the timers bound what the mount serves: no LIST is spent on it. (Mock clock.)"""
+    """Outside trusted mode the timers bound what the mount serves: no LIST is spent on it; nor while every timer
+    is within --max-stale and no attributes stand. (Mock clock.)"""
     async def main() -> None:
         store = CloudStore(S3Settings(bucket=stack.bucket, endpoint_url=stack.endpoint))
         cache = LocalCache(tmp_path / "cache", 1024**3)
@@ -85,6 +86,14 @@ def test_no_pass_runs_while_the_metadata_is_not_trusted(stack: Any, prefix: str,
             assert pass_.passes == 1
             await trio.sleep(20)
             assert pass_.passes == 11  # one every interval, on a fixed schedule
+            # Every timer within --max-stale, nothing standing: what the mount serves expires by itself.
+            idle = AntiEntropy(fs, max_stale=10)
+            await nursery.start(idle.run)
+            await trio.sleep(60)
+            assert idle.passes == 0
+            ns.lasting = lambda: True  # with S3 event records: known attributes stand until a record comes
+            await trio.sleep(5.01)
+            assert idle.passes == 1
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -20,6 +20,8 @@ once when one takes longer). A listing that a change from the feed or this mount
 pass lists again). Not seen by a listing: a metadata-only change that keeps the ETag (a copy onto itself).
 
 Outside trusted mode no pass runs: the mount revalidates with the timers (--attr-timeout, --dir-cache-time) then.
+Nor does one run while every timer is within --max-stale and no attributes stand (without S3 event records, with
+the default timers): what the mount serves expires within the bound by itself.
 """
 
 from __future__ import annotations
@@ -67,8 +69,18 @@ class AntiEntropy:
             await trio.sleep_until(next_start)
             # A fixed schedule: a change just missed by one pass is seen by the next one, interval later.
             next_start = max(next_start + self.interval, trio.current_time())
-            if self.fs.ns.trusted():
+            if self.needed():
                 await self.one_pass()
+
+    def needed(self) -> bool:
+        """Only while trusted, and only when something can stand longer than --max-stale: attributes standing until
+        a record arrives (with S3 event records), or timers set longer than it (the default 5 s and 1 s are not:
+        what the mount serves then expires within the bound by itself, and no LIST is spent)."""
+        ns = self.fs.ns
+        if not ns.trusted():
+            return False
+        timers = max(ns.stats.ttl, ns.listings.ttl, ns.missing.ttl, self.fs.settings.attr_timeout)
+        return ns.lasting() or timers > self.max_stale
 
     async def one_pass(self) -> int:
         """List every directory in use and invalidate what differs; the number of entries invalidated."""
