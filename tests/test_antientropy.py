@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from confluent_kafka import Producer
 from conftest import MountFactory
 from helpers import Mount, Stack, wait_until
 from s3proxy import Rule, S3FaultProxy
+from tcpcut import CuttableProxy
 from test_foreign_writes import minio_record
 
+from hybridfs.bench.avail_faults import PrivateKafka, free_port
 from hybridfs.events.topics import create_topics
 from hybridfs.services.feed_schema import changes_topic
 from hybridfs.services.foreign import agent_tokens
@@ -138,6 +141,91 @@ def test_a_mount_cut_off_kafka_writes_and_a_trusting_mount_sees_it_within_max_st
     print(f"the change of the mount cut off Kafka seen after {took:.2f}s (--max-stale {MAX_STALE:g})")
     assert target.read_bytes() == new
     assert status(reader)["feed"]["mode"] == "trusted"  # the reader never fell back: the pass did it
+
+
+class TwoListenerKafka(PrivateKafka):
+    """A private broker (the shared one must not be reconfigured or stopped) with a second listener, CUT, whose
+    advertised address is ``proxy``: a client bootstrapped there reaches the broker only through the proxy, so
+    cutting it takes Kafka from that client alone."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.cut_port = free_port()
+        self.proxy = CuttableProxy(("127.0.0.1", self.cut_port))
+
+    def prepare(self) -> None:
+        super().prepare()
+        path = self.dir / "server.properties"
+        lines = []
+        for line in path.read_text().splitlines():
+            if line.startswith("listeners="):
+                line += f",CUT://127.0.0.1:{self.cut_port}"
+            elif line.startswith("advertised.listeners="):
+                line += f",CUT://127.0.0.1:{self.proxy.port}"
+            elif line.startswith("listener.security.protocol.map="):
+                line += ",CUT:PLAINTEXT"
+            lines.append(line)
+        path.write_text("\n".join(lines) + "\n")
+
+    @property
+    def cut_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.proxy.port}"
+
+
+@pytest.fixture
+def two_listener_kafka(tmp_path: Path) -> Iterator[TwoListenerKafka]:
+    """Requested before mount_factory, so it is stopped after the mounts are."""
+    kafka = TwoListenerKafka(tmp_path / "kafka")
+    try:
+        kafka.prepare()
+        kafka.start()
+        yield kafka
+    finally:
+        kafka.proxy.close()
+        kafka.kill()
+
+
+def test_one_mount_loses_kafka_mid_run_while_the_reader_keeps_it(
+    two_listener_kafka: TwoListenerKafka, mount_factory: MountFactory
+) -> None:
+    """The writer reaches the broker only through a proxy the test cuts; the reader keeps the broker and stays
+    caught up, so it trusts what it knows. A change made while the writer is cut off is seen within --max-stale;
+    when the writer's Kafka comes back its outbox delivers the late record, and the reader stays on the newest
+    version. Before the anti-entropy pass: the reader kept the old version until the late record came (here, for
+    as long as the test kept the writer cut off), or for good had the writer been killed meanwhile."""
+    kafka = two_listener_kafka
+    reader = mount_factory(extra_args=["--kafka", kafka.bootstrap, *SLOW, "--max-stale", str(MAX_STALE)])
+    writer = mount_factory(extra_args=["--kafka", kafka.cut_bootstrap])
+    writer.allow_log(r"kafka unreachable at .*: (events wait in outbox|not consuming)"
+                     r"|new leader-?\d+ not found in cache")
+    wait_trusted(reader)
+    wait_trusted(writer)
+    target = reader.path / "f"
+    (writer.path / "f").write_bytes(b"v1, while connected")
+    # Its record delivered and applied before the cut: a record of v1 arriving late would make the reader ask S3.
+    wait_until(lambda: status(writer)["bus"]["outbox"] == 0 and status(reader)["feed"]["applied"] >= 1,
+               timeout=10, message="v1's feed record delivered and applied")
+    assert target.read_bytes() == b"v1, while connected"
+
+    kafka.proxy.cut_off()
+    wait_until(lambda: status(writer)["feed"]["mode"] != "trusted", timeout=10, message="the writer cut off")
+    new = b"v2, made while the writer is cut off Kafka"
+    (writer.path / "f").write_bytes(new)
+    assert status(writer)["bus"]["outbox"] >= 1  # its record waits
+    took = seen_within(lambda: size_or_none(target) == len(new), MAX_STALE + SLACK,
+                       "the cut-off writer's change, by the anti-entropy pass")
+    print(f"the change of the mount cut off Kafka mid-run seen after {took:.2f}s (--max-stale {MAX_STALE:g})")
+    assert target.read_bytes() == new
+    assert status(reader)["feed"]["mode"] == "trusted"  # the reader never fell back: the pass did it
+
+    newest = b"v3, by the reader"
+    target.write_bytes(newest)
+    kafka.proxy.restore()  # the writer's outbox delivers its late record of v2 now
+    wait_until(lambda: status(writer)["bus"]["outbox"] == 0, timeout=30, message="the writer's outbox delivered")
+    published = status(writer)["feed"]["published"]
+    wait_until(lambda: status(reader)["feed"]["applied"] >= published, timeout=10,
+               message="the late record applied by the reader")
+    assert target.read_bytes() == newest, "a late record put the key back on an older version"
 
 
 def feed_record(stack: Stack, mount: Mount, name: str, etag: str, size: int) -> bytes:
