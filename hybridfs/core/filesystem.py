@@ -18,6 +18,7 @@ import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -992,8 +993,9 @@ class Filesystem:
         if path is None or self._written_here(path):
             return
         self.ns.invalidate(path)
-        self.spawner.start_soon(self._forget_in_kernel, path, self.inodes.existing(path),
-                                name=f"forget {path!r} in the kernel")
+        # A directory keeps its kernel entry (see _forget_in_kernel): an rmdir that failed leaves it in use.
+        forget = partial(self._forget_in_kernel, path, self.inodes.existing(path), entry=not key.endswith("/"))
+        self.spawner.start_soon(forget, name=f"forget {path!r} in the kernel")
 
     async def _landed_late(self, key: str, etag: str | None) -> None:
         """A commit of ``key`` whose caller heard "failed" landed (version ``etag``; None: it failed without a
