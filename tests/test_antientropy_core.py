@@ -79,20 +79,20 @@ def test_no_pass_runs_while_the_metadata_is_not_trusted(stack: Any, prefix: str,
             fs = Filesystem(store, cache, keys, ns, settings, nursery, NoHydration())
             pass_ = AntiEntropy(fs, max_stale=4)
             await nursery.start(pass_.run)
-            await trio.sleep(60)
+            await trio.sleep(59)  # between two ticks of its schedule (every 2 s from its start): no tie
             assert pass_.passes == 0
             trusted = True
-            await trio.sleep(2.01)  # one interval (max_stale / 2)
+            await trio.sleep(2)  # one interval (max_stale / 2)
             assert pass_.passes == 1
             await trio.sleep(20)
             assert pass_.passes == 11  # one every interval, on a fixed schedule
             # Every timer within --max-stale, nothing standing: what the mount serves expires by itself.
             idle = AntiEntropy(fs, max_stale=10)
             await nursery.start(idle.run)
-            await trio.sleep(60)
+            await trio.sleep(59)  # ticks every 5 s from its start
             assert idle.passes == 0
             ns.lasting = lambda: True  # with S3 event records: known attributes stand until a record comes
-            await trio.sleep(5.01)
+            await trio.sleep(5)
             assert idle.passes == 1
             nursery.cancel_scope.cancel()
 

@@ -91,7 +91,9 @@ class AntiEntropy:
         async def check(directory: str, names: set[str]) -> None:
             nonlocal found
             async with self._limiter:
-                found += await self._check(directory, names)
+                differed = await self._check(directory, names)
+            found += differed
+            self.invalidated += differed  # as it goes: the status says so while a slow pass is still listing
 
         async with trio.open_nursery() as nursery:
             for directory, names in known.items():
@@ -99,7 +101,6 @@ class AntiEntropy:
         took = time.monotonic() - began
         self.passes += 1
         self.last_pass_seconds, self.last_dirs = took, len(known)
-        self.invalidated += found
         if took > self.interval and not self._slow_said:
             self._slow_said = True
             log.info("an anti-entropy pass over %d directories took %.1fs, more than --max-stale/2 (%.1fs): changes "
