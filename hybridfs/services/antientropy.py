@@ -111,10 +111,10 @@ class AntiEntropy:
         return found
 
     def _in_use(self) -> dict[str, set[str]]:
-        """Directory -> names in it that the mount may answer for without asking S3."""
+        """Directory -> names in it that the mount may answer for without asking S3 (attributes, "missing")."""
         ns, fs = self.fs.ns, self.fs
         known: dict[str, set[str]] = defaultdict(set)
-        for path in [*ns.stats.keys(), *ns.standing.keys()]:
+        for path in [*ns.stats.keys(), *ns.standing.keys(), *ns.missing.keys()]:
             if path:
                 known[parent_of(path)].add(name_of(path))
         for directory, listing in list(ns.listings.items()):
