@@ -541,6 +541,10 @@ class Namespace:
 
     # -- answers that arrive after a change ----------------------------------------------------------------
 
+    def watch(self, path: str) -> _Watch:
+        """For fetches made outside the namespace (the anti-entropy pass's listings): see ``_watch``."""
+        return self._watch(path)
+
     def _watch(self, path: str) -> _Watch:
         """Around a fetch of ``path`` (a HEAD, or the listing of a directory): ``.changed`` afterwards says
         whether a change to it arrived meanwhile."""
