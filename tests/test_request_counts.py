@@ -12,6 +12,8 @@ import errno
 import os
 import re
 import subprocess
+import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -110,3 +112,36 @@ def test_a_failed_write_into_a_new_file_leaves_no_empty_object(mount_factory: An
         s3_proxy.clear()
     wait_until(lambda: not path.exists(), 10, message="the never stored file to be gone after its last close")
     assert s3.list_objects_v2(Bucket=mount.bucket, Prefix=mount.key("out.txt")).get("KeyCount") == 0
+
+
+# -- unlink ----------------------------------------------------------------------------------------------------
+
+
+def test_unlink_of_a_known_file_asks_one_head_and_one_delete(mount_factory: Any, s3_proxy: S3FaultProxy,
+                                                              s3: Any) -> None:
+    """`rm` of files this mount knows, after its attribute caches expired (the unlink loop of `hybridfs bench`,
+    which comes long after the creates): the kernel's lookup revalidates each file, then the unlink deletes it.
+    Before: HEAD + LIST (is a directory there?) + DELETE per file. After: HEAD + DELETE; the LIST is asked only
+    when the HEAD finds nothing."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--dir-cache-time", "1"])
+    d = mount.path / "many"
+    d.mkdir()
+    names = [f"s{i:03d}" for i in range(20)]
+    for name in names:
+        (d / name).write_bytes(b"x" * 100)
+    time.sleep(1.5)  # past --dir-cache-time and the kernel's entry timeout: the age is the condition under test
+    before = len(s3_proxy.requests)
+    for name in names:
+        os.unlink(d / name)
+    asked = Counter()
+    for method, path, query in s3_proxy.requests[before:]:
+        if method == "GET" and "list-type" in query and re.search(r"prefix=[^&]*many%2Fs\d{3}%2F", query):
+            asked["LIST"] += 1
+        elif re.search(r"/many/s\d{3}$", path):
+            asked[method] += 1
+    print(f"\nS3 requests for {len(names)} unlinks of known files: {dict(asked)}")
+    assert asked["DELETE"] == len(names)
+    assert asked["LIST"] == 0
+    assert asked["HEAD"] <= len(names)
+    assert s3.list_objects_v2(Bucket=mount.bucket, Prefix=mount.key("many/s")).get("KeyCount") == 0
+    assert os.listdir(d) == []
