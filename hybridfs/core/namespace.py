@@ -248,9 +248,9 @@ class Namespace:
             nursery.start_soon(ask, "below", lambda: self.store.first_keys(marker, 1))
         if errors:
             raise errors[0]
-        info = found["file"]
-        if isinstance(info, ObjectInfo):
-            return self.parse(info)
+        answer = found["file"]
+        if isinstance(answer, ObjectInfo):
+            return self.parse(answer)
         below = found["below"]
         assert isinstance(below, list)
         return await self._directory(path, below)
