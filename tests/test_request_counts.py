@@ -14,6 +14,7 @@ import re
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,3 +146,37 @@ def test_unlink_of_a_known_file_asks_one_head_and_one_delete(mount_factory: Any,
     assert asked["HEAD"] <= len(names)
     assert s3.list_objects_v2(Bucket=mount.bucket, Prefix=mount.key("many/s")).get("KeyCount") == 0
     assert os.listdir(d) == []
+
+
+# -- rsync -a --------------------------------------------------------------------------------------------------
+
+
+def test_rsync_of_small_files_costs_a_put_three_copies_and_a_delete_each(
+        mount_factory: Any, s3_proxy: S3FaultProxy, s3: Any, tmp_path: Path) -> None:
+    """rsync -a writes each file as a temp file (mkstemp, fchmod, write, close), then utimensat and fchmod of it,
+    then renames it: a PUT, a copy onto itself for the times, one for the mode, a copy to the name and a DELETE
+    of the temp key. Before: a HEAD before each copy (s3transfer learning the size) and after it (the mount
+    learning the new version): 11 requests per file. After: 5, the copies' attributes taken from their answers."""
+    source = tmp_path / "src"
+    source.mkdir()
+    names = [f"f{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        (source / name).write_bytes(os.urandom(100 + i))
+        os.chmod(source / name, 0o640)
+        os.utime(source / name, (1_700_000_000 + i, 1_700_000_000 + i))
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url])
+    (mount.path / "dst").mkdir()
+    before = len(s3_proxy.requests)
+    subprocess.run(["rsync", "-a", f"{source}/", f"{mount.path / 'dst'}/"], check=True)
+    asked = Counter(method for method, path, _ in s3_proxy.requests[before:]
+                    if re.search(r"/dst/\.?f\d", path))
+    lists = sum(1 for method, _, query in s3_proxy.requests[before:] if "list-type" in query)
+    print(f"\nS3 requests for rsync -a of {len(names)} files: {dict(asked)}, {lists} LIST")
+    assert asked == {"PUT": 4 * len(names), "DELETE": len(names)}, "requests on the files' keys"
+    for i, name in enumerate(names):
+        st = os.stat(mount.path / "dst" / name)
+        assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o640, 1_700_000_000 + i)
+        assert (mount.path / "dst" / name).read_bytes() == (source / name).read_bytes()
+        head = s3.head_object(Bucket=mount.bucket, Key=mount.key(f"dst/{name}"))
+        assert head["Metadata"]["mtime"].split(".")[0] == str(1_700_000_000 + i)
+    assert sorted(os.listdir(mount.path / "dst")) == names
