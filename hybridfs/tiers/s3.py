@@ -483,7 +483,7 @@ class CloudStore:
             return ObjectInfo(key=dst, size=size, etag=_clean_etag(result["ETag"]),
                               mtime_ns=int(result["LastModified"].timestamp() * 1e9),
                               metadata={k.lower(): v for k, v in metadata.items()})
-        raise FsError(errno.EIO, f"{what}: no answer within {stall_timeout:g}s (S3 slow or unreachable)",
+        raise FsError(errno.EIO, f"{what} did not finish within {stall_timeout:g}s (S3 slow or unreachable)",
                       level=logging.WARNING)
 
     async def delete(self, key: str) -> None:
