@@ -92,6 +92,27 @@ def test_an_empty_new_file_is_stored_by_its_last_close_and_by_fsync(mount_factor
     assert puts(s3_proxy, mount, "synced") == 1
 
 
+def test_chmod_right_after_touch_is_kept(mount_factory: Any, s3: Any) -> None:
+    """`touch f && chmod 600 f`: the chmod may arrive while the release that stores the empty file is on its way.
+    It waits for that upload, then changes the stored object: S3 and the mount say 0600. (Without the wait, the
+    change went into the attributes of an upload that had already started, and was lost.)"""
+    mount = mount_factory()
+    names = [f"t{i:02d}" for i in range(20)]
+    script = "; ".join(f"touch {name} && chmod 600 {name}" for name in names)
+    subprocess.run(["sh", "-c", script], cwd=mount.path, check=True)
+    for name in names:
+        wait_until(lambda name=name: s3_mode(s3, mount, name) == "33152", 10,  # type: ignore[misc]
+                   message=f"S3 to hold {name} with mode 0600")
+        assert os.stat(mount.path / name).st_mode & 0o777 == 0o600
+
+
+def s3_mode(s3: Any, mount: Mount, name: str) -> str | None:
+    try:
+        return str(s3.head_object(Bucket=mount.bucket, Key=mount.key(name))["Metadata"].get("mode"))
+    except s3.exceptions.ClientError:
+        return None
+
+
 def test_a_failed_write_into_a_new_file_leaves_no_empty_object(mount_factory: Any, s3_proxy: S3FaultProxy,
                                                                  s3: Any) -> None:
     """The redirection's content cannot be stored (S3 refuses the PUT): the close says EIO and S3 holds nothing
