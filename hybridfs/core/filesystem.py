@@ -133,9 +133,10 @@ class BoundedStore:
     async def has_children(self, prefix: str) -> bool:
         return await self.within(f"LIST {prefix}", lambda: self.store.has_children(prefix))
 
-    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None) -> None:
-        await self.changing(dst, lambda: self.store.copy(src, dst, metadata, source_etag=source_etag,
-                                                         stall_timeout=self.timeout))
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None,
+                   size: int | None = None) -> ObjectInfo | None:
+        return await self.changing(dst, lambda: self.store.copy(src, dst, metadata, source_etag=source_etag,
+                                                                stall_timeout=self.timeout, size=size))
 
 
 def _ignore(key: str) -> None:
@@ -322,10 +323,14 @@ class Filesystem:
         return await self.getattr(ino)
 
     async def _change_metadata(self, node: Node, path: str, changes: dict[str, int], of: OpenFile | None) -> None:
-        if of is not None and of.dirty:  # applied by the upload at flush
-            of.stat = of.stat.with_(**changes)
-            of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
-            return
+        if of is not None:
+            # After a flush under way (the release that stores a new empty file right after `touch` returned):
+            # it uploads the attributes it started with, so a change made meanwhile would be lost.
+            async with of.lock:
+                if of.dirty:  # applied by the upload at flush
+                    of.stat = of.stat.with_(**changes)
+                    of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
+                    return
         st = await self.ns.stat(path)
         if st.is_dir:
             new = self._with_changes(st, changes)
@@ -365,11 +370,14 @@ class Filesystem:
         """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:
         WriteConflict when it is gone). The attributes returned are S3's answer after the copy — size and ETag
         of what it holds now, never those of the stat the change was computed from."""
-        await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
-        return await self._stat_after_copy(key, st.etag)
+        copied = await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag,
+                                      size=st.size)
+        return await self._stat_after_copy(key, st.etag, copied)
 
-    async def _stat_after_copy(self, key: str, old_etag: str | None) -> Stat:
-        info = await self.meta.head(key)
+    async def _stat_after_copy(self, key: str, old_etag: str | None, copied: ObjectInfo | None = None) -> Stat:
+        """The attributes S3 holds at ``key`` after a copy: its answer to a single CopyObject (conditional on the
+        source version, whose size it copied), else a HEAD."""
+        info = copied if copied is not None else await self.meta.head(key)
         if info is None:  # deleted right after the copy: as if the delete came after our change
             raise not_found(self.keys.path(key) or key)
         if old_etag is not None and info.etag != old_etag:
@@ -587,18 +595,19 @@ class Filesystem:
             await self.writes.flush(of)
             src = of.stat
         try:
-            await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+            copied = await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag, size=src.size)
         except WriteConflict:  # replaced since we read its attributes: move what is there now (see setattr)
             src = await self._reread(old, old_key)
             log.info("%s changed in S3 since its attributes were read; moving the new version (ETag %s)", old,
                      src.etag)
             try:
-                await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+                copied = await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag,
+                                              size=src.size)
             except WriteConflict as exc:
                 raise FsError(errno.EIO, f"{old!r} keeps changing in S3; not renamed ({exc.message})",
                               level=logging.WARNING) from None
         # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
-        moved = await self._stat_after_copy(new_key, None)
+        moved = await self._stat_after_copy(new_key, None, copied)
         self._publish(Change.put(new_key, moved))  # S3 holds the copy now, whatever becomes of the DELETE
         # Fenced like an unlink's: a DELETE that S3 processes late must not remove a file made at the old name next.
         # Its landing is published whenever it comes (also after this rename gave up on it).
@@ -650,7 +659,7 @@ class Filesystem:
             if head is None:
                 return
             try:
-                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag)
+                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag, size=head.size)
                 return
             except WriteConflict:
                 continue
@@ -805,7 +814,7 @@ class Filesystem:
         handle = self._handle(fh)
         of = handle.file
         if handle.writable and (of.dirty or of.lost is not None):
-            await self.writes.flush(of)
+            await self.writes.flush(of, closing=True)
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): stores every change of the file, whichever descriptor wrote it — ``sync FILE`` and many

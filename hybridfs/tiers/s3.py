@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -438,7 +439,7 @@ class CloudStore:
         self.bytes_read += await self._call(f"GET {key}", fetch)
 
     async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None,
-                   stall_timeout: float | None = None) -> None:
+                   stall_timeout: float | None = None, size: int | None = None) -> ObjectInfo | None:
         """Server-side copy with new metadata; s3transfer switches to a multipart copy (UploadPartCopy) above the
         part size, whose ETag then differs from the source's.
 
@@ -449,11 +450,17 @@ class CloudStore:
 
         With ``stall_timeout``, EIO once no part has been copied for that long (S3 stalled): a copy's total time
         grows with the object, so only its progress can be bounded. The copy itself may go on in its threads.
+
+        With ``size`` (the size of version ``source_etag``) below the multipart threshold: one CopyObject, without
+        the HEAD s3transfer sends first to learn the size, and the attributes of the copy are S3's answer to it
+        (ETag, LastModified; the size and metadata are what was copied): no HEAD after it either. Otherwise None.
         """
         extra: dict[str, str | dict[str, str]] = {"Metadata": metadata, "MetadataDirective": "REPLACE"}
         if source_etag is not None:
             extra["CopySourceIfMatch"] = f'"{source_etag}"'
         what = f"COPY {src} -> {dst}"
+        if source_etag is not None and size is not None and size < self.transfer_config.multipart_threshold:
+            return await self._copy_object(src, dst, extra, size, stall_timeout, what)
         progress = _Progress()
         call = functools.partial(self._call, what, self.client.copy, {"Bucket": self.bucket, "Key": src},
                                  self.bucket, dst, ExtraArgs=extra, Callback=progress.moved,
@@ -462,6 +469,22 @@ class CloudStore:
             await call()
         else:
             await progress.bounded(call, stall_timeout, what)
+        return None
+
+    async def _copy_object(self, src: str, dst: str, extra: dict[str, str | dict[str, str]], size: int,
+                           stall_timeout: float | None, what: str) -> ObjectInfo:
+        """One CopyObject (a single request: bounded as a whole by ``stall_timeout``)."""
+        with trio.move_on_after(math.inf if stall_timeout is None else stall_timeout):
+            resp = await self._call(what, self.client.copy_object, CopySource={"Bucket": self.bucket, "Key": src},
+                                    Bucket=self.bucket, Key=dst, **extra)
+            result = resp["CopyObjectResult"]
+            metadata = extra["Metadata"]
+            assert isinstance(metadata, dict)
+            return ObjectInfo(key=dst, size=size, etag=_clean_etag(result["ETag"]),
+                              mtime_ns=int(result["LastModified"].timestamp() * 1e9),
+                              metadata={k.lower(): v for k, v in metadata.items()})
+        raise FsError(errno.EIO, f"{what} did not finish within {stall_timeout:g}s (S3 slow or unreachable)",
+                      level=logging.WARNING)
 
     async def delete(self, key: str) -> None:
         await self._call(f"DELETE {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
