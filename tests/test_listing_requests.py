@@ -181,3 +181,30 @@ def test_a_listing_page_that_fails_fails_the_listing(s3_proxy: S3FaultProxy, mou
     s3_proxy.remove(failing)
     check(ls_l(mount.path / "d"), 1100)
     assert heads(s3_proxy, mount) == 0
+
+
+def test_a_stalled_head_holds_only_its_own_entry(s3_proxy: S3FaultProxy, mount_factory: MountFactory, s3: Any,
+                                                 prefix: str) -> None:
+    """Without metadata listings, the HEAD of one entry stalls mid-listing: every other entry's lstat answers with
+    its own attributes meanwhile; the stalled one's waits and, once S3 answers, shows the right attributes."""
+    refusing_store(s3_proxy)
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--no-events"])
+    make_foreign_dir(s3, mount.bucket, prefix, 30)
+    stalled = s3_proxy.add(Rule(method="HEAD", path=rf"/{prefix}/d/owned$", action="stall"))
+    names = sorted(os.listdir(mount.path / "d"))
+    assert len(names) == 32
+    wait_until(lambda: stalled.hits >= 1, timeout=20, message="the HEAD of owned to stall")
+    others = {name: os.lstat(mount.path / "d" / name) for name in names if name != "owned"}
+    assert stat.S_ISLNK(others.pop("link").st_mode)
+    assert all(stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644 and st.st_size == 3
+               for st in others.values())
+    found: list[os.stat_result] = []
+    waiter = threading.Thread(target=lambda: found.append(os.lstat(mount.path / "d" / "owned")))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # its lstat waits for S3's answer: nothing made up meanwhile
+    s3_proxy.remove(stalled)
+    waiter.join(60)
+    assert len(found) == 1
+    owned = found[0]
+    assert stat.S_IMODE(owned.st_mode) == 0o600 and (owned.st_uid, owned.st_size) == (1234, 5)
