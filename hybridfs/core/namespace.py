@@ -30,7 +30,7 @@ log = logging.getLogger("hybridfs.namespace")
 CACHE_ENTRIES = 200_000
 REPORTED_ENTRIES = 10_000  # object versions whose unusable metadata was logged (one line per version)
 PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
-PREFETCH_PARALLEL = 20  # as s3fs; the s3-meta limiter (--s3-meta-threads) bounds it too
+PREFETCH_PARALLEL = 20  # as s3fs; the s3-meta limiter (as many threads as --s3-threads) bounds it too
 # How long a revalidation of attributes we could serve anyway may wait for S3 before the last known ones are
 # served (a few round trips to a healthy S3; well under what a program waiting on stat or open tolerates).
 REVALIDATE_WITHIN = 1.0
