@@ -30,7 +30,7 @@ log = logging.getLogger("hybridfs.namespace")
 CACHE_ENTRIES = 200_000
 REPORTED_ENTRIES = 10_000  # object versions whose unusable metadata was logged (one line per version)
 PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
-PREFETCH_PARALLEL = 8
+PREFETCH_PARALLEL = 20  # as s3fs; the s3-meta limiter (as many threads as --s3-threads) bounds it too
 # How long a revalidation of attributes we could serve anyway may wait for S3 before the last known ones are
 # served (a few round trips to a healthy S3; well under what a program waiting on stat or open tolerates).
 REVALIDATE_WITHIN = 1.0
@@ -69,6 +69,9 @@ class Namespace:
         # they keep cached files readable while S3 is down, and keep a listing from changing an entry's type.
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self._reported: LRUCache[tuple[str, str | None], bool] = LRUCache(REPORTED_ENTRIES)
+        # key -> (ETag, Last-Modified, attributes) of versions a settled HEAD described (ObjectInfo.settled): a
+        # listing that shows the same ETag and Last-Modified lists that version, so its entry needs no HEAD again.
+        self._versions: LRUCache[str, tuple[str, int, Stat]] = LRUCache(CACHE_ENTRIES)
         # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
         self.spawner: Spawner | None = None
         self.cache: LocalCache | None = None  # set by the mount: its index keeps cached files' attributes
@@ -273,7 +276,16 @@ class Namespace:
         if problems and (info.key, info.etag) not in self._reported:
             self._reported[(info.key, info.etag)] = True
             log.warning("object %s has unusable metadata, using defaults for: %s", info.key, "; ".join(problems))
+        if info.settled and not is_dir and st.complete:
+            self._versions[info.key] = (info.etag, info.mtime_ns, st)
         return st
+
+    def _proven(self, info: ObjectInfo) -> Stat | None:
+        """The attributes of the version a listing shows, when a settled HEAD described that very version."""
+        version = self._versions.get(info.key)
+        if version is None or version[:2] != (info.etag, info.mtime_ns):
+            return None
+        return version[2]
 
     async def list(self, path: str) -> dict[str, Stat]:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
@@ -315,8 +327,9 @@ class Namespace:
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
+        proven: dict[str, Stat] = {}
         with self._watch(path) as watch:
-            listing = await self._fetch_listing(path)
+            listing = await self._fetch_listing(path, proven)
         if self._listings_degraded:
             self._listings_degraded = False
             log.info("S3 lists again; listings come from S3")
@@ -325,6 +338,9 @@ class Namespace:
         else:
             self.listings[path] = listing
             self.known_listings[path] = listing  # the same dict: our own changes update both
+            for child, st in proven.items():  # S3's answer for each, as a HEAD's: a lookup of it asks S3 no more
+                if child not in self.pending:
+                    self._store(child, st)
         self._prefetch(path, listing)
         return listing
 
@@ -425,10 +441,11 @@ class Namespace:
             if event is not None:
                 event.set()
 
-    async def _fetch_listing(self, path: str) -> dict[str, Stat]:
-        """A listing has names, sizes and ETags only. What it lacks comes from what a HEAD told (fresh:
-        shown as final; older: shown as incomplete, with its type kept), else from defaults (incomplete,
-        and of unknown type for objects, which may be symlinks or FIFOs)."""
+    async def _fetch_listing(self, path: str, proven: dict[str, Stat]) -> dict[str, Stat]:
+        """A listing has names, sizes and ETags, and on MinIO the user metadata too (final attributes, as a
+        HEAD's). What a plain one lacks comes from what a HEAD told (of the same version: final; fresh: shown as
+        final; older: shown as incomplete, with its type kept), else from defaults (incomplete, and of unknown
+        type for objects, which may be symlinks or FIFOs). The entries S3 described in full go to ``proven``."""
         result = await self.store.list_dir(self.keys.dir_prefix(path))
         children: dict[str, Stat] = {}
         for name in result.subdirs:
@@ -438,7 +455,11 @@ class Namespace:
             name = info.key[len(self.keys.dir_prefix(path)):]
             if not name or name in children:  # a file and a directory of one name: the directory wins
                 continue
-            children[name] = self._listed_object(f"{path}/{name}" if path else name, info)
+            child = f"{path}/{name}" if path else name
+            st = self.parse(info) if info.metadata is not None else self._proven(info)
+            if st is not None:
+                proven[child] = st
+            children[name] = st or self._listed_object(child, info)
         return children
 
     def _listed_dir(self, path: str) -> Stat:
