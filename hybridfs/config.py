@@ -167,6 +167,11 @@ class MountConfig:
                                             "feed and --s3-events-topic caught up); dropped from the kernel as "
                                             "soon as that stops (0: --attr-timeout)")
     dir_cache_time: float = _opt(5.0, "seconds listings and attributes are cached (rclone's --dir-cache-time)")
+    max_stale: float = _opt(30.0, "while local metadata is trusted (change feed caught up), the longest a change "
+                                  "whose record never reached this mount may go unseen: the directories in use "
+                                  "are listed again within this many seconds and ETags compared (0: no such "
+                                  "pass; then a lost record stands until --dir-cache-time, or with "
+                                  "--s3-events-topic until the next record of the key)")
     negative_cache_time: float = _opt(1.0, "seconds a missing path is remembered as missing")
     # Eviction
     high_watermark: float = _opt(0.90, "start evicting above this fraction of --cache-size")
@@ -246,6 +251,7 @@ class MountConfig:
             ("min_free", 0 <= self.min_free < 1, "must be in [0, 1)"),
             ("max_age", self.max_age >= 0, "must not be negative"),
             ("evict_interval", self.evict_interval > 0, "must be positive"),
+            ("max_stale", self.max_stale == 0 or self.max_stale >= 1, "must be 0 (off) or at least 1 second"),
             ("s3_events_topic", re.fullmatch(r"[A-Za-z0-9._-]{0,249}", self.s3_events_topic) is not None,
              "a Kafka topic name: only letters, digits, '.', '_' and '-'"),
             ("topic_prefix", re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.topic_prefix) is not None,

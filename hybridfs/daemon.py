@@ -208,7 +208,8 @@ class Mount:
         """With ``--s3-events-topic``: changes other tools make to the bucket invalidate what we cache."""
         if not self.cfg.s3_events_topic:
             return
-        foreign = ForeignWrites(fs, self._agent_tokens())
+        tokens = self._agent_tokens()
+        foreign = ForeignWrites(fs, tokens[0], tokens[1] if len(tokens) > 1 else None)
         feed = S3EventFeed(self.cfg.kafka, self.cfg.s3_events_topic, self.store.bucket, foreign.handle,
                            kafka_config=self.cfg.kafka_options, client_id=f"hybridfs-s3-events-{self.cfg.cache_id}",
                            start_time=self.started_at)

@@ -84,3 +84,24 @@ def test_bench_interrupted_unmounts_and_cleans_up(stack: Stack, s3: Any, tmp_pat
     data = json.loads((out / "results.json").read_text())
     assert data["run"]["interrupted"]
     assert _bench_objects(s3, stack.bucket, data["run"]["id"]) == []
+
+
+def test_bench_floor_and_requests(stack: Stack, tmp_path: Path) -> None:
+    """The floor (benchmarks/passthrough.py) runs the same fio jobs, small-file loop and per-request loops as the
+    other systems, stays off S3 (no durable column) and leaves nothing mounted."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*BENCH, "--runs", "1", "--systems", "floor,disk", "--only", "rand-read-warm,requests,small-files",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=55, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    workloads = {w["name"]: w for w in json.loads((out / "results.json").read_text())["workloads"]}
+    for metric in ("rand-read-warm", "request-stat", "request-getxattr", "small-create", "small-read"):
+        assert workloads[metric]["results"]["floor"] > 0, (metric, workloads[metric])
+        assert workloads[metric]["results"]["disk"] > 0, (metric, workloads[metric])
+    assert workloads["request-getxattr"]["notes"] == {}  # ENODATA on both: the name is absent, as intended
+    assert workloads["small-create-durable"]["results"]["floor"] is None
+    assert "no S3 copy" in workloads["small-create-durable"]["notes"]["floor"]
+    assert workloads["rand-read-warm"]["peak_rss_mib"]["floor"][0] > 10  # the passthrough's own process
+    assert not is_mounted(out / "work" / "floor" / "mnt") and not (out / "work").exists()

@@ -1,8 +1,9 @@
 """``hybridfs bench``: fio and friends against hybridfs and its baselines, in one run, as ratios.
 
 Starts the local stack, mounts hybridfs, s3fs-fuse (use_cache) and rclone (--vfs-cache-mode full) on their own
-prefixes of the same bucket, runs every workload several times on each system and on the baselines (the bare
-cache disk, plain boto3), and writes results.json, results.md and PNG charts to the output directory.
+prefixes of the same bucket, and the floor (benchmarks/passthrough.py, a bare pyfuse3 passthrough of a directory on
+the cache disk), runs every workload several times on each system and on the baselines (the bare cache disk, plain
+boto3), and writes results.json, results.md and PNG charts to the output directory.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ log = logging.getLogger("hybridfs.bench")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "bench", help="benchmark hybridfs against the bare disk, boto3, s3fs and rclone",
-        description="Run the benchmark workloads on hybridfs and its baselines (the bare cache disk, plain "
-                    "boto3, s3fs-fuse, rclone mount) in one run against the local stack, and write JSON, a "
-                    "Markdown table and PNG charts. Workloads: " + ", ".join(plan.WORKLOAD_NAMES) + ".")
+        "bench", help="benchmark hybridfs against the bare disk, the Python floor, boto3, s3fs and rclone",
+        description="Run the benchmark workloads on hybridfs and its baselines (the bare cache disk, the "
+                    "floor: a bare pyfuse3 passthrough to it, plain boto3, s3fs-fuse, rclone mount) in one run "
+                    "against the local stack, and write JSON, a Markdown table and PNG charts. Workloads: "
+                    + ", ".join(plan.WORKLOAD_NAMES) + ".")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes and 3 runs (finishes in under 10 minutes on 2 cores): "
                              + plan.QUICK.summary())

@@ -35,6 +35,7 @@ class FuseMount:
 
     name = "fuse"
     binary = ""
+    on_s3 = True  # over s3://BUCKET/prefix (the floor passthrough mirrors a local directory instead)
 
     def __init__(self, base: Path, prefix: str, logs: Path) -> None:
         self.base = base
@@ -230,6 +231,31 @@ class S3fsMount(FuseMount):
         ])  # fmt: skip
         argv = ["s3fs", f"{BUCKET}:/{self.prefix}", str(self.mountpoint), "-f", "-o", options]
         return argv, dict(os.environ)
+
+
+class FloorMount(FuseMount):
+    """benchmarks/passthrough.py: a bare pyfuse3 + trio passthrough of a local directory (``cache_dir``, on the
+    cache disk), with hybridfs's kernel-facing settings: the least a FUSE request served in Python costs."""
+
+    name = "floor"
+    on_s3 = False
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "passthrough.py"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.base / "src"  # what it mirrors; kept across restarts, like a warm cache
+
+    def wipe_cold(self) -> None:
+        """Nothing to wipe: the source is the only copy. A "cold" start is a fresh mount (the kernel's caches of
+        the mount are empty), which is what the listing workload measures."""
+
+    def available(self) -> str | None:
+        if not self.script.is_file():
+            return f"{self.script} is missing (run from a source checkout)"
+        return super().available()
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return [sys.executable, str(self.script), str(self.cache_dir), str(self.mountpoint)], dict(os.environ)
 
 
 class RcloneMount(FuseMount):

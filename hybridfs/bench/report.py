@@ -9,16 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from hybridfs.bench.machine import one_line
-from hybridfs.bench.plan import BASELINES, METRICS, TARGETS, Metric, Sizes
+from hybridfs.bench.plan import BASELINES, METRICS, PEER_RATIOS, TARGETS, Metric, Sizes
 from hybridfs.bench.runner import MetricResult, Results, fmt
 
-COLORS = {"hybridfs": "#d62728", "disk": "#7f7f7f", "boto3": "#1f77b4", "s3fs": "#2ca02c", "rclone": "#ff7f0e"}
+COLORS = {"hybridfs": "#d62728", "disk": "#7f7f7f", "floor": "#9467bd", "boto3": "#1f77b4", "s3fs": "#2ca02c",
+          "rclone": "#ff7f0e"}
 ACK_MARK = "†"
 
 
-def ratio(result: MetricResult, baseline: str) -> float | None:
-    """hybridfs relative to ``baseline``; above 1 means hybridfs is better (for times as for throughput)."""
-    mine, theirs = result.median("hybridfs"), result.median(baseline)
+def ratio(result: MetricResult, baseline: str, system: str = "hybridfs") -> float | None:
+    """``system`` relative to ``baseline``; above 1 means ``system`` is better (for times as for throughput). For a
+    rate of requests, the baseline's cost per request over the system's."""
+    mine, theirs = result.median(system), result.median(baseline)
     if mine is None or theirs is None or mine <= 0 or theirs <= 0:
         return None
     return mine / theirs if result.metric.higher_is_better else theirs / mine
@@ -56,6 +58,7 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
             "durability_lag_seconds": {s: [round(v, 3) for v in lags] for s, lags in r.lags.items()},
             "peak_rss_mib": {s: [round(v, 1) for v in values] for s, values in r.peak_rss.items()},
             "ratios": {b: _round(ratio(r, b)) for b in BASELINES if b in systems and "hybridfs" in systems},
+            "peer_ratios": {f"{s} vs {b}": _round(ratio(r, b, s)) for s, b in _peers(systems)},
             "notes": {s: "; ".join(n) for s, n in r.notes.items()},
         })  # fmt: skip
     return {
@@ -66,6 +69,11 @@ def to_json(results: Results, machine: dict[str, Any], command: str) -> dict[str
         "workloads": workloads,
         "targets": targets(results),
     }
+
+
+def _peers(systems: list[str]) -> list[tuple[str, str]]:
+    """The (system, baseline) pairs besides hybridfs's shown in this run: e.g. s3fs relative to the floor."""
+    return [(s, b) for s, b in PEER_RATIOS if s in systems and b in systems]
 
 
 def _round(value: float | None) -> float | None:
@@ -91,12 +99,14 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
         f"Machine: {one_line(machine)}.",
         "",
         f"Sizes: {results.sizes.summary()}. Values are medians of the runs; MB/s = 10^6 bytes/s. "
-        f"Ratios are hybridfs relative to the baseline (above 1 = hybridfs better, for times too). "
+        f"Ratios are hybridfs relative to the baseline (above 1 = hybridfs better, for times too; against the "
+        f"floor, a bare pyfuse3 passthrough, it is the floor's cost per request over hybridfs's). "
         f"{ACK_MARK} = close() returned before S3 held the data (write-back).",
         "",
     ]
     rss_systems = [s for s in systems if any(r.peak_rss.get(s) for r in results.metrics)]
-    head = ["Workload", "Unit", *systems, *(f"vs {b}" for b in baselines)]
+    peers = _peers(systems)
+    head = ["Workload", "Unit", *systems, *(f"vs {b}" for b in baselines), *(f"{s} vs {b}" for s, b in peers)]
     if rss_systems:
         head.append("peak RSS MiB (" + " / ".join(rss_systems) + ")")
     lines.append("| " + " | ".join(head) + " |")
@@ -112,6 +122,9 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
                 cells.append(fmt(median) + (f" {ACK_MARK}" if r.acked_before_durable(s) else ""))
         for b in baselines:
             value = ratio(r, b)
+            cells.append("" if value is None else f"{value:.2f}x")
+        for s, b in peers:
+            value = ratio(r, b, s)
             cells.append("" if value is None else f"{value:.2f}x")
         if rss_systems:
             peaks = [r.rss(s) for s in rss_systems]
@@ -130,7 +143,7 @@ def markdown(results: Results, machine: dict[str, Any], command: str, chart: str
                   + "; ".join(results.retried) + "."]
     tgt = targets(results)
     if any(t["ratio"] is not None for t in tgt):
-        lines += ["", "Targets (issue 14):", ""]
+        lines += ["", "Targets (issues 14 and 23):", ""]
         for t in tgt:
             if t["ratio"] is None:
                 verdict = "not measured"
@@ -242,7 +255,8 @@ def from_json(data: dict[str, Any]) -> tuple[Results, dict[str, Any], str]:
     sz = run["sizes"]
     sizes = Sizes(mode=sz["mode"], runs=sz["runs"], big_file=sz["big_file_bytes"], many_count=sz["many_files"],
                   many_size=sz["many_file_bytes"], small_count=sz["small_files"], small_size=sz["small_file_bytes"],
-                  list_count=sz["list_entries"], randread_seconds=sz["randread_seconds"], block=sz["block_bytes"])
+                  list_count=sz["list_entries"], randread_seconds=sz["randread_seconds"], block=sz["block_bytes"],
+                  request_seconds=sz.get("request_seconds", 5.0))
     known = {m.name: m for m in METRICS}
     metrics = []
     systems: list[str] = []

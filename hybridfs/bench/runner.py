@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hybridfs.bench import s3 as s3util
-from hybridfs.bench.mounts import FuseMount, HybridfsMount, MountError, RcloneMount, S3fsMount
+from hybridfs.bench.mounts import FloorMount, FuseMount, HybridfsMount, MountError, RcloneMount, S3fsMount
 from hybridfs.bench.plan import Metric, Sizes, Workload
 from hybridfs.bench.workloads import METRIC_NA, Boto3Subject, Env, FsSubject, NotAvailable, Outcome, Subject
 from hybridfs.stack.config import KAFKA_BOOTSTRAP, S3_EVENTS_TOPIC
@@ -35,6 +35,7 @@ METHODS: dict[str, str] = {
     "seq-write-many": "seq_write_many",
     "seq-read-warm": "seq_read_warm",
     "rand-read-warm": "rand_read_warm",
+    "requests": "requests",
     "small-files": "small_files",
     "seq-read-cold": "seq_read_cold",
     "list-dir": "list_dir",
@@ -189,12 +190,14 @@ class Runner:
                 mount = S3fsMount(base, prefix, self.logs)
             elif name == "rclone":
                 mount = RcloneMount(base, prefix, self.logs)
+            elif name == "floor":
+                mount = FloorMount(base, prefix, self.logs)
             if mount is not None:
                 why = mount.available()
                 if why:
                     self.broken[name] = why
-                # s3fs wants the prefix to exist as a directory; a marker is what every tool here writes.
-                env.s3.put_object(Bucket=s3util.BUCKET, Key=f"{prefix}/", Body=b"")
+                if mount.on_s3:  # s3fs wants the prefix to exist as a directory; a marker is what all here write
+                    env.s3.put_object(Bucket=s3util.BUCKET, Key=f"{prefix}/", Body=b"")
                 subjects.append(FsSubject(env, name, base / "mnt", mount))
             elif name == "disk":
                 subjects.append(FsSubject(env, name, base / "files"))

@@ -15,6 +15,8 @@ Timing rules, the same for every subject of a workload:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -148,7 +150,7 @@ class FsSubject(Subject):
 
     @property
     def on_s3(self) -> bool:
-        return self.mount is not None
+        return self.mount is not None and self.mount.on_s3
 
     def key(self, rel: str) -> str:
         assert self.mount is not None
@@ -265,7 +267,7 @@ class FsSubject(Subject):
         return Outcome({"rand-read-warm": float(job["read"]["iops"])}, notes=notes)
 
     def seq_read_cold(self, run: int) -> Outcome:
-        if self.mount is None:
+        if self.mount is None or not self.on_s3:
             raise NotAvailable("the local disk has no cold tier")
         self.warm()
         self.prepare_big()
@@ -278,6 +280,30 @@ class FsSubject(Subject):
                 notes.append(f"expected state cloud on a fresh mount, found {state}")
         job = self._fio_read("seq-read.fio", "seq-read-cold", {})
         return Outcome({"seq-read-cold": job["read"]["bw_bytes"] / 1e6}, notes=notes)
+
+    # -- per-request cost
+
+    def requests(self, run: int) -> Outcome:
+        """Calls that each reach the filesystem as one request and do no I/O: what a request costs."""
+        self.warm()
+        path = self.root / "req" / "f"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            write_file(path, self.env.sizes.small_size, self.env.block_data)
+        seconds = self.env.sizes.request_seconds
+        stats = per_second(lambda: statx_sync(path), seconds)
+        notes: list[str] = []
+
+        def getxattr() -> None:
+            try:
+                os.getxattr(path, XATTR_ABSENT)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    why = f"getxattr {XATTR_ABSENT}: {exc.strerror} (not ENODATA)"
+                    if why not in notes:
+                        notes.append(why)
+
+        return Outcome({"request-stat": stats, "request-getxattr": per_second(getxattr, seconds)}, notes=notes)
 
     # -- small files
 
@@ -328,7 +354,7 @@ class FsSubject(Subject):
         count = self.env.sizes.list_count
         self.warm()
         if run == 0:
-            if self.mount is None:
+            if not self.on_s3:  # the disk, or the floor (through the mount)
                 d = self.root / "list"
                 d.mkdir(exist_ok=True)
                 for i in range(count):
@@ -423,6 +449,40 @@ class FsSubject(Subject):
         mounts = measure(MountWriter(a.mountpoint), b.mountpoint, f"m{run}", self.env.sizes.coherence_changes)
         return Outcome({"coherence-timers-p50": mounts.p50() * 1000, "coherence-timers-p99": mounts.p99() * 1000},
                        notes=[f"run {run + 1}: {mounts.summary()}"])
+
+
+XATTR_ABSENT = "security.selinux"  # what `ls -l` asks of every entry; absent without SELinux
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_STATX_FORCE_SYNC = 0x2000
+_STATX_BASIC_STATS = 0x7FF
+_libc = ctypes.CDLL(None, use_errno=True)
+_statx_buf = ctypes.create_string_buffer(256)  # struct statx is 256 bytes
+
+
+def statx_sync(path: Path) -> int:
+    """stat(2) that the kernel must pass to the filesystem: AT_STATX_FORCE_SYNC bypasses FUSE's attribute cache
+    (a plain stat within --attr-timeout would measure the kernel's cache, not the filesystem). Returns the size
+    (``stx_size``, at offset 40 of struct statx)."""
+    if _libc.statx(_AT_FDCWD, os.fsencode(path), _AT_STATX_FORCE_SYNC | _AT_SYMLINK_NOFOLLOW, _STATX_BASIC_STATS,
+                   _statx_buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return int.from_bytes(_statx_buf.raw[40:48], "little")
+
+
+def per_second(call: Callable[[], object], seconds: float) -> float:
+    """How many times ``call`` returns per second, called back to back for about ``seconds``."""
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for _ in range(32):  # the clock read is not in every call's cost
+            call()
+        count += 32
+        now = time.perf_counter()
+        if now >= deadline:
+            return count / (now - start)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -524,6 +584,9 @@ class Boto3Subject(Subject):
 
     rand_read_warm = seq_read_warm
 
+    def requests(self, run: int) -> Outcome:
+        raise NotAvailable("not a filesystem (small-files has its HEAD rate)")
+
     def seq_read_cold(self, run: int) -> Outcome:
         self.prepare_big()
         assert self.big is not None
@@ -599,5 +662,8 @@ METRIC_NA = {
     ("disk", "seq-write-1file-durable"): "local disk: no S3 copy",
     ("disk", "seq-write-many-durable"): "local disk: no S3 copy",
     ("disk", "small-create-durable"): "local disk: no S3 copy",
+    ("floor", "seq-write-1file-durable"): "passthrough to the local disk: no S3 copy",
+    ("floor", "seq-write-many-durable"): "passthrough to the local disk: no S3 copy",
+    ("floor", "small-create-durable"): "passthrough to the local disk: no S3 copy",
     ("boto3", "evict"): "nothing cached to evict",
 }

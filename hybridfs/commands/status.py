@@ -185,7 +185,15 @@ def render(status: dict[str, Any]) -> str:
         state = "caught up" if foreign.get("healthy") else "NOT TRUSTED"
         lines.append(f"s3 events  {foreign.get('topic', '?')}: {state} ({foreign.get('reason', '?')}); "
                      f"{foreign.get('received', 0)} read, {foreign.get('applied', 0)} applied, "
+                     f"{foreign.get('feed_missed', 0)} of other feed mounts not known here, "
                      f"{foreign.get('bad_records', 0)} unreadable skipped, lag {_lag(foreign.get('lag'))}")
+    entropy = status.get("antientropy") or {}
+    if entropy:
+        took = entropy.get("last_pass_seconds")
+        lines.append(f"max-stale  {entropy.get('max_stale')}s: {entropy.get('passes', 0)} passes (last: "
+                     f"{entropy.get('directories_last_pass', 0)} directories"
+                     f"{'' if took is None else f' in {took}s'}), {entropy.get('invalidated', 0)} entries found "
+                     f"changed, {entropy.get('failed', 0)} listings failed")
     hydrator = _get(status, "services", "hydrator") or {}
     purger = _get(status, "services", "purger") or {}
     if hydrator:

@@ -94,3 +94,42 @@ async def _forget_dentry(fs: Filesystem, path: str) -> None:
     parent = fs.inodes.existing(parent_of(path))
     if parent is not None:
         await fs.kernel.forget_entry(parent.ino, name_of(path).encode())
+
+
+def disagrees(fs: Filesystem, path: str, etag: str | None) -> bool:
+    """Whether something this mount may serve for the file at ``path`` without asking S3 says otherwise than S3
+    holding version ``etag`` (None: nothing) — its attributes (fresh, or standing while trusted), the parent's
+    listing, the negative entry, or what the kernel was given (attributes, pages). Directories are left out: a
+    listing names them without a version."""
+    ns = fs.ns
+    cached = ns.stats.get(path)
+    views = [cached.stat if cached is not None else None, ns.standing.get(path)]
+    for st in views:
+        if st is not None and not st.is_dir and (etag is None or st.etag != etag):
+            return True
+    if etag is not None and path in ns.missing:
+        return True
+    listing = ns.listings.get(parent_of(path))
+    if listing is not None:
+        entry = listing.get(name_of(path))
+        if entry is None:
+            if etag is not None:
+                return True
+        elif not entry.is_dir and entry.etag != etag:
+            return True
+    node = fs.inodes.existing(path)
+    if node is not None and not node.unlinked:
+        for given in (node.attr_etag, node.kernel_etag):
+            if given is not None and given != etag:
+                return True
+    return False
+
+
+async def reconcile(fs: Filesystem, key: str, etag: str | None, size: int | None = None) -> bool:
+    """S3 holds version ``etag`` of ``key`` (None: nothing), as a record or a listing says: when what this mount
+    knows says otherwise, forget it (``invalidate_key``; the next access asks S3). True when it did; the same
+    version is a no-op, and so is a key the mount knows nothing of."""
+    path = fs.keys.path(key)
+    if not path or key.endswith("/") or not disagrees(fs, path, etag):
+        return False
+    return await invalidate_key(fs, key, removed=etag is None, etag=etag, size=size)

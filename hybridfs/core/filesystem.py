@@ -18,6 +18,7 @@ import stat as stat_mod
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -99,6 +100,8 @@ class BoundedStore:
     def __init__(self, store: CloudStore, timeout: float) -> None:
         self.store = store
         self.timeout = timeout
+        # Set by the filesystem: a change of this key may or may not have reached S3 (``Filesystem._unsure``).
+        self.unsure: Callable[[str], None] = _ignore
 
     async def within(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         with trio.move_on_after(self.timeout):
@@ -106,11 +109,23 @@ class BoundedStore:
         raise FsError(errno.EIO, f"{what} did not finish within {self.timeout:g}s (S3 slow or unreachable)",
                       level=logging.WARNING)
 
+    async def changing(self, key: str, op: Callable[[], Awaitable[T]]) -> T:
+        """``op`` changes ``key`` in S3: when it ends without a clear answer (EIO: S3 unreachable after retries, an
+        answer lost, a request given up on, which may still land), S3 may hold the change or not, and nobody
+        will publish it: say so (``unsure``). A refusal (a conflict, a missing source) changed nothing."""
+        try:
+            return await op()
+        except FsError as exc:
+            if exc.errno == errno.EIO and not isinstance(exc, WriteConflict):
+                self.unsure(key)
+            raise
+
     async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> str:
-        return await self.within(f"PUT {key}", lambda: self.store.put(key, data, metadata))
+        return await self.changing(key, lambda: self.within(f"PUT {key}", lambda: self.store.put(key, data,
+                                                                                                metadata)))
 
     async def delete(self, key: str) -> None:
-        await self.within(f"DELETE {key}", lambda: self.store.delete(key))
+        await self.changing(key, lambda: self.within(f"DELETE {key}", lambda: self.store.delete(key)))
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self.within(f"HEAD {key}", lambda: self.store.head(key))
@@ -118,8 +133,14 @@ class BoundedStore:
     async def has_children(self, prefix: str) -> bool:
         return await self.within(f"LIST {prefix}", lambda: self.store.has_children(prefix))
 
-    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None) -> None:
-        await self.store.copy(src, dst, metadata, source_etag=source_etag, stall_timeout=self.timeout)
+    async def copy(self, src: str, dst: str, metadata: dict[str, str], *, source_etag: str | None = None,
+                   size: int | None = None) -> ObjectInfo | None:
+        return await self.changing(dst, lambda: self.store.copy(src, dst, metadata, source_etag=source_etag,
+                                                                stall_timeout=self.timeout, size=size))
+
+
+def _ignore(key: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -191,6 +212,8 @@ class Filesystem:
         self.writes = WritePath(store, cache, settings.write, spawner, self._key_of, self._stored,
                                 self.ask_hydration)
         self.meta = BoundedStore(store, settings.write.timeout)  # the S3 requests of metadata operations
+        self.meta.unsure = self._unsure
+        self.writes.fence.landed_late = self._landed_late
 
     def _check_accepting(self) -> None:
         if self.refuse_opens:
@@ -300,10 +323,14 @@ class Filesystem:
         return await self.getattr(ino)
 
     async def _change_metadata(self, node: Node, path: str, changes: dict[str, int], of: OpenFile | None) -> None:
-        if of is not None and of.dirty:  # applied by the upload at flush
-            of.stat = of.stat.with_(**changes)
-            of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
-            return
+        if of is not None:
+            # After a flush under way (the release that stores a new empty file right after `touch` returned):
+            # it uploads the attributes it started with, so a change made meanwhile would be lost.
+            async with of.lock:
+                if of.dirty:  # applied by the upload at flush
+                    of.stat = of.stat.with_(**changes)
+                    of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
+                    return
         st = await self.ns.stat(path)
         if st.is_dir:
             new = self._with_changes(st, changes)
@@ -343,11 +370,14 @@ class Filesystem:
         """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:
         WriteConflict when it is gone). The attributes returned are S3's answer after the copy — size and ETag
         of what it holds now, never those of the stat the change was computed from."""
-        await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag)
-        return await self._stat_after_copy(key, st.etag)
+        copied = await self.meta.copy(key, key, metadata_for(self._with_changes(st, changes)), source_etag=st.etag,
+                                      size=st.size)
+        return await self._stat_after_copy(key, st.etag, copied)
 
-    async def _stat_after_copy(self, key: str, old_etag: str | None) -> Stat:
-        info = await self.meta.head(key)
+    async def _stat_after_copy(self, key: str, old_etag: str | None, copied: ObjectInfo | None = None) -> Stat:
+        """The attributes S3 holds at ``key`` after a copy: its answer to a single CopyObject (conditional on the
+        source version, whose size it copied), else a HEAD."""
+        info = copied if copied is not None else await self.meta.head(key)
         if info is None:  # deleted right after the copy: as if the delete came after our change
             raise not_found(self.keys.path(key) or key)
         if old_etag is not None and info.etag != old_etag:
@@ -484,7 +514,7 @@ class Filesystem:
         with self.writes.fence.removing(key):
             if path not in self.ns.pending or committing:
                 await self.meta.within(f"DELETE {key}", lambda: self.writes.fence.delete(
-                    self.spawner, key, lambda: self.store.delete(key), deleted))
+                    self.spawner, key, lambda: self.meta.changing(key, lambda: self.store.delete(key)), deleted))
             else:
                 gone()
             await self.cache.remove(key)
@@ -565,24 +595,26 @@ class Filesystem:
             await self.writes.flush(of)
             src = of.stat
         try:
-            await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+            copied = await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag, size=src.size)
         except WriteConflict:  # replaced since we read its attributes: move what is there now (see setattr)
             src = await self._reread(old, old_key)
             log.info("%s changed in S3 since its attributes were read; moving the new version (ETag %s)", old,
                      src.etag)
             try:
-                await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag)
+                copied = await self.meta.copy(old_key, new_key, metadata_for(src), source_etag=src.etag,
+                                              size=src.size)
             except WriteConflict as exc:
                 raise FsError(errno.EIO, f"{old!r} keeps changing in S3; not renamed ({exc.message})",
                               level=logging.WARNING) from None
         # Size, ETag and times from S3's answer: the copy is what src.etag named, which src's size may not be.
-        moved = await self._stat_after_copy(new_key, None)
+        moved = await self._stat_after_copy(new_key, None, copied)
+        self._publish(Change.put(new_key, moved))  # S3 holds the copy now, whatever becomes of the DELETE
         # Fenced like an unlink's: a DELETE that S3 processes late must not remove a file made at the old name next.
+        # Its landing is published whenever it comes (also after this rename gave up on it).
         await self.meta.within(f"DELETE {old_key}", lambda: self.writes.fence.delete(
-            self.spawner, old_key, lambda: self.store.delete(old_key), lambda: None))
+            self.spawner, old_key, lambda: self.meta.changing(old_key, lambda: self.store.delete(old_key)),
+            lambda: self._publish(Change.delete(old_key))))
         self.ns.remember(new, moved)
-        self._publish(Change.put(new_key, moved))
-        self._publish(Change.delete(old_key))
         if of is not None:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
@@ -627,7 +659,7 @@ class Filesystem:
             if head is None:
                 return
             try:
-                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag)
+                await self.meta.copy(src, dst, head.metadata or {}, source_etag=head.etag, size=head.size)
                 return
             except WriteConflict:
                 continue
@@ -782,7 +814,7 @@ class Filesystem:
         handle = self._handle(fh)
         of = handle.file
         if handle.writable and (of.dirty or of.lost is not None):
-            await self.writes.flush(of)
+            await self.writes.flush(of, closing=True)
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): stores every change of the file, whichever descriptor wrote it — ``sync FILE`` and many
@@ -959,6 +991,29 @@ class Filesystem:
             await self.kernel.invalidate(node.ino)
 
     # -- the change feed: other mounts' changes (docs/semantics.md, "The change feed") ---------------------
+
+    def _unsure(self, key: str) -> None:
+        """A request changing ``key`` ended without a clear answer: S3 may hold the change or not. The other mounts
+        hear "changed, ask S3" (a lost change would stand there otherwise), and this mount asks S3 at the next
+        access too (what a HEAD last told stays for while S3 is down)."""
+        log.debug("%s: S3 may or may not hold the change asked for; every mount asks S3 again", key)
+        self._publish(Change.unknown(key))
+        path = self.keys.path(key)
+        if path is None or self._written_here(path):
+            return
+        self.ns.invalidate(path)
+        # A directory keeps its kernel entry (see _forget_in_kernel): an rmdir that failed leaves it in use.
+        forget = partial(self._forget_in_kernel, path, self.inodes.existing(path), entry=not key.endswith("/"))
+        self.spawner.start_soon(forget, name=f"forget {path!r} in the kernel")
+
+    async def _landed_late(self, key: str, etag: str | None) -> None:
+        """A commit of ``key`` whose caller heard "failed" landed (version ``etag``; None: it failed without a
+        clear answer, and may have landed): publish it as "changed, ask S3", and ask S3 here too unless the file
+        is still written here (its next flush replaces it)."""
+        self._publish(Change.unknown(key))
+        path = self.keys.path(key)
+        if path and not self._written_here(path):
+            await self._invalidate_path(path, key)
 
     def _publish(self, change: Change) -> None:
         """S3 acknowledged ``change``: tell the other mounts (never blocks, never fails the operation)."""

@@ -32,7 +32,7 @@ log = logging.getLogger("hybridfs.namespace")
 CACHE_ENTRIES = 200_000
 REPORTED_ENTRIES = 10_000  # object versions whose unusable metadata was logged (one line per version)
 PREFETCH_MAX = 10_000  # entries of one listing whose metadata is fetched ahead (ls -l, find -ls)
-PREFETCH_PARALLEL = 8
+PREFETCH_PARALLEL = 20  # as s3fs; the s3-meta limiter (as many threads as --s3-threads) bounds it too
 # How long a revalidation of attributes we could serve anyway may wait for S3 before the last known ones are
 # served (a few round trips to a healthy S3; well under what a program waiting on stat or open tolerates).
 REVALIDATE_WITHIN = 1.0
@@ -74,6 +74,9 @@ class Namespace:
         # they keep cached files readable while S3 is down, and keep a listing from changing an entry's type.
         self.last_known: LRUCache[str, Stat] = LRUCache(CACHE_ENTRIES)
         self._reported: LRUCache[tuple[str, str | None], bool] = LRUCache(REPORTED_ENTRIES)
+        # key -> (ETag, Last-Modified, attributes) of versions a settled HEAD described (ObjectInfo.settled): a
+        # listing that shows the same ETag and Last-Modified lists that version, so its entry needs no HEAD again.
+        self._versions: LRUCache[str, tuple[str, int, Stat]] = LRUCache(CACHE_ENTRIES)
         # Set by the filesystem: where background metadata prefetches run (None: no prefetching).
         self.spawner: Spawner | None = None
         self.cache: LocalCache | None = None  # set by the mount: its index keeps cached files' attributes
@@ -295,8 +298,16 @@ class Namespace:
 
     async def _fetch(self, path: str) -> Stat | None:
         """A file (HEAD key) or a directory (keys under key/) — asked at once, so a missing path, the common
-        case before every create, costs one round trip instead of three."""
+        case before every create, costs one round trip instead of three. A path known as a file is asked with
+        the HEAD alone (a file wins over keys below its name): the revalidation of a known file, e.g. the lookup
+        before an unlink, costs one request instead of two; the keys below are asked only when it is gone."""
         key, marker = self.keys.key(path), self.keys.dir_prefix(path)
+        known = self.last_known.get(path)
+        if known is not None and not known.is_dir:
+            info = await self.store.head(key)
+            if info is not None:
+                return self.parse(info)
+            return await self._directory(path, await self.store.first_keys(marker, 1))
         found: dict[str, object] = {}
 
         errors: list[FsError] = []
@@ -312,10 +323,16 @@ class Namespace:
             nursery.start_soon(ask, "below", lambda: self.store.first_keys(marker, 1))
         if errors:
             raise errors[0]
-        info = found["file"]
-        if isinstance(info, ObjectInfo):
-            return self.parse(info)
-        below_keys = found["below"]
+        answer = found["file"]
+        if isinstance(answer, ObjectInfo):
+            return self.parse(answer)
+        below = found["below"]
+        assert isinstance(below, list)
+        return await self._directory(path, below)
+
+    async def _directory(self, path: str, below_keys: list[str]) -> Stat | None:
+        """No object at ``path``: a directory when keys are below it (its marker's attributes, or defaults)."""
+        marker = self.keys.dir_prefix(path)
         if not below_keys:
             return None
         if below_keys == [marker]:  # a marker object, which carries the directory's attributes
@@ -331,7 +348,16 @@ class Namespace:
         if problems and (info.key, info.etag) not in self._reported:
             self._reported[(info.key, info.etag)] = True
             log.warning("object %s has unusable metadata, using defaults for: %s", info.key, "; ".join(problems))
+        if info.settled and not is_dir and st.complete:
+            self._versions[info.key] = (info.etag, info.mtime_ns, st)
         return st
+
+    def _proven(self, info: ObjectInfo) -> Stat | None:
+        """The attributes of the version a listing shows, when a settled HEAD described that very version."""
+        version = self._versions.get(info.key)
+        if version is None or version[:2] != (info.etag, info.mtime_ns):
+            return None
+        return version[2]
 
     async def list(self, path: str) -> dict[str, Stat]:
         """Children of a directory, name -> attributes (possibly incomplete: a listing has no metadata)."""
@@ -380,9 +406,10 @@ class Namespace:
         return known
 
     async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
+        proven: dict[str, Stat] = {}
         asked = time.monotonic()
         with self._watch(path) as watch:
-            listing = await self._fetch_listing(path)
+            listing = await self._fetch_listing(path, proven)
         if self._listings_degraded and self._in_time(asked):  # a slow answer is no end of the outage
             self._listings_degraded = False
             log.info("S3 lists again; listings come from S3")
@@ -391,6 +418,9 @@ class Namespace:
         else:
             self.listings[path] = listing
             self.known_listings[path] = listing  # the same dict: our own changes update both
+            for child, st in proven.items():  # S3's answer for each, as a HEAD's: a lookup of it asks S3 no more
+                if child not in self.pending:
+                    self._store(child, st)
         self._prefetch(path, listing)
         return listing
 
@@ -491,10 +521,11 @@ class Namespace:
             if event is not None:
                 event.set()
 
-    async def _fetch_listing(self, path: str) -> dict[str, Stat]:
-        """A listing has names, sizes and ETags only. What it lacks comes from what a HEAD told (fresh:
-        shown as final; older: shown as incomplete, with its type kept), else from defaults (incomplete,
-        and of unknown type for objects, which may be symlinks or FIFOs)."""
+    async def _fetch_listing(self, path: str, proven: dict[str, Stat]) -> dict[str, Stat]:
+        """A listing has names, sizes and ETags, and on MinIO the user metadata too (final attributes, as a
+        HEAD's). What a plain one lacks comes from what a HEAD told (of the same version: final; fresh: shown as
+        final; older: shown as incomplete, with its type kept), else from defaults (incomplete, and of unknown
+        type for objects, which may be symlinks or FIFOs). The entries S3 described in full go to ``proven``."""
         result = await self.store.list_dir(self.keys.dir_prefix(path))
         children: dict[str, Stat] = {}
         for name in result.subdirs:
@@ -504,7 +535,11 @@ class Namespace:
             name = info.key[len(self.keys.dir_prefix(path)):]
             if not name or name in children:  # a file and a directory of one name: the directory wins
                 continue
-            children[name] = self._listed_object(f"{path}/{name}" if path else name, info)
+            child = f"{path}/{name}" if path else name
+            st = self.parse(info) if info.metadata is not None else self._proven(info)
+            if st is not None:
+                proven[child] = st
+            children[name] = st or self._listed_object(child, info)
         return children
 
     def _listed_dir(self, path: str) -> Stat:
@@ -620,6 +655,10 @@ class Namespace:
 
 
     # -- answers that arrive after a change ----------------------------------------------------------------
+
+    def watch(self, path: str) -> _Watch:
+        """For fetches made outside the namespace (the anti-entropy pass's listings): see ``_watch``."""
+        return self._watch(path)
 
     def _watch(self, path: str) -> _Watch:
         """Around a fetch of ``path`` (a HEAD, or the listing of a directory): ``.changed`` afterwards says

@@ -129,6 +129,11 @@ class WriteFence:
         self._landed: dict[str, str] = {}
         self._unacknowledged: dict[str, set[str]] = {}  # key -> tokens of commits whose caller heard "failed"
         self._removing: dict[str, int] = {}  # key -> unlinks of it under way (``removing``)
+        # Set by the filesystem: told of a version S3 holds that nobody was told was stored (a commit that landed
+        # after its caller heard "failed", or one whose delete after an unlink failed). The other mounts must hear
+        # of it: the fence publishes nothing itself.
+        # ETag None: a commit that failed without a clear answer (EIO), which S3 may hold or not.
+        self.landed_late: Callable[[str, str | None], Awaitable[None]] | None = None
 
     async def commit(self, spawner: Spawner, key: str, condition: Condition, token: str, send: Send) -> str:
         pending = _Send(key, token, removed=key in self._removing)
@@ -161,14 +166,23 @@ class WriteFence:
             pending.error = io_error(f"commit of {pending.key}: internal error {exc!r}")
         finally:
             self._done(pending)
+        error = pending.error
+        if isinstance(error, FsError) and error.errno == errno.EIO and not isinstance(error, WriteConflict) \
+                and not pending.removed:
+            await self._tell_late(pending.key, None)  # its answer may be what was lost: S3 may hold it
         if pending.abandoned and not pending.removed:
             if pending.etag is not None:
                 self._landed[pending.key] = pending.etag
                 log.info("an upload of %s whose caller was told it failed landed later (ETag %s); the next "
                          "flush of the file replaces it", pending.key, pending.etag)
+                await self._tell_late(pending.key, pending.etag)
             else:
                 log.info("an upload of %s whose caller was told it failed ended without storing anything: %s",
                          pending.key, pending.error)
+
+    async def _tell_late(self, key: str, etag: str | None) -> None:
+        if self.landed_late is not None:
+            await self.landed_late(key, etag)
 
     def _done(self, pending: _Send) -> None:
         pending.done.set()
@@ -290,6 +304,8 @@ class WriteFence:
         except FsError as exc:  # the commit itself did land: its caller is not told otherwise
             log.warning("%s was removed while its upload was on its way; the upload landed later (ETag %s) and "
                         "could not be deleted: %s", pending.key, pending.etag, exc.message)
+            if pending.etag is not None:
+                await self._tell_late(pending.key, pending.etag)
             return
         log.info("%s was removed while its upload was on its way; the upload landed later (ETag %s) and was "
                  "deleted", pending.key, pending.etag)

@@ -26,6 +26,7 @@ from hybridfs.events.bus import EventBus
 from hybridfs.events.consumer import EventConsumer
 from hybridfs.events.schema import topic_names
 from hybridfs.keylocks import KeyLocks
+from hybridfs.services.antientropy import AntiEntropy
 from hybridfs.services.census import Census
 from hybridfs.services.common import FilesystemHooks
 from hybridfs.services.feed import FeedPublisher, FeedService
@@ -57,6 +58,7 @@ class Services:
     evict_consumer: EventConsumer | None
     census: Census
     feed: FeedService | None = None  # None: events are off
+    antientropy: AntiEntropy | None = None  # None: events are off, or --max-stale 0
 
     def status(self) -> dict[str, Any]:
         """Merged into the mount's status (``user.hybridfs.status`` on the mount root)."""
@@ -67,6 +69,8 @@ class Services:
         if self.evict_consumer is not None:
             purger["consumer"] = dataclasses.asdict(self.evict_consumer.stats())
         extra: dict[str, Any] = {"feed": self.feed.status()} if self.feed is not None else {}
+        if self.antientropy is not None:
+            extra["antientropy"] = self.antientropy.status()
         return {
             **extra,
             "services": {
@@ -137,7 +141,12 @@ async def start_all(nursery: Supervisor, mount: Mount, fs: Filesystem) -> Servic
                        index_path=mount.state_dir / "feed-index.sqlite")
     fs.ns.trusted = feed.trusted
     await nursery.start(feed.run)
-    return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census, feed)
+    # Trusted mode's bound (--max-stale): it reads fs.ns.trusted at each pass, so the S3 event records' health,
+    # added to it later by the mount, counts too.
+    antientropy = AntiEntropy(fs, cfg.max_stale) if cfg.max_stale > 0 else None
+    if antientropy is not None:
+        await nursery.start(antientropy.run, name="anti-entropy")
+    return Services(planner, hydrator, purger, hydrate_consumer, evict_consumer, census, feed, antientropy)
 
 
 def evictions_reachable(bus: EventBus, consumers: list[EventConsumer]) -> bool | None:

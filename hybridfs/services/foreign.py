@@ -4,11 +4,15 @@
 
     <s3 events topic> --S3EventFeed (every partition, no group)--> ForeignWrites.handle --> invalidate_key
 
-Records of requests made by this mount, or by any mount publishing to the same change feed, are skipped: the
-mount adds User-Agent tokens to each of its S3 requests (:func:`agent_tokens`) and MinIO and Ceph copy the
-User-Agent into the record. The mount already shows what it wrote, and the feed brings the other mounts' changes
-sooner and with their attributes (a record would only cost a HEAD). Records without a User-Agent (EventBridge)
-are applied; that is harmless: an invalidation only makes the next stat ask S3 again.
+The mount adds User-Agent tokens to each of its S3 requests (:func:`agent_tokens`) and MinIO and Ceph copy the
+User-Agent into the record. Records of this mount's own requests are skipped: it already shows what it wrote.
+Records of another mount publishing to the same change feed are compared with what this mount knows
+(``coherence.reconcile``): the feed normally brings that change sooner and with its attributes, so the same ETag
+costs nothing; but a change that never reached the feed (a commit that landed after its close was told EIO, a
+request whose answer was lost, the other mount cut off Kafka or killed before its outbox) shows here as another
+ETag than the one the mount knows, and is invalidated (the next access asks S3). Records of any other writer,
+and records without a User-Agent (EventBridge), are applied as invalidations; that is harmless: an invalidation
+only makes the next stat ask S3 again.
 
 While the records are read, the namespace is trusted only if this consumer is healthy too (:meth:`trusted`):
 trusting local metadata is only right while every source of changes is caught up.
@@ -20,7 +24,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from hybridfs.core.coherence import invalidate_key
+from hybridfs.core.coherence import invalidate_key, reconcile
 from hybridfs.events.s3events import S3Change, S3EventFeed
 
 if TYPE_CHECKING:
@@ -47,16 +51,25 @@ def agent_tokens(origin: str, feed: str | None) -> list[str]:
 
 
 class ForeignWrites:
-    def __init__(self, fs: Filesystem, known_agents: list[str]) -> None:
+    def __init__(self, fs: Filesystem, own_agent: str, feed_agent: str | None = None) -> None:
+        """``own_agent``: this mount's User-Agent token; ``feed_agent``: the one shared by the mounts on its change
+        feed (:func:`agent_tokens`)."""
         self.fs = fs
-        self.known_agents = known_agents
+        self.own_agent = own_agent
+        self.feed_agent = feed_agent
         self.applied = 0
         self.own = 0
         self.ignored = 0  # outside the mount's prefix, or a path with local state
+        self.feed_known = 0  # another feed mount's change, already known here (its feed record came first)
+        self.feed_missed = 0  # another feed mount's change that this mount did not know: invalidated
 
     async def handle(self, change: S3Change) -> None:
-        if change.user_agent and any(token in change.user_agent for token in self.known_agents):
+        agent = change.user_agent
+        if agent and self.own_agent in agent:
             self.own += 1
+            return
+        if agent and self.feed_agent is not None and self.feed_agent in agent:
+            await self._feed_mounts(change)
             return
         applied = await invalidate_key(self.fs, change.key, removed=change.removed, etag=change.etag,
                                        size=change.size)
@@ -65,6 +78,20 @@ class ForeignWrites:
             log.debug("%s %s (ETag %s): invalidated", change.event_name, change.key, change.etag)
         else:
             self.ignored += 1
+
+    async def _feed_mounts(self, change: S3Change) -> None:
+        """Another mount on the change feed made it: the feed normally told us first; compare, never drop."""
+        etag = None if change.removed else change.etag
+        if not change.removed and etag is None:  # a creation whose version the record does not say
+            missed = await invalidate_key(self.fs, change.key, removed=False)
+        else:
+            missed = await reconcile(self.fs, change.key, etag, change.size)
+        if missed:
+            self.feed_missed += 1
+            log.debug("%s %s (ETag %s) by another feed mount, not known here: invalidated", change.event_name,
+                      change.key, change.etag)
+        else:
+            self.feed_known += 1
 
     @staticmethod
     def unhealthy_reason(feed: S3EventFeed) -> str | None:
@@ -94,7 +121,8 @@ class ForeignWrites:
         stats = feed.stats()
         reason = self.unhealthy_reason(feed)
         return {"topic": stats.topic, "received": stats.received, "changes": stats.changes,
-                "applied": self.applied, "own": self.own, "ignored": self.ignored, "bad_records": stats.bad_records,
+                "applied": self.applied, "own": self.own, "ignored": self.ignored,
+                "feed_known": self.feed_known, "feed_missed": self.feed_missed, "bad_records": stats.bad_records,
                 "handler_failures": stats.handler_failures, "lag": stats.lag, "last_poll_age": stats.last_poll_age,
                 "reachable": stats.reachable, "running": stats.running, "assigned": stats.assigned,
                 "healthy": reason is None, "reason": reason or "caught up"}
