@@ -269,6 +269,9 @@ def test_metadata_operations_on_a_stalled_s3_fail_within_the_write_timeout(
     mount.allow_log(rf"did not finish within {BOUND:g}s|no progress for {BOUND:g}s")
     # The held requests fail when the proxy closes them (no answer): the breaker counts those failures.
     mount.allow_log(r"S3 marked down after \d+ failed calls in a row \(Connection was closed")
+    # A revalidation during the stall: the breaker finds S3 slow, then down (a read without an answer, a probe too)
+    mount.allow_log(r"S3 marked down: .*: no answer for .*, and none to a probe within")
+    mount.allow_log(r"S3 (slow|unreachable) .*; serving last known attributes and cached data")
     mount.allow_log(r"listing '': .*; listings are answered with what this mount knows")
     root = mount.path
     for name in ("f_unlink", "f_chmod", "f_rename", "f_truncate"):
