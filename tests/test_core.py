@@ -210,7 +210,7 @@ class LateStore:
     async def first_keys(self, prefix: str, limit: int = 2) -> list[str]:
         return []
 
-    async def list_dir(self, prefix: str) -> Any:
+    async def list_dir(self, prefix: str, on_page: Any = None) -> Any:
         from hybridfs.tiers.s3 import Listing
 
         return await self._late(Listing(files=[ObjectInfo(self.key, 3, "v1", 0)], subdirs=[]))

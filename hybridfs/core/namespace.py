@@ -384,8 +384,12 @@ class Namespace:
         if fetch is None:
             fetch = self._listing[path] = _ListingFetch()
             self.spawner.start_soon(self._fetch_in_background, path, fetch, name=f"list {path!r}")
-        await self._wait(fetch.done, LIST_WITHIN)
-        slow = self._s3_slow()
+        while True:
+            await self._wait(fetch.done, LIST_WITHIN)
+            slow = self._s3_slow()
+            if fetch.done.is_set() or slow or time.monotonic() - fetch.page_at >= LIST_WITHIN:
+                break
+            # S3 answers page after page (a directory of thousands): a healthy S3's listing is on its way.
         if fetch.listing is not None:
             return fetch.listing
         if fetch.error is not None and fetch.error.errno != errno.EIO:
@@ -405,12 +409,13 @@ class Namespace:
                     if first else "")
         return known
 
-    async def _fetch_and_keep(self, path: str) -> dict[str, Stat]:
+    async def _fetch_and_keep(self, path: str, fetch: _ListingFetch | None = None) -> dict[str, Stat]:
         proven: dict[str, Stat] = {}
-        asked = time.monotonic()
+        fetch = fetch or _ListingFetch()
         with self._watch(path) as watch:
-            listing = await self._fetch_listing(path, proven)
-        if self._listings_degraded and self._in_time(asked):  # a slow answer is no end of the outage
+            listing = await self._fetch_listing(path, proven, fetch.page)
+        # A slow answer is no end of the outage (its last page is what counts: a long listing takes its time).
+        if self._listings_degraded and self._in_time(fetch.page_at):
             self._listings_degraded = False
             log.info("S3 lists again; listings come from S3")
         if watch.changed:
@@ -426,7 +431,7 @@ class Namespace:
 
     async def _fetch_in_background(self, path: str, fetch: _ListingFetch) -> None:
         try:
-            fetch.listing = await self._fetch_and_keep(path)
+            fetch.listing = await self._fetch_and_keep(path, fetch)
         except FsError as exc:
             fetch.error = exc
         except Exception as exc:  # a bug: this `ls` fails with EIO and a log line, the mount goes on
@@ -521,12 +526,13 @@ class Namespace:
             if event is not None:
                 event.set()
 
-    async def _fetch_listing(self, path: str, proven: dict[str, Stat]) -> dict[str, Stat]:
+    async def _fetch_listing(self, path: str, proven: dict[str, Stat],
+                             on_page: Callable[[], None] | None = None) -> dict[str, Stat]:
         """A listing has names, sizes and ETags, and on MinIO the user metadata too (final attributes, as a
         HEAD's). What a plain one lacks comes from what a HEAD told (of the same version: final; fresh: shown as
         final; older: shown as incomplete, with its type kept), else from defaults (incomplete, and of unknown
         type for objects, which may be symlinks or FIFOs). The entries S3 described in full go to ``proven``."""
-        result = await self.store.list_dir(self.keys.dir_prefix(path))
+        result = await self.store.list_dir(self.keys.dir_prefix(path), on_page)
         children: dict[str, Stat] = {}
         for name in result.subdirs:
             child = f"{path}/{name}" if path else name
@@ -726,6 +732,12 @@ class _ListingFetch:
         self.done = trio.Event()
         self.listing: dict[str, Stat] | None = None
         self.error: FsError | None = None
+        # When it was asked for, then when its last page came in: stamped by the listing's worker thread (a float
+        # assignment), only read on the trio side.
+        self.page_at = time.monotonic()
+
+    def page(self) -> None:
+        self.page_at = time.monotonic()
 
 
 def _never() -> bool:

@@ -387,37 +387,50 @@ class CloudStore:
             settled=_answered_after(resp, resp["LastModified"].timestamp() + SETTLED_AFTER),
         )
 
-    async def list_dir(self, prefix: str) -> Listing:
+    async def list_dir(self, prefix: str, on_page: Callable[[], None] | None = None) -> Listing:
         """One directory level under ``prefix`` (which ends in ``/`` or is empty), all pages; with the objects'
-        user metadata where the store lists it (asked until a listing shows it does not, once per mount)."""
+        user metadata where the store lists it (asked until a listing shows it does not, once per mount).
+        ``on_page`` is called from the worker thread as each page comes in (it must only stamp a time)."""
         ask = self.lists_metadata is not False
-        listing = await self._call(f"LIST {prefix}", self._list_dir_sync, prefix, ask)
+        what = f"LIST {prefix}"
+        flight = Flight(what)
+
+        def page_in() -> None:
+            # The next page's request goes out now: the breaker times the wait for that one, so a directory of
+            # many pages from a healthy S3 is no stall, while a page that never comes still is.
+            flight.send()
+            if on_page is not None:
+                on_page()
+
+        listing = await self._call_as(what, functools.partial(self._list_dir_sync, prefix, ask, page_in), flight)
         if ask and listing.with_metadata is not None and self.lists_metadata is None:
             self.lists_metadata = listing.with_metadata
             log.info("S3 %s user metadata in listings%s", "lists" if listing.with_metadata else "does not list",
                      "" if listing.with_metadata else "; attributes of listed objects come from HEADs")
         return listing
 
-    def _list_dir_sync(self, prefix: str, with_metadata: bool) -> Listing:
+    def _list_dir_sync(self, prefix: str, with_metadata: bool, on_page: Callable[[], None]) -> Listing:
         if not with_metadata:
-            return self._list_plain(prefix)
+            return self._list_plain(prefix, on_page)
         try:
             with self._metadata_listing.asking():
-                listing = self._list_plain(prefix)
+                listing = self._list_plain(prefix, on_page)
         except botocore.exceptions.ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status not in (400, 405, 501):  # a store that refuses the parameter; anything else is an answer
                 raise
-            listing = self._list_plain(prefix)
+            listing = self._list_plain(prefix, on_page)
             listing.with_metadata = False
             return listing
         if listing.files:
             listing.with_metadata = any(info.metadata is not None for info in listing.files)
         return listing
 
-    def _list_plain(self, prefix: str) -> Listing:
+    def _list_plain(self, prefix: str, on_page: Callable[[], None] | None = None) -> Listing:
         listing = Listing()
         for page in self._pages(Prefix=prefix, Delimiter="/"):
+            if on_page is not None:
+                on_page()
             for cp in page.get("CommonPrefixes", []):
                 name = cp["Prefix"][len(prefix):].rstrip("/")
                 if name:
