@@ -365,10 +365,14 @@ class Filesystem:
         return st
 
     async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
-        if of is not None:
-            await self.writes.truncate(of, size)
-            node.kernel_etag = None
-            return
+        while of is not None:
+            if await self.writes.truncate(of, size):
+                node.kernel_etag = None
+                return
+            # Its last handle was released while we waited for its lock: whoever holds the inode now, if anyone.
+            of = self.open_files.get(node.ino)
+            if of is not None and of.handles == 0:
+                of = None
         st = await self.ns.stat(path)
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory")

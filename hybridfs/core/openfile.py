@@ -196,14 +196,20 @@ class WritePath:
             if of.dirty:
                 await self._flush(of)
 
-    async def truncate(self, of: OpenFile, size: int) -> None:
+    async def truncate(self, of: OpenFile, size: int) -> bool:
+        """Truncate an open file; False when its last handle was released while we waited for its lock (the
+        release dropped its writer and nothing would ever store or close a spool made now: the caller truncates
+        the file as a closed one)."""
         async with of.lock:
+            if of.handles == 0:
+                return False
             if of.lost is not None:
                 raise of.lost
             if isinstance(of.writer, StreamWriter) and of.writer.size == size:
-                return
+                return True
             spool = await self._to_spool(of)
             await spool.truncate(size)
+            return True
 
     async def truncate_open(self, of: OpenFile) -> None:
         """O_TRUNC: empty the file; the next flush uploads the new content even if nothing is written."""
