@@ -679,6 +679,7 @@ class Filesystem:
             raise FsError(errno.ESTALE, f"inode {ino} was unlinked; looking its name up again", level=logging.DEBUG)
         path = self.inodes.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        truncate = writable and bool(flags & os.O_TRUNC)  # the kernel passes O_TRUNC to us (atomic_o_trunc)
         of = self.open_files.get(ino)
         if of is None or not self._is_local(of):
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
@@ -688,14 +689,21 @@ class Filesystem:
             node = self.inodes.node(ino)  # re-check after the awaits
             of = self.open_files.get(ino)
             if of is None:
-                of = self.open_files[ino] = OpenFile(node, st)
+                # A new open file is registered together with its handle, with no await in between: one left in
+                # the table without a handle (an await here, then ESTALE because a getattr or unlink detached the
+                # node meanwhile) would never be released.
+                of = OpenFile(node, st)
+                if truncate:
+                    self.writes.truncate_unshared(of)
+                    truncate = False
+                self.open_files[ino] = of
             elif self._detach_if_replaced(node, st):
                 # S3 holds a new version: a new file for the new open, while the open handles keep the old
                 # one (their inode, their pages, their pinned reader). ESTALE from open makes the kernel
                 # walk the path again with a forced lookup, which finds the new inode.
                 raise FsError(errno.ESTALE, f"{path!r} changed in S3 while open; reopening the new version",
                               level=logging.DEBUG)
-        if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
+        if truncate:  # an open file others hold: truncated under its lock
             await self.writes.truncate_open(of)  # waits for the file's lock: a release may hold it
             if self.open_files.get(ino) is not of or node.unlinked:
                 # The last handle's release dropped the file meanwhile (a new file whose every upload failed is

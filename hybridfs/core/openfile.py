@@ -219,10 +219,20 @@ class WritePath:
             else:
                 if isinstance(of.writer, StreamWriter):
                     await of.writer.abort()
-                of.stat = of.stat.with_(size=0)
-                of.writer = self.stream_writer(of, self.key_of(of.node))
+                    of.writer = None
+                self.truncate_unshared(of)
+                return
             of.lost = None  # new content: whatever could not be stored before no longer matters
             of.created = True
+
+    def truncate_unshared(self, of: OpenFile) -> None:
+        """O_TRUNC of an open file nobody else can reach yet (not in the open-files table) and without a writer:
+        no lock and no await, so the open that made it registers it with its handle at once."""
+        assert of.writer is None
+        of.stat = of.stat.with_(size=0)
+        of.writer = self.stream_writer(of, self.key_of(of.node))
+        of.lost = None  # new content: whatever could not be stored before no longer matters
+        of.created = True
 
     async def release(self, of: OpenFile) -> None:
         """The last handle is gone: upload what no flush has tried, then drop the writer."""

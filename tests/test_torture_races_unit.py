@@ -1,0 +1,62 @@
+"""Issue 21, found by the concurrency torture: interleavings inside one request's awaits, forced in the core
+(no kernel; the real MinIO). The mount-level ones are in tests/test_torture_races.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.lowlevel
+from test_core import ROOT, RecordingHydration, run_fs
+
+from hybridfs.core.filesystem import Filesystem
+from hybridfs.errors import FsError
+
+
+def test_an_open_with_o_trunc_detached_meanwhile_leaves_no_open_file(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """open(O_WRONLY|O_TRUNC) of a closed file, while a getattr of the same inode learns that S3 holds a new
+    version (another mount's overwrite) and detaches the node. Before: the open registered its new OpenFile, then
+    awaited the file's lock to truncate it; the getattr detached the node in that await; the open failed with
+    ESTALE and left the OpenFile in the table with no handle, for good (the torture's "files still open with no
+    descriptor left"). The test catches the open parked in that await (an OpenFile without a handle) and only
+    then runs the getattr. After: a new OpenFile is truncated before it is registered, with its handle at once."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        parked = 0
+        for i in range(24):
+            name = f"f{i}"
+            key = fs.keys.key(name)
+            s3.put_object(Bucket=stack.bucket, Key=key, Body=b"old")
+            s3.put_object(Bucket=stack.bucket, Key=key, Body=b"the new version")  # written elsewhere
+            info = await fs.store.head(key)
+            assert info is not None
+            newer = fs.ns.parse(info)
+            s3.put_object(Bucket=stack.bucket, Key=key, Body=b"old")  # the mount is told of this one first
+            node, _ = await fs.lookup(ROOT, name.encode())
+            outcome: dict[str, Any] = {}
+
+            async def opener(node_ino: int = node.ino, outcome: dict[str, Any] = outcome) -> None:
+                try:
+                    outcome["fh"] = (await fs.open(node_ino, os.O_WRONLY | os.O_TRUNC))[0]
+                except FsError as exc:
+                    outcome["errno"] = exc.errno
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(opener)
+                while not outcome:
+                    of = fs.open_files.get(node.ino)
+                    if of is not None and of.handles == 0:  # the open made it and is inside an await
+                        parked += 1
+                        fs.ns.remember(name, newer)  # another request's HEAD found the new version ...
+                        await fs.getattr(node.ino)  # ... and this getattr detaches the node (no await before)
+                        break
+                    await trio.lowlevel.checkpoint()
+            if "fh" in outcome:
+                await fs.release(outcome["fh"])
+            orphans = {ino: of.node.path for ino, of in fs.open_files.items() if of.handles == 0}
+            assert not orphans, f"round {i} ({outcome}, parked {parked}): open files with no handle: {orphans}"
+
+    run_fs(stack, prefix, tmp_path, body)
