@@ -4,6 +4,8 @@ real mount with the S3 fault proxy holding the request that keeps the first oper
 - A truncate by path that waits for the file's lock behind its last release: the release drops the writer and the
   open file, and the truncate made a spool on that dead file (a 0-byte ``*.spool`` descriptor left open for the
   mount's life, and the truncate acknowledged but never stored).
+- A chmod of a file above the part size (a multipart copy, UploadPartCopy) whose source another writer replaces
+  after the copy's HEAD: s3transfer's S3CopyFailedError reached the FUSE layer as a BUG (EIO).
 """
 
 from __future__ import annotations
@@ -99,3 +101,29 @@ def test_truncate_behind_the_last_release_is_stored_and_leaves_no_spool(
     assert path.stat().st_size == 0
     wait_until(lambda: not spool_descriptors(mount), 10,
                message=f"no spool descriptor left open (open: {spool_descriptors(mount)})")
+
+
+def test_chmod_multipart_copy_whose_source_changes_midway_applies_to_the_new_version(
+        s3_proxy: S3FaultProxy, mount_factory: Any, s3: Any) -> None:
+    """chmod of a 6 MiB file (5 MiB parts: the copy onto itself is multipart, CopySourceIfMatch on each
+    UploadPartCopy). The proxy delays the first UploadPartCopy; boto3 replaces the object meanwhile, so S3 refuses
+    the part (412). Before: s3transfer's S3CopyFailedError was not an S3 error the mount knew: "setattr: BUG:
+    unexpected S3CopyFailedError", chmod failed with EIO. After: a write conflict, like a refused single copy:
+    chmod applies to the new version (S3 holds boto3's bytes with mode 600)."""
+    mount = mount_factory(extra_args=["--endpoint-url", s3_proxy.url, "--part-size", "5M",
+                                      "--dir-cache-time", "120", "--attr-timeout", "60"])
+    name = "big.bin"
+    old, new = os.urandom(6 * 1024 * 1024), os.urandom(6 * 1024 * 1024 + 1)
+    s3.put_object(Bucket=mount.bucket, Key=mount.key(name), Body=old)
+    assert (mount.path / name).stat().st_size == len(old)  # the mount knows the old version
+    part = s3_proxy.add(Rule(method="PUT", path=object_path(mount, name), query=r"partNumber=", action="delay",
+                             delay=3.0, times=1))
+    chmod = Attempt(lambda: os.chmod(mount.path / name, 0o600), "chmod")
+    chmod.start()
+    wait_until(lambda: part.hits >= 1, 30, message="the first UploadPartCopy to reach the proxy")
+    s3.put_object(Bucket=mount.bucket, Key=mount.key(name), Body=new)  # replaced while the part is delayed
+    chmod.join(60)
+    assert chmod.outcome is None, chmod.outcome
+    assert s3_bytes(s3, mount, name) == new
+    assert (mount.path / name).stat().st_mode & 0o777 == 0o600
+    assert int(s3.head_object(Bucket=mount.bucket, Key=mount.key(name))["Metadata"]["mode"]) & 0o777 == 0o600

@@ -36,6 +36,7 @@ import botocore.exceptions
 import google_crc32c
 import trio
 from boto3.s3.transfer import TransferConfig
+from s3transfer.exceptions import S3CopyFailedError
 
 from hybridfs.errors import FsError, errno_name
 from hybridfs.retry import Policy, Retrying, is_temporary
@@ -455,9 +456,16 @@ class CloudStore:
             extra["CopySourceIfMatch"] = f'"{source_etag}"'
         what = f"COPY {src} -> {dst}"
         progress = _Progress()
-        call = functools.partial(self._call, what, self.client.copy, {"Bucket": self.bucket, "Key": src},
-                                 self.bucket, dst, ExtraArgs=extra, Callback=progress.moved,
-                                 Config=self.transfer_config)
+        async def call() -> None:
+            try:
+                await self._call(what, self.client.copy, {"Bucket": self.bucket, "Key": src}, self.bucket, dst,
+                                 ExtraArgs=extra, Callback=progress.moved, Config=self.transfer_config)
+            except S3CopyFailedError as exc:
+                # s3transfer's own word for an UploadPartCopy refused by CopySourceIfMatch: ``src`` was replaced
+                # after the copy's HEAD (it aborts its multipart upload itself).
+                raise WriteConflict(errno.ESTALE, f"{what}: object changed remotely during the copy ({exc})",
+                                    level=logging.INFO) from exc
+
         if stall_timeout is None:
             await call()
         else:
