@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import trio
 import trio.lowlevel
 from test_core import ROOT, RecordingHydration, run_fs
 
-from hybridfs.core.filesystem import Filesystem
+from hybridfs.core.filesystem import AttrChanges, Filesystem
 from hybridfs.errors import FsError
 
 
@@ -58,5 +59,37 @@ def test_an_open_with_o_trunc_detached_meanwhile_leaves_no_open_file(
                 await fs.release(outcome["fh"])
             orphans = {ino: of.node.path for ino, of in fs.open_files.items() if of.handles == 0}
             assert not orphans, f"round {i} ({outcome}, parked {parked}): open files with no handle: {orphans}"
+
+    run_fs(stack, prefix, tmp_path, body)
+
+
+def test_chmod_of_a_path_replaced_elsewhere_leaves_an_open_handle_on_its_version(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """A handle reads version 1 ("old", 3 bytes); another writer replaces the object (a record of an unknown
+    order makes the mount forget the path, without detaching the open node); chmod of the path through the open
+    inode copies what S3 holds now. Before: the open file took the copy's attributes, so the handle that opened
+    3 bytes switched to the new version (getattr said 15 bytes, the read returned the new bytes: a size
+    mismatch and, for a pwrite after it, a spool made from a version the writer never read). After: the handle
+    keeps its version (its read is "old" or ESTALE, its size 3); chmod applies to the new version in S3."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        key = fs.keys.key("f")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"old")
+        node, _ = await fs.lookup(ROOT, b"f")
+        fh, _ = await fs.open(node.ino, os.O_RDONLY)
+        assert await fs.read(fh, 0, 4096) == b"old"
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"the new version")  # written elsewhere
+        await fs.invalidate_key(key)  # an S3 event record: the next access asks S3
+        await fs.setattr(node.ino, AttrChanges(mode=0o600))
+        assert (await fs.getattr(node.ino)).size == 3
+        try:
+            data = await fs.read(fh, 0, 4096)
+        except FsError as exc:
+            assert exc.errno == errno.ESTALE, exc
+        else:
+            assert data == b"old"
+        await fs.release(fh)
+        head = s3.head_object(Bucket=stack.bucket, Key=key)
+        assert head["ContentLength"] == 15 and int(head["Metadata"]["mode"]) & 0o777 == 0o600
 
     run_fs(stack, prefix, tmp_path, body)

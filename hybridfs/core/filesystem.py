@@ -330,7 +330,10 @@ class Filesystem:
                               f"({exc.message})", level=logging.WARNING) from None
         self.ns.remember(path, new)
         self._publish(Change.put(key, new))
-        if of is not None:
+        if of is not None and of.stat.etag == st.etag:
+            # Only the open file of the version copied takes the copy's attributes. One open on another version
+            # (replaced elsewhere since it was opened) keeps its own: its handles read what they opened, with the
+            # size the kernel was told (the getattr that ends setattr detaches its node).
             of.stat = new
 
     @staticmethod
@@ -587,7 +590,7 @@ class Filesystem:
         self.ns.remember(new, moved)
         self._publish(Change.put(new_key, moved))
         self._publish(Change.delete(old_key))
-        if of is not None:
+        if of is not None and of.stat.etag == src.etag:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
             await self.meta.delete(self.keys.dir_prefix(new))
