@@ -14,6 +14,7 @@ from test_core import ROOT, RecordingHydration, run_fs
 
 from hybridfs.core.filesystem import AttrChanges, Filesystem
 from hybridfs.errors import FsError
+from hybridfs.fuse_ops import FuseOperations
 
 
 def test_an_open_with_o_trunc_detached_meanwhile_leaves_no_open_file(
@@ -91,5 +92,49 @@ def test_chmod_of_a_path_replaced_elsewhere_leaves_an_open_handle_on_its_version
         await fs.release(fh)
         head = s3.head_object(Bucket=stack.bucket, Key=key)
         assert head["ContentLength"] == 15 and int(head["Metadata"]["mode"]) & 0o777 == 0o600
+
+    run_fs(stack, prefix, tmp_path, body)
+
+
+class RecordingKernel:
+    """The kernel notifier of a mount, recorded: which inodes were told to drop their attributes and pages."""
+
+    def __init__(self) -> None:
+        self.invalidated: list[int] = []
+
+    async def invalidate(self, ino: int) -> None:
+        self.invalidated.append(ino)
+
+    async def forget_entry(self, parent_ino: int, name: bytes) -> None:
+        return None
+
+
+def test_an_open_drops_the_kernels_attributes_once_two_versions_were_told(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """The kernel keeps, of the attribute replies of one inode in flight at once, the first it applies; a reply
+    to a request sent before that (a listing that waited for a slow LIST) is dropped. So after a getattr reply of
+    the empty version and a listing reply of the new one, the kernel may still hold size 0. Before: the mount
+    took the last reply sent as what the kernel holds, and an open of the new version left the kernel's size 0
+    in place (the torture's pwrite read 0 bytes through fstat 0 and then wrote over the 201-block version it
+    never read). After: two versions told make the kernel's version unknown, and the open drops it."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        kernel = fs.kernel = RecordingKernel()
+        ops = FuseOperations(fs)
+        key = fs.keys.key("f")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"")
+        node, empty = await fs.lookup(ROOT, b"f")
+        ops.entry(node, empty)  # the lookup's reply: size 0
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"abc")  # written elsewhere
+        info = await fs.store.head(key)
+        assert info is not None
+        newer = fs.ns.parse(info)
+        ops.entry(node, newer, listing=True)  # a listing's reply, which the kernel may have dropped
+        ops.entry(node, empty)  # a getattr's reply built meanwhile (the one the kernel kept)
+        ops.entry(node, newer, listing=True)  # and another listing's
+        fs.ns.remember("f", newer)  # what the listing told the namespace
+        fh, _ = await fs.open(node.ino, os.O_RDWR)
+        assert kernel.invalidated == [node.ino], "the open of the new version kept the kernel's attributes"
+        await fs.release(fh)
 
     run_fs(stack, prefix, tmp_path, body)

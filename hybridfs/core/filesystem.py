@@ -728,7 +728,7 @@ class Filesystem:
         # Unknown (None) counts as another version: the kernel may hold the size of a file it wrote itself.
         if st.etag is None or node.attr_etag == st.etag:
             return
-        node.attr_etag = None
+        node.kernel_dropped_attrs()
         node.kernel_etag = None
         await self.kernel.invalidate(ino)
 
@@ -809,7 +809,7 @@ class Filesystem:
     def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
         # The kernel's size of the inode is what the writes made it: that of the version just stored.
-        of.node.attr_etag = of.stat.etag
+        of.node.attr_etag, of.node.attr_told = of.stat.etag, True
         if not of.node.unlinked:
             self.ns.settle(of.node.path, of.stat)
             self._publish(Change.put(key, of.stat))
@@ -848,7 +848,7 @@ class Filesystem:
         """The last descriptor of a file whose changes could not be stored is gone: S3 keeps the previous version,
         so the kernel must not keep the size and pages those changes gave it (a read of the file after a failed
         close of an ftruncate returned the truncated length of the old content)."""
-        node.attr_etag = None
+        node.kernel_dropped_attrs()
         node.kernel_etag = None
         await self.kernel.invalidate(node.ino)
 
