@@ -75,6 +75,7 @@ LOAD_LOG_LINES = (r"kafka unreachable at|Failed to acquire idempotence PID|could
 # because the other writers changed the file again in between: docs/semantics.md), and about evictions of copies
 # another writer replaced or deleted (contract 4: preserved beside the key).
 FAULT_LOG_LINES = (r"injected by the torture test|S3 said|did not finish within|could not abort|S3 marked down|"
+                   r"S3 did not list it within|"
                    r"streamed upload of .* failed|upload at release failed|"
                    r"changed in S3 while this file was open|keeps changing in S3; (not renamed|not truncated|its "
                    r"attributes were not changed)|"
