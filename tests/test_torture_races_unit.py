@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio.lowlevel
+import trio.testing
 from test_core import ROOT, RecordingHydration, run_fs
 
 from hybridfs.core.filesystem import AttrChanges, Filesystem
@@ -136,5 +138,55 @@ def test_an_open_drops_the_kernels_attributes_once_two_versions_were_told(
         fh, _ = await fs.open(node.ino, os.O_RDWR)
         assert kernel.invalidated == [node.ino], "the open of the new version kept the kernel's attributes"
         await fs.release(fh)
+
+    run_fs(stack, prefix, tmp_path, body)
+
+
+def test_an_open_during_the_last_release_of_a_failed_truncate_reads_the_stored_version(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path, allow_log: Callable[[str], None]) -> None:
+    """open(O_TRUNC), write 8 KiB, close fails (another writer replaced the file: the conditional commit is
+    refused), and the last release drops the unstored changes. An open of the file while that release is under
+    way (held: the test holds every thread of the cache's limiter, so the release waits to close its spool).
+    Before: the open joined the released file, whose attributes were O_TRUNC's size 0 with the ETag of the
+    version S3 holds, and its read returned 0 bytes where getattr said 15 (the torture's short read: fstat
+    32768, read 0). After: the open waits for the release and opens the version S3 holds."""
+
+    allow_log(r"^f closed with changes that are not stored \(the last flush failed\)")
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        key = fs.keys.key("f")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"old")
+        node, _ = await fs.lookup(ROOT, b"f")
+        fh_w, _ = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(fh_w, 0, b"x" * 8192)
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"the new version")  # written elsewhere
+        try:
+            await fs.flush(fh_w)
+        except FsError as exc:
+            assert exc.errno == errno.EIO
+        else:
+            raise AssertionError("the close of a replaced file succeeded")
+        await fs.ns.stat("f", max_age=0)  # the mount knows the new version
+        limiter = fs.cache.limiter
+        borrowers = [object() for _ in range(int(limiter.total_tokens))]
+        for borrower in borrowers:  # hold every cache thread: the release waits to close the spool
+            limiter.acquire_on_behalf_of_nowait(borrower)
+        opened: dict[str, int] = {}
+
+        async def reopen() -> None:
+            opened["fh"] = (await fs.open(node.ino, os.O_RDONLY))[0]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.release, fh_w)
+            await trio.testing.wait_all_tasks_blocked()
+            assert node.ino in fs.open_files and fs.open_files[node.ino].handles == 0  # the release is under way
+            nursery.start_soon(reopen)
+            await trio.testing.wait_all_tasks_blocked()
+            for borrower in borrowers:
+                limiter.release_on_behalf_of(borrower)
+        size = (await fs.getattr(node.ino)).size
+        data = await fs.read(opened["fh"], 0, 4096)
+        await fs.release(opened["fh"])
+        assert (size, data) == (15, b"the new version")
 
     run_fs(stack, prefix, tmp_path, body)

@@ -683,14 +683,17 @@ class Filesystem:
         path = self.inodes.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = writable and bool(flags & os.O_TRUNC)  # the kernel passes O_TRUNC to us (atomic_o_trunc)
-        of = self.open_files.get(ino)
+        of = await self._joinable_open_file(ino)
         if of is None or not self._is_local(of):
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
             # here is never revalidated: its local state is the truth until it is uploaded.
             st = await self._revalidate(ino, path)
             await self._drop_kernel_attrs_of_other_version(ino, st)
-            node = self.inodes.node(ino)  # re-check after the awaits
-            of = self.open_files.get(ino)
+            of = await self._joinable_open_file(ino)  # re-check after the awaits
+            node = self.inodes.node(ino)
+            if node.unlinked:  # removed meanwhile (or forgotten by the release waited for): look it up again
+                raise FsError(errno.ESTALE, f"{path!r} was removed while being opened; opening it again",
+                              level=logging.DEBUG)
             if of is None:
                 # A new open file is registered together with its handle, with no await in between: one left in
                 # the table without a handle (an await here, then ESTALE because a getattr or unlink detached the
@@ -718,6 +721,18 @@ class Filesystem:
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
+
+    async def _joinable_open_file(self, ino: int) -> OpenFile | None:
+        """The open file of ``ino`` a new handle may join. One whose last release is under way (no handle left)
+        is not: that release drops its writer and changes and leaves attributes that may describe no version
+        (O_TRUNC's size 0 with the ETag of the version S3 holds, after a failed flush) — a handle that joined it
+        read 0 bytes of a file fstat said was 32 KiB. Wait for the release, which removes it from the table."""
+        of = self.open_files.get(ino)
+        while of is not None and of.handles == 0:
+            async with of.lock:  # the release holds it until the writer is dropped
+                pass
+            of = self.open_files.get(ino)
+        return of
 
     async def _drop_kernel_attrs_of_other_version(self, ino: int, st: Stat) -> None:
         """The open found a version other than the one whose attributes the kernel holds (replaced elsewhere
