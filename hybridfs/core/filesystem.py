@@ -684,16 +684,14 @@ class Filesystem:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         truncate = writable and bool(flags & os.O_TRUNC)  # the kernel passes O_TRUNC to us (atomic_o_trunc)
         of = await self._joinable_open_file(ino)
+        self._check_not_removed(ino, path)  # by the release waited for (a new file that was never stored)
         if of is None or not self._is_local(of):
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
             # here is never revalidated: its local state is the truth until it is uploaded.
             st = await self._revalidate(ino, path)
             await self._drop_kernel_attrs_of_other_version(ino, st)
             of = await self._joinable_open_file(ino)  # re-check after the awaits
-            node = self.inodes.node(ino)
-            if node.unlinked:  # removed meanwhile (or forgotten by the release waited for): look it up again
-                raise FsError(errno.ESTALE, f"{path!r} was removed while being opened; opening it again",
-                              level=logging.DEBUG)
+            node = self._check_not_removed(ino, path)
             if of is None:
                 # A new open file is registered together with its handle, with no await in between: one left in
                 # the table without a handle (an await here, then ESTALE because a getattr or unlink detached the
@@ -721,6 +719,15 @@ class Filesystem:
         keep = not of.dirty and of.stat.etag is not None and node.kernel_etag == of.stat.etag
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
+
+    def _check_not_removed(self, ino: int, path: str) -> Node:
+        """ESTALE when the inode was removed while an open waited: the kernel looks the name up again and opens,
+        or with O_CREAT creates, what is there now."""
+        node = self.inodes.node(ino)
+        if node.unlinked:
+            raise FsError(errno.ESTALE, f"{path!r} was removed while being opened; opening it again",
+                          level=logging.DEBUG)
+        return node
 
     async def _joinable_open_file(self, ino: int) -> OpenFile | None:
         """The open file of ``ino`` a new handle may join. One whose last release is under way (no handle left)
