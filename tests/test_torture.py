@@ -11,11 +11,12 @@ On main at 9737b94 it fails every run (seeds 1, 2249964746, 11; also with no fau
 no rename): reads whose bytes are a whole version but whose fstat size is another version's, reads cut at a stale
 size (a prefix of a version) or returning nothing, zero-filled blocks, a file unlinked on its own mount while its
 close was committing back in S3, spool files left open by the daemon, and names shown as directories (EISDIR)
-after a boto3 delete. On 2026-12-07 still 8 to 14 anomalies per 90 s; clean since the fixes whose interleavings
-tests/test_torture_races.py and tests/test_torture_races_unit.py force (a truncate behind the last release, an
-O_TRUNC open detached in its await, a handle joining a file whose last release was under way, an attribute reply
-the kernel dropped, a copy refused midway, chmod/rename switching an open file's version). The tests at the end
-check the checker itself on hand-made histories.
+after a boto3 delete. On 2026-12-07 still 8 to 14 anomalies per 90 s; short runs clean since the fixes whose
+interleavings tests/test_torture_races.py and tests/test_torture_races_unit.py force (a truncate behind the last
+release, an O_TRUNC open detached in its await, a handle joining a file whose last release was under way, an
+attribute reply the kernel dropped, a copy refused midway, chmod/rename switching an open file's version). A
+30-minute run still finds a few (README, "Concurrency torture"). The tests at the end check the checker itself on
+hand-made histories.
 """
 
 from __future__ import annotations
