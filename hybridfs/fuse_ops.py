@@ -147,7 +147,7 @@ class FuseOperations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = cast(pyfuse3.InodeT, node.ino)
         attr.generation = 0
-        node.attr_etag = st.etag  # what the kernel is told now; an open of another version drops it (core)
+        node.told_attrs(st.etag)  # an open of another version (or of one not known) drops them (core)
         # Attributes from a listing lack the object metadata: the kernel must not cache them, neither the
         # attributes nor the entry, so the next stat (even through a cached dentry) asks us again.
         attr.attr_timeout = attr.entry_timeout = self.timeouts.for_node(node, st)

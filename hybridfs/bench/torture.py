@@ -71,11 +71,14 @@ LOAD_LOG_LINES = (r"kafka unreachable at|Failed to acquire idempotence PID|could
                   r"cache")
 # What a mount logs at WARNING or above about the injected S3 faults (the words of tests/test_model_handles.py's
 # S3_FAILURE_LINES, without the FUSE layer's generic "-> EIO"), about writers that lost a race to another writer
-# (a conditional commit refused: contract 5), and about evictions of copies another writer replaced or deleted
-# (contract 4: preserved beside the key).
+# (a conditional commit refused: contract 5; a chmod/rename/truncate whose conditional copy was refused twice
+# because the other writers changed the file again in between: docs/semantics.md), and about evictions of copies
+# another writer replaced or deleted (contract 4: preserved beside the key).
 FAULT_LOG_LINES = (r"injected by the torture test|S3 said|did not finish within|could not abort|S3 marked down|"
+                   r"S3 did not list it within|"
                    r"streamed upload of .* failed|upload at release failed|"
-                   r"changed in S3 while this file was open|"
+                   r"changed in S3 while this file was open|keeps changing in S3; (not renamed|not truncated|its "
+                   r"attributes were not changed)|"
                    r"closed with changes that are not stored \(the last flush failed\)|"
                    r"S3 holds another version .* preserving the cached copy|"
                    r"S3 no longer holds it \(deleted elsewhere\); preserving the cached copy")

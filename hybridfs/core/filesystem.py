@@ -357,7 +357,10 @@ class Filesystem:
                               f"({exc.message})", level=logging.WARNING) from None
         self.ns.remember(path, new)
         self._publish(Change.put(key, new))
-        if of is not None:
+        if of is not None and of.stat.etag == st.etag:
+            # Only the open file of the version copied takes the copy's attributes. One open on another version
+            # (replaced elsewhere since it was opened) keeps its own: its handles read what they opened, with the
+            # size the kernel was told (the getattr that ends setattr detaches its node).
             of.stat = new
 
     @staticmethod
@@ -395,10 +398,14 @@ class Filesystem:
         return st
 
     async def _truncate(self, node: Node, path: str, size: int, of: OpenFile | None) -> None:
-        if of is not None:
-            await self.writes.truncate(of, size)
-            node.kernel_etag = None
-            return
+        while of is not None:
+            if await self.writes.truncate(of, size):
+                node.kernel_etag = None
+                return
+            # Its last handle was released while we waited for its lock: whoever holds the inode now, if anyone.
+            of = self.open_files.get(node.ino)
+            if of is not None and of.handles == 0:
+                of = None
         st = await self.ns.stat(path)
         if st.is_dir:
             raise FsError(errno.EISDIR, f"{path!r} is a directory")
@@ -615,7 +622,7 @@ class Filesystem:
             self.spawner, old_key, lambda: self.meta.changing(old_key, lambda: self.store.delete(old_key)),
             lambda: self._publish(Change.delete(old_key))))
         self.ns.remember(new, moved)
-        if of is not None:
+        if of is not None and of.stat.etag == src.etag:
             of.stat = moved  # a multipart copy has a new ETag; later reads and spools must pin that one
         if dst is not None and dst.is_dir:
             await self.meta.delete(self.keys.dir_prefix(new))
@@ -707,23 +714,32 @@ class Filesystem:
             raise FsError(errno.ESTALE, f"inode {ino} was unlinked; looking its name up again", level=logging.DEBUG)
         path = self.inodes.path(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        of = self.open_files.get(ino)
+        truncate = writable and bool(flags & os.O_TRUNC)  # the kernel passes O_TRUNC to us (atomic_o_trunc)
+        of = await self._joinable_open_file(ino)
+        self._check_not_removed(ino, path)  # by the release waited for (a new file that was never stored)
         if of is None or not self._is_local(of):
             # Revalidate after --attr-timeout, also while other handles are open (tail -f). A file written
             # here is never revalidated: its local state is the truth until it is uploaded.
             st = await self._revalidate(ino, path)
             await self._drop_kernel_attrs_of_other_version(ino, st)
-            node = self.inodes.node(ino)  # re-check after the awaits
-            of = self.open_files.get(ino)
+            of = await self._joinable_open_file(ino)  # re-check after the awaits
+            node = self._check_not_removed(ino, path)
             if of is None:
-                of = self.open_files[ino] = OpenFile(node, st)
+                # A new open file is registered together with its handle, with no await in between: one left in
+                # the table without a handle (an await here, then ESTALE because a getattr or unlink detached the
+                # node meanwhile) would never be released.
+                of = OpenFile(node, st)
+                if truncate:
+                    self.writes.truncate_unshared(of)
+                    truncate = False
+                self.open_files[ino] = of
             elif self._detach_if_replaced(node, st):
                 # S3 holds a new version: a new file for the new open, while the open handles keep the old
                 # one (their inode, their pages, their pinned reader). ESTALE from open makes the kernel
                 # walk the path again with a forced lookup, which finds the new inode.
                 raise FsError(errno.ESTALE, f"{path!r} changed in S3 while open; reopening the new version",
                               level=logging.DEBUG)
-        if writable and flags & os.O_TRUNC:  # the kernel passes O_TRUNC to us (atomic_o_trunc)
+        if truncate:  # an open file others hold: truncated under its lock
             await self.writes.truncate_open(of)  # waits for the file's lock: a release may hold it
             if self.open_files.get(ino) is not of or node.unlinked:
                 # The last handle's release dropped the file meanwhile (a new file whose every upload failed is
@@ -736,6 +752,27 @@ class Filesystem:
         node.kernel_etag = of.stat.etag if not of.dirty else None
         return fh, keep
 
+    def _check_not_removed(self, ino: int, path: str) -> Node:
+        """ESTALE when the inode was removed while an open waited: the kernel looks the name up again and opens,
+        or with O_CREAT creates, what is there now."""
+        node = self.inodes.node(ino)
+        if node.unlinked:
+            raise FsError(errno.ESTALE, f"{path!r} was removed while being opened; opening it again",
+                          level=logging.DEBUG)
+        return node
+
+    async def _joinable_open_file(self, ino: int) -> OpenFile | None:
+        """The open file of ``ino`` a new handle may join. One whose last release is under way (no handle left)
+        is not: that release drops its writer and changes and leaves attributes that may describe no version
+        (O_TRUNC's size 0 with the ETag of the version S3 holds, after a failed flush) — a handle that joined it
+        read 0 bytes of a file fstat said was 32 KiB. Wait for the release, which removes it from the table."""
+        of = self.open_files.get(ino)
+        while of is not None and of.handles == 0:
+            async with of.lock:  # the release holds it until the writer is dropped
+                pass
+            of = self.open_files.get(ino)
+        return of
+
     async def _drop_kernel_attrs_of_other_version(self, ino: int, st: Stat) -> None:
         """The open found a version other than the one whose attributes the kernel holds (replaced elsewhere
         since the kernel's lookup): those may stand for --attr-timeout more, and their size is not this
@@ -745,7 +782,7 @@ class Filesystem:
         # Unknown (None) counts as another version: the kernel may hold the size of a file it wrote itself.
         if st.etag is None or node.attr_etag == st.etag:
             return
-        node.attr_etag = None
+        node.kernel_dropped_attrs()
         node.kernel_etag = None
         await self.kernel.invalidate(ino)
 
@@ -826,7 +863,7 @@ class Filesystem:
     def _stored(self, of: OpenFile, key: str, done: Uploaded) -> None:
         """A commit of ``of`` landed: the namespace shows the new version, the events hear about it."""
         # The kernel's size of the inode is what the writes made it: that of the version just stored.
-        of.node.attr_etag = of.stat.etag
+        of.node.attr_etag, of.node.attr_told = of.stat.etag, True
         if not of.node.unlinked:
             self.ns.settle(of.node.path, of.stat)
             self._publish(Change.put(key, of.stat))
@@ -865,7 +902,7 @@ class Filesystem:
         """The last descriptor of a file whose changes could not be stored is gone: S3 keeps the previous version,
         so the kernel must not keep the size and pages those changes gave it (a read of the file after a failed
         close of an ftruncate returned the truncated length of the old content)."""
-        node.attr_etag = None
+        node.kernel_dropped_attrs()
         node.kernel_etag = None
         await self.kernel.invalidate(node.ino)
 

@@ -32,7 +32,25 @@ class Node:
     open_handles: int = 0
     unlinked: bool = False
     kernel_etag: str | None = None  # the version the kernel's page cache holds, for keep_cache
-    attr_etag: str | None = None  # the version of the attributes (size) last given to the kernel
+    attr_etag: str | None = None  # the version of the attributes (size) the kernel holds; None: not known
+    attr_told: bool = False  # attributes were given to the kernel since it last dropped them
+
+    def told_attrs(self, etag: str | None) -> None:
+        """The kernel is sent attributes of version ``etag`` (a lookup, getattr, setattr or listing reply).
+
+        Of the attribute replies of one inode that are in flight at once, the kernel keeps the first it applies
+        and drops the others (fuse_change_attributes ignores a reply to a request sent before the inode's
+        attributes last changed): the last reply sent is not always the one it holds. So once two versions were
+        told since the kernel last dropped its attributes, it may hold either: not known (None) until an open of
+        a version drops them (``kernel_dropped_attrs``)."""
+        if not self.attr_told:
+            self.attr_etag, self.attr_told = etag, True
+        elif self.attr_etag != etag:
+            self.attr_etag = None
+
+    def kernel_dropped_attrs(self) -> None:
+        """The kernel was told to drop its attributes of the inode: the next reply is what it will hold."""
+        self.attr_etag, self.attr_told = None, False
 
 
 class InodeTable:

@@ -219,14 +219,20 @@ class WritePath:
             if of.dirty:
                 await self._flush(of)
 
-    async def truncate(self, of: OpenFile, size: int) -> None:
+    async def truncate(self, of: OpenFile, size: int) -> bool:
+        """Truncate an open file; False when its last handle was released while we waited for its lock (the
+        release dropped its writer and nothing would ever store or close a spool made now: the caller truncates
+        the file as a closed one)."""
         async with of.lock:
+            if of.handles == 0:
+                return False
             if of.lost is not None:
                 raise of.lost
             if isinstance(of.writer, StreamWriter) and of.writer.size == size:
-                return
+                return True
             spool = await self._to_spool(of)
             await spool.truncate(size)
+            return True
 
     async def truncate_open(self, of: OpenFile) -> None:
         """O_TRUNC: empty the file; the next flush uploads the new content even if nothing is written."""
@@ -236,10 +242,20 @@ class WritePath:
             else:
                 if isinstance(of.writer, StreamWriter):
                     await of.writer.abort()
-                of.stat = of.stat.with_(size=0)
-                of.writer = self.stream_writer(of, self.key_of(of.node))
+                    of.writer = None
+                self.truncate_unshared(of)
+                return
             of.lost = None  # new content: whatever could not be stored before no longer matters
             of.created = True
+
+    def truncate_unshared(self, of: OpenFile) -> None:
+        """O_TRUNC of an open file nobody else can reach yet (not in the open-files table) and without a writer:
+        no lock and no await, so the open that made it registers it with its handle at once."""
+        assert of.writer is None
+        of.stat = of.stat.with_(size=0)
+        of.writer = self.stream_writer(of, self.key_of(of.node))
+        of.lost = None  # new content: whatever could not be stored before no longer matters
+        of.created = True
 
     async def release(self, of: OpenFile) -> None:
         """The last handle is gone: upload what no flush has tried, then drop the writer."""

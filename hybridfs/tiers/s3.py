@@ -41,6 +41,7 @@ import botocore.session
 import google_crc32c
 import trio
 from boto3.s3.transfer import TransferConfig
+from s3transfer.exceptions import S3CopyFailedError
 
 from hybridfs.errors import FsError, errno_name
 from hybridfs.retry import Policy, Retrying, is_temporary
@@ -577,9 +578,16 @@ class CloudStore:
         if source_etag is not None and size is not None and size < self.transfer_config.multipart_threshold:
             return await self._copy_object(src, dst, extra, size, stall_timeout, what)
         progress = _Progress()
-        call = functools.partial(self._call, what, self.client.copy, {"Bucket": self.bucket, "Key": src},
-                                 self.bucket, dst, ExtraArgs=extra, Callback=progress.moved,
-                                 Config=self.transfer_config)
+        async def call() -> None:
+            try:
+                await self._call(what, self.client.copy, {"Bucket": self.bucket, "Key": src}, self.bucket, dst,
+                                 ExtraArgs=extra, Callback=progress.moved, Config=self.transfer_config)
+            except S3CopyFailedError as exc:
+                # s3transfer's own word for an UploadPartCopy refused by CopySourceIfMatch: ``src`` was replaced
+                # after the copy's HEAD (it aborts its multipart upload itself).
+                raise WriteConflict(errno.ESTALE, f"{what}: object changed remotely during the copy ({exc})",
+                                    level=logging.INFO) from exc
+
         if stall_timeout is None:
             await call()
         else:
