@@ -3,7 +3,7 @@ another. The listing (a READDIRPLUS) carries the attributes of every entry to th
 is open: its size became the kernel's i_size of the open file. An O_APPEND write is placed at the kernel's i_size,
 so an append through a descriptor opened on the old, shorter version landed past that version's end, and the spool
 filled the gap with zeros — stored by the next successful flush. A read through such a descriptor ends at the
-listed size instead (the torture's short reads).
+listed size instead (the torture's short reads): the second test.
 """
 
 from __future__ import annotations
@@ -58,3 +58,21 @@ def test_append_after_a_listing_of_a_newer_version_lands_at_the_open_versions_en
     stored = s3_bytes(s3, mount, name)
     assert stored == b"a" * 8192 + b"c" * 4096, f"S3 holds {len(stored)} bytes, {stored.count(0)} of them zeros"
     assert seen == b"a" * 8192 + b"c" * 4096, f"read back {len(seen)} bytes, {seen.count(0)} of them zeros"
+
+
+def test_read_after_a_listing_of_a_shorter_version_reads_the_whole_open_version(mount_factory: Any, s3: Any) -> None:
+    """Open 16 KiB and read its first 4 KiB; boto3 replaces the file with 8 KiB; `ls`; read on. Before: the read
+    ended at 8 KiB, the listed size (a short read of the version open, as the torture saw). After: all 16 KiB of
+    the version the descriptor has open."""
+    mount = mount_factory(extra_args=["--dir-cache-time", "0"])
+    name = "f.bin"
+    s3.put_object(Bucket=mount.bucket, Key=mount.key(name), Body=b"a" * 16384)
+    fd = os.open(mount.path / name, os.O_RDONLY)
+    try:
+        first = os.read(fd, 4096)
+        s3.put_object(Bucket=mount.bucket, Key=mount.key(name), Body=b"b" * 8192)  # another writer
+        assert name in os.listdir(mount.path)  # READDIRPLUS: the listing's attributes go to the kernel
+        seen = first + read_all(fd)
+    finally:
+        os.close(fd)
+    assert seen == b"a" * 16384, f"read {len(seen)} bytes of the 16384 open"
