@@ -949,7 +949,12 @@ class Filesystem:
             name, path, st = handle.entries[index]
             node = self.inodes.for_path(path)
             of = self.open_files.get(node.ino)
-            if of is not None and self._is_local(of):  # the listing's size would shrink the kernel's i_size
+            if of is not None and (self._is_local(of) or of.stat.etag != st.etag):
+                # Its attributes go to the kernel's inode, also while it is open: the listing's size would become
+                # the i_size of a file written here, or of one open on another version (replaced elsewhere, or a
+                # listing older than the open). Reads end at i_size and O_APPEND writes start there: an append
+                # after `ls` showed a newer, larger version stored zeros up to that size. The open file's own
+                # attributes; the next lookup or getattr gives the path its new version's node.
                 st = self._open_stat(of)
             if not reply(name.encode(), node, st, index + 3):
                 break
