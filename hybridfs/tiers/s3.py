@@ -569,14 +569,19 @@ class CloudStore:
 
         With ``size`` (the size of version ``source_etag``) below the multipart threshold: one CopyObject, without
         the HEAD s3transfer sends first to learn the size, and the attributes of the copy are S3's answer to it
-        (ETag, LastModified; the size and metadata are what was copied): no HEAD after it either. Otherwise None.
+        (ETag, LastModified; the size and metadata are what was copied): no HEAD after it either, unless S3's ETag
+        is not ``source_etag``. Otherwise None.
         """
         extra: dict[str, str | dict[str, str]] = {"Metadata": metadata, "MetadataDirective": "REPLACE"}
         if source_etag is not None:
             extra["CopySourceIfMatch"] = f'"{source_etag}"'
         what = f"COPY {src} -> {dst}"
         if source_etag is not None and size is not None and size < self.transfer_config.multipart_threshold:
-            return await self._copy_object(src, dst, extra, size, stall_timeout, what)
+            copied = await self._copy_object(src, dst, extra, size, stall_timeout, what)
+            # The size is the one of version source_etag; S3's answer names the version it copied. Another ETag
+            # (a source uploaded in parts, or a version that landed between S3's check and its read) may have
+            # another size: the caller's HEAD tells it, never the given size beside the new ETag.
+            return copied if copied.etag == source_etag else None
         progress = _Progress()
         async def call() -> None:
             try:
