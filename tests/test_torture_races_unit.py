@@ -220,3 +220,27 @@ def test_a_listed_prefix_gone_before_its_prefetch_is_no_directory(
         assert head["Metadata"]["mode"] == str(stat.S_IFREG | 0o600)
 
     run_fs(stack, prefix, tmp_path, body)
+
+
+def test_chmod_keeps_the_type_of_the_version_it_changes(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """chmod of a file the mount knows, replaced elsewhere by an object of another type (a symlink another
+    mount made) since: the conditional copy is refused, and the change goes onto the version S3 holds now.
+    Before: setattr took the type bits from its own stat of the inode (a regular file), so the copy stored
+    S_IFREG on the symlink, which became a regular file (the same cause stored a directory's type on a file: mode
+    040644 and EISDIR in the torture). After: only the permission bits come from chmod; the type is that of
+    the version copied."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        key = fs.keys.key("f")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"a file")
+        node, st = await fs.lookup(ROOT, b"f")
+        assert stat.S_ISREG(st.mode)
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"target",
+                      Metadata={"mode": str(stat.S_IFLNK | 0o777)})  # a symlink, made elsewhere
+        await fs.setattr(node.ino, AttrChanges(mode=0o600))
+        mode = int(s3.head_object(Bucket=stack.bucket, Key=key)["Metadata"]["mode"])
+        assert stat.S_ISLNK(mode), oct(mode)
+        assert stat.S_IMODE(mode) == 0o600
+
+    run_fs(stack, prefix, tmp_path, body)
