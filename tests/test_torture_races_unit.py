@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,5 +189,58 @@ def test_an_open_during_the_last_release_of_a_failed_truncate_reads_the_stored_v
         data = await fs.read(opened["fh"], 0, 4096)
         await fs.release(opened["fh"])
         assert (size, data) == (15, b"the new version")
+
+    run_fs(stack, prefix, tmp_path, body)
+
+
+def test_a_listed_prefix_gone_before_its_prefetch_is_no_directory(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """A listing shows ``f03/`` as a prefix, and by the time its attributes are prefetched nothing is below it;
+    an object ``f03`` is there instead (the keys below were deleted and a file written elsewhere; MinIO also lists
+    a prefix ``f03/`` for a moment while the object ``f03`` is written or deleted). Before: the prefetch found no
+    marker and stored a directory with default attributes, as complete as a HEAD's; the lookup took it, and
+    chmod PUT a marker ``f03/`` (the torture's stray marker, then mode 040644 and EISDIR on every later op).
+    After: a prefix without a marker is asked as a stat asks it; the file wins, and chmod changes the file."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        key = fs.keys.key("f03")
+        s3.put_object(Bucket=stack.bucket, Key=key + "/x", Body=b"below")
+        listing = await fs.ns.list("")
+        assert listing["f03"].is_dir
+        assert "f03" in fs.ns._prefetching  # spawned, not run yet: boto3 calls below do not yield to it
+        s3.delete_object(Bucket=stack.bucket, Key=key + "/x")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"a file")
+        await fs.ns._prefetching["f03"].wait()
+        node, st = await fs.lookup(ROOT, b"f03")
+        assert stat.S_ISREG(st.mode), oct(st.mode)
+        await fs.setattr(node.ino, AttrChanges(mode=0o600))
+        markers = s3.list_objects_v2(Bucket=stack.bucket, Prefix=key + "/").get("Contents", [])
+        assert not markers, [m["Key"] for m in markers]
+        head = s3.head_object(Bucket=stack.bucket, Key=key)
+        assert head["Metadata"]["mode"] == str(stat.S_IFREG | 0o600)
+
+    run_fs(stack, prefix, tmp_path, body)
+
+
+def test_chmod_keeps_the_type_of_the_version_it_changes(
+        stack: Any, s3: Any, prefix: str, tmp_path: Path) -> None:
+    """chmod of a file the mount knows, replaced elsewhere by an object of another type (a symlink another
+    mount made) since: the conditional copy is refused, and the change goes onto the version S3 holds now.
+    Before: setattr took the type bits from its own stat of the inode (a regular file), so the copy stored
+    S_IFREG on the symlink, which became a regular file (the same cause stored a directory's type on a file: mode
+    040644 and EISDIR in the torture). After: only the permission bits come from chmod; the type is that of
+    the version copied."""
+
+    async def body(fs: Filesystem, hydration: RecordingHydration) -> None:
+        key = fs.keys.key("f")
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"a file")
+        node, st = await fs.lookup(ROOT, b"f")
+        assert stat.S_ISREG(st.mode)
+        s3.put_object(Bucket=stack.bucket, Key=key, Body=b"target",
+                      Metadata={"mode": str(stat.S_IFLNK | 0o777)})  # a symlink, made elsewhere
+        await fs.setattr(node.ino, AttrChanges(mode=0o600))
+        mode = int(s3.head_object(Bucket=stack.bucket, Key=key)["Metadata"]["mode"])
+        assert stat.S_ISLNK(mode), oct(mode)
+        assert stat.S_IMODE(mode) == 0o600
 
     run_fs(stack, prefix, tmp_path, body)

@@ -316,7 +316,9 @@ class Filesystem:
                                           ("mtime_ns", changes.mtime_ns), ("atime_ns", changes.atime_ns))
                         if v is not None}
         if changes.mode is not None:
-            meta_changes["mode"] = (changes.mode & 0o7777) | stat_mod.S_IFMT((await self.getattr(ino)).mode)
+            # Permission bits only: the type is that of the version the change is stored on (_typed), which
+            # another request may have replaced since any stat taken here.
+            meta_changes["mode"] = changes.mode & 0o7777
         if meta_changes:
             meta_changes["ctime_ns"] = now_ns()  # chmod, chown and utimes change the ctime (POSIX)
             await self._change_metadata(node, path, meta_changes, of)
@@ -328,7 +330,7 @@ class Filesystem:
             # it uploads the attributes it started with, so a change made meanwhile would be lost.
             async with of.lock:
                 if of.dirty:  # applied by the upload at flush
-                    of.stat = of.stat.with_(**changes)
+                    of.stat = of.stat.with_(**self._typed(of.stat, changes))
                     of.mtime_set = of.mtime_set or "mtime_ns" in changes  # utime before close: the flush keeps it
                     return
         st = await self.ns.stat(path)
@@ -363,11 +365,20 @@ class Filesystem:
             # size the kernel was told (the getattr that ends setattr detaches its node).
             of.stat = new
 
-    @staticmethod
-    def _with_changes(st: Stat, changes: dict[str, int]) -> Stat:
+    @classmethod
+    def _with_changes(cls, st: Stat, changes: dict[str, int]) -> Stat:
+        changes = cls._typed(st, changes)
         if "ctime_ns" in changes and st.atime_ns is None and "atime_ns" not in changes:
             changes = {**changes, "atime_ns": st.accessed_ns}  # keep the atime shown until now
         return st.with_(**changes)
+
+    @staticmethod
+    def _typed(st: Stat, changes: dict[str, int]) -> dict[str, int]:
+        """``changes`` with the file type of ``st``, the version they are stored on: a chmod changes permission
+        bits, never the type (a type from an earlier stat would store a directory's mode on a file)."""
+        if "mode" not in changes:
+            return changes
+        return {**changes, "mode": stat_mod.S_IFMT(st.mode) | (changes["mode"] & 0o7777)}
 
     async def _copy_in_place(self, key: str, st: Stat, changes: dict[str, int]) -> Stat:
         """Store ``changes`` on version ``st.etag`` of ``key`` (a copy onto itself, conditional on that version:

@@ -509,14 +509,20 @@ class Namespace:
                 key = self.keys.dir_prefix(path) if is_dir else self.keys.key(path)
                 with self._watch(path) as watch:
                     info = await self.store.head(key)
+                    st = None if info is None else self.parse(info, is_dir=is_dir)
+                    if st is None and is_dir:
+                        # No marker: only the listing's prefix says a directory is here, and a prefix can be
+                        # gone by now (the keys below deleted elsewhere, a file of that name written) or never
+                        # have been one (MinIO lists "name/" for a moment while the object "name" is written or
+                        # deleted). Asked as a stat asks: the object, else the keys below; never the defaults
+                        # of a directory nothing proves (a chmod of it would PUT a stray marker).
+                        st = await self._fetch(path)
             if path in self.pending:
                 return
             if watch.changed:
                 self._stale(path)
-            elif info is not None:
-                self._store(path, self.parse(info, is_dir=is_dir))
-            elif is_dir:  # no marker: the defaults are this directory's attributes
-                self._store(path, implicit_dir(self.defaults, self.root_stat.mtime_ns))
+            elif st is not None:
+                self._store(path, st)
         except FsError as exc:
             log.debug("prefetching attributes of %s: %s", path, exc)
         except Exception:  # a bug: this entry is just not prefetched; its stat asks S3 itself
