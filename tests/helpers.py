@@ -210,6 +210,19 @@ class Mount:
         return found + unexpected
 
 
+
+def object_path(mount: Mount, name: str) -> str:
+    """The S3 fault proxy's URL path of ``name``'s object (path-style: /bucket/key), as a rule regex."""
+    return re.escape(f"/{mount.bucket}/{mount.key(name)}") + "$"
+
+
+def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
+    """What S3 holds for ``name`` of ``mount`` (read past the mount), None when nothing."""
+    try:
+        return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted on ``path`` (a small disk a test can fill or fault), unmounted afterwards."""

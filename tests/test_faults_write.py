@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Mount, wait_until
+from helpers import Mount, object_path, s3_bytes, wait_until
 from s3proxy import Rule, S3FaultProxy
 
 MiB = 1024 * 1024
@@ -36,18 +35,6 @@ def through_proxy(mount_factory: Callable[..., Mount], proxy: S3FaultProxy, *ext
     mount = mount_factory(extra_args=["--endpoint-url", proxy.url, *FAST_S3, *extra], env=env)
     mount.allow_log(S3_FAILURE_LINES)
     return mount
-
-
-def object_path(mount: Mount, name: str) -> str:
-    """The proxy's URL path of ``name``'s object (path-style: /bucket/key), as a rule regex."""
-    return re.escape(f"/{mount.bucket}/{mount.key(name)}") + "$"
-
-
-def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
-    try:
-        return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        return None
 
 
 def uploads(s3: Any, mount: Mount, name: str) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Mount, wait_until
+from helpers import Mount, object_path, s3_bytes, wait_until
 from s3proxy import Rule, S3FaultProxy
 
 MiB = 1024 * 1024
@@ -26,19 +26,8 @@ MiB = 1024 * 1024
 STALE_ATTRS = ["--dir-cache-time", "120", "--attr-timeout", "60", "--negative-cache-time", "60"]
 
 
-def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
-    try:
-        return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        return None
-
-
 def in_s3(s3: Any, mount: Mount, name: str) -> bool:
     return s3_bytes(s3, mount, name) is not None
-
-
-def object_path(mount: Mount, name: str) -> str:
-    return re.escape(f"/{mount.bucket}/{mount.key(name)}") + "$"
 
 
 # -- item 4: a metadata copy never pairs a newer version with stale attributes ------------------------------

@@ -18,19 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Mount, wait_until
+from helpers import Mount, object_path, s3_bytes, wait_until
 from s3proxy import Rule, S3FaultProxy
-
-
-def object_path(mount: Mount, name: str) -> str:
-    return re.escape(f"/{mount.bucket}/{mount.key(name)}") + "$"
-
-
-def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
-    try:
-        return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        return None
 
 
 def puts(proxy: S3FaultProxy, mount: Mount, name: str) -> int:

@@ -11,24 +11,12 @@ real mount with the S3 fault proxy holding the request that keeps the first oper
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
-from helpers import Mount, wait_until
+from helpers import Mount, object_path, s3_bytes, wait_until
 from s3proxy import Rule, S3FaultProxy
-
-
-def object_path(mount: Mount, name: str) -> str:
-    return re.escape(f"/{mount.bucket}/{mount.key(name)}") + "$"
-
-
-def s3_bytes(s3: Any, mount: Mount, name: str) -> bytes | None:
-    try:
-        return bytes(s3.get_object(Bucket=mount.bucket, Key=mount.key(name))["Body"].read())
-    except s3.exceptions.NoSuchKey:
-        return None
 
 
 def spool_descriptors(mount: Mount) -> list[str]:
