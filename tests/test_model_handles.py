@@ -255,15 +255,7 @@ class MountModel(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES), data=st.binary(max_size=3000))
     def write_whole(self, name: str, data: bytes) -> None:
         """open(O_TRUNC) + write + close, also beside descriptors open on the same file."""
-        deferred = not data and self.stored[name] is None and name not in self.failed  # new, and left empty
-        if not isinstance(self.same_by_path(name, lambda path: path.write_bytes(data), "write_bytes"), int):
-            return
-        if not deferred:
-            self.stored_now(name)
-        elif name in self.open_names():
-            self.dirty.add(name)  # its close stored nothing: the last close of the other descriptors will
-        else:  # stored empty by the RELEASE, which the kernel sends just after close() returns
-            wait_until(lambda: self.in_s3(name) == b"", 10, message=f"{name}, new and empty, to be stored")
+        if isinstance(self.same_by_path(name, lambda path: path.write_bytes(data), "write_bytes"), int):
             self.stored_now(name)
 
     @precondition(lambda self: any(n not in self.open_names() for n in NAMES))
@@ -299,8 +291,6 @@ class MountModel(RuleBasedStateMachine):
         h = self.pick(i)
         if self.stored[h.name] is None and not FAILING_NEW_FILES:
             return  # bug 2 (test_failed_first_close_of_a_new_file_leaves_no_file): skipped until it is fixed
-        if op == "close" and self.unwritten_new(h.name):
-            return  # its close sends nothing; the release of its last close would meet the fault after close()
         uploads = (h.writable or op == "fsync") and h.name in self.dirty
         multipart = len(self.content(h.name) or b"") > PART_SIZE
         path = re.escape(f"/{self.mount.bucket}/{self.mount.key(h.name)}") + "$"
@@ -324,9 +314,7 @@ class MountModel(RuleBasedStateMachine):
         act = os.fsync if op == "fsync" else os.close
         if op == "close":
             self.handles.remove(h)
-        # fsync stores whoever wrote; a close of a new file still empty stores nothing (the last one's release does)
-        deferred = op == "close" and self.unwritten_new(h.name)
-        uploads = (h.writable or op == "fsync") and h.name in self.dirty and not deferred
+        uploads = (h.writable or op == "fsync") and h.name in self.dirty  # fsync stores whoever wrote
         got = outcome(lambda: act(h.mfd))
         want = outcome(lambda: act(h.rfd))
         assert want is None
@@ -337,12 +325,6 @@ class MountModel(RuleBasedStateMachine):
             assert got is None, f"{op} of {h}: {got!r}"
             if uploads:
                 self.stored_now(h.name)
-        if deferred and h.name not in self.open_names():
-            # Stored empty by the RELEASE, which the kernel sends just after close() returns.
-            wait_until(lambda: self.in_s3(h.name) == b"", 10,
-                       message=f"{h.name}, new and empty, to be stored after its last close")
-            self.stored_now(h.name)
-            return
         if op == "close" and h.name not in self.open_names() and h.name in self.dirty:
             # The last descriptor is gone and the last flush failed: S3 and the mount keep the old version.
             assert h.name in self.failed, f"{h.name}: dirty at the last close but no flush failed"
@@ -351,17 +333,6 @@ class MountModel(RuleBasedStateMachine):
             if never_stored:  # it goes with the RELEASE, which the kernel sends just after close() returns
                 wait_until(lambda: not os.path.lexists(self.mount.path / h.name), 5,
                            message=f"{h.name}, never stored, to be gone after its last close")
-
-    def unwritten_new(self, name: str) -> bool:
-        """Created here, never stored, still empty, and no flush of it failed (``OpenFile.unwritten_new``)."""
-        return self.stored[name] is None and self.content(name) == b"" and name in self.dirty \
-            and name not in self.failed
-
-    def in_s3(self, name: str) -> bytes | None:
-        try:
-            return bytes(self.s3.get_object(Bucket=self.bucket, Key=self.mount.key(name))["Body"].read())
-        except self.s3.exceptions.NoSuchKey:
-            return None
 
     def stored_now(self, name: str) -> None:
         self.stored[name] = self.content(name)

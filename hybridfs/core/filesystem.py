@@ -862,7 +862,7 @@ class Filesystem:
         handle = self._handle(fh)
         of = handle.file
         if handle.writable and (of.dirty or of.lost is not None):
-            await self.writes.flush(of, closing=True)
+            await self.writes.flush(of)
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): stores every change of the file, whichever descriptor wrote it — ``sync FILE`` and many

@@ -20,8 +20,6 @@ Rules:
   read-back waits for a flush in progress, so the bytes being uploaded never change while botocore signs and
   sends them.
 * Only a writable handle's flush uploads (``Filesystem.flush``); a read-only handle's close publishes nothing.
-* A close (not an fsync) of a new file that is still empty stores nothing yet (``OpenFile.unwritten_new``): the
-  close after a write stores it, or the release of its last handle stores it empty.
 * A failed flush keeps every byte written since open (the spool holds them), so a later flush stores all of
   them or fails again — never a fragment.
 * ``release`` of the last handle uploads changes that no flush has tried (mmap, writes after the last close of
@@ -114,19 +112,6 @@ class OpenFile:
         return self.writer is not None or self.created or self.moving is not None
 
     @property
-    def unwritten_new(self) -> bool:
-        """Created here, never stored, nothing in it, and no flush failed: a close of it stores nothing yet
-        (docs/semantics.md, "A new file that is still empty"); a write makes the next close store it, and the
-        last close (release) stores it empty."""
-        if not self.created or self.stat.etag is not None or self.moving is not None or self.lost is not None:
-            return False
-        if self.flush_failed:  # its caller heard "failed": the next close must try again, and say so
-            return False
-        writer = self.writer
-        return writer is None or (writer.size == 0 and not (isinstance(writer, StreamWriter) and
-                                                            writer.parts_started))
-
-    @property
     def size(self) -> int:
         if self.writer is not None:
             return self.writer.size
@@ -204,18 +189,10 @@ class WritePath:
             spool = await self._to_spool(of)
             return await spool.read(offset, length)
 
-    async def flush(self, of: OpenFile, *, closing: bool = False) -> None:
-        """Store the file's changes. ``closing``: a close(2), not an fsync — a new file with nothing in it yet
-        is left for the close after a write, or for the release (the shell's `> file` closes its first
-        descriptor before the command writes: storing the empty file then cost a second PUT, and left an empty
-        object behind when the write failed)."""
+    async def flush(self, of: OpenFile) -> None:
         async with of.lock:
             if of.lost is not None:
                 raise of.lost
-            if closing and of.unwritten_new:
-                log.debug("%s: closed while new and empty; stored by the close after a write, or the last one",
-                          of.node.path)
-                return
             if of.dirty:
                 await self._flush(of)
 
