@@ -309,7 +309,9 @@ class CloudStore:
         self.journal: UploadJournal | None = None  # set by the mount: open multipart uploads, durably
         self._aborts_wanted = trio.Event()
         self.breaker = Breaker()
-        self._probe_client: Any | None = None
+        # Made now, not at the first probe: building a botocore client takes 0.1 s to seconds of CPU on a loaded
+        # machine, which inside the probe's time bound (and on the trio thread) made a healthy S3 look down.
+        self._probe_client: Any | None = self._new_probe_client() if client is None else None
         # Does the store list user metadata (MinIO's ``metadata=true``)? None until a listing with objects tells;
         # False: every listing is a plain one and the attributes of its entries come from HEADs.
         self.lists_metadata: bool | None = None
@@ -357,12 +359,15 @@ class CloudStore:
         self.breaker.success()
         return result
 
+    def _new_probe_client(self) -> Any:
+        return make_client(dataclasses.replace(
+            self.settings, max_attempts=1, connect_timeout=min(self.settings.connect_timeout, 2.0),
+            read_timeout=min(self.settings.read_timeout, self.breaker.probe_timeout)))
+
     async def probe(self) -> bool:
         """The breaker's probe: does S3 answer one HEAD of the bucket (no retries, short timeouts)?"""
         if self._probe_client is None:
-            self._probe_client = make_client(dataclasses.replace(
-                self.settings, max_attempts=1, connect_timeout=min(self.settings.connect_timeout, 2.0),
-                read_timeout=min(self.settings.read_timeout, self.breaker.probe_timeout)))
+            self._probe_client = self._new_probe_client()
         client = self._probe_client
         try:
             await trio.to_thread.run_sync(lambda: client.head_bucket(Bucket=self.bucket), abandon_on_cancel=True)
